@@ -1,0 +1,402 @@
+"""The ``charfw`` command line.
+
+Errors a user can fix print as one line and exit with :class:`~charfw.errors.ExitCode`;
+anything else keeps its traceback. Plugins add commands through ``register_commands``.
+Heavy libraries are never imported here, so ``charfw --help`` and a no-op build start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__, console
+from .errors import CharfwError, ExitCode, display_path
+
+HELP = """Turn character manifests into character LoRAs: face → body → group.
+
+\b
+Quick start:
+  charfw init mychar          write characters/mychar.yaml and its image folders
+  charfw build mychar         ingest → background → prepare → tag → dataset → train → merge → compress
+  charfw tag DIR...           captions beside images, from folder and file names
+  charfw toml DIR...          a kohya dataset config from folders
+  charfw plugins              what is installed, and what each plugin registers
+"""
+
+
+class CharfwGroup(click.Group):
+    """Adds the commands plugins register, once, when a command is looked up."""
+
+    _plugins_loaded = False
+
+    def _load_plugin_commands(self, ctx: click.Context) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        ws = workspace_from(ctx)
+        ws.plugins.pm.hook.register_commands(cli=self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands(ctx)
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load_plugin_commands(ctx)
+        return super().get_command(ctx, cmd_name)
+
+
+def workspace_from(ctx: click.Context):  # -> Workspace
+    from .workspace import Workspace
+
+    root = ctx.find_root()
+    obj = root.obj if isinstance(root.obj, dict) else {}
+    if "workspace" not in obj:
+        params = root.params
+        folder = params.get("workspace") or os.environ.get("CHARFW_WORKSPACE") or "."
+        plugins_dir = params.get("plugins_dir")
+        obj["workspace"] = Workspace(Path(folder), plugins_dir=Path(plugins_dir) if plugins_dir else None)
+        root.obj = obj
+    return obj["workspace"]
+
+
+@click.group(cls=CharfwGroup, help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-C", "--workspace", type=click.Path(file_okay=False, path_type=Path),
+              help="The workspace folder (default: $CHARFW_WORKSPACE or the current folder).")
+@click.option("--plugins-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Load one-off plugin files from here (default: <workspace>/plugins).")
+@click.version_option(__version__, prog_name="charfw")
+def cli(workspace: Path | None, plugins_dir: Path | None) -> None:
+    pass
+
+
+# --- build -------------------------------------------------------------------------------
+
+
+def _stage_choice(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from .stages import STAGE_NAMES
+
+    if value is not None and value not in STAGE_NAMES:
+        raise click.BadParameter(f"unknown stage '{value}'; stages: {', '.join(STAGE_NAMES)}")
+    return value
+
+
+@cli.command()
+@click.argument("targets", nargs=-1)
+@click.option("--force", is_flag=True, help="Re-run every stage, ignoring records and caches.")
+@click.option("--only", metavar="STAGE", callback=_stage_choice, help="Run only this stage (earlier ones must have been built).")
+@click.option("--until", metavar="STAGE", callback=_stage_choice, help="Stop after this stage.")
+@click.option("--dry-run", is_flag=True, help="Print the plan and what would run; change nothing.")
+@click.option("--strict", is_flag=True, help="Stop at the first unusable source file instead of skipping it.")
+@click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None, help="Worker threads for image stages.")
+@click.pass_context
+def build(ctx: click.Context, targets: tuple[str, ...], force: bool, only: str | None, until: str | None,
+          dry_run: bool, strict: bool, jobs: int | None) -> None:
+    """Build characters and groups (all manifests in characters/ when none are named).
+
+    Every stage writes into build/<target>/<part>/<stage>/ with a record; unchanged
+    stages are skipped, so running the same build again does nothing."""
+    from .engine import BuildOptions, make_plan, run_build
+    from .stages import jobs_default
+
+    ws = workspace_from(ctx)
+    plan = make_plan(ws, list(targets) or None)
+    opts = BuildOptions(force=force, only=only, until=until, dry_run=dry_run, strict=strict,
+                        jobs=jobs or jobs_default())
+    summary = run_build(plan, opts)
+    print_summary(summary)
+    if summary.stopped and not dry_run:
+        ctx.exit(ExitCode.INCOMPLETE)
+
+
+_STATUS_STYLE = {
+    "ran": "green",
+    "up to date": "dim",
+    "would run": "yellow",
+    "off": "dim",
+    "blocked": "red",
+    "not selected": "dim",
+}
+
+
+def print_summary(summary: Any) -> None:
+    """Per part, one line per stage (status, plugin, what it produced), then problems."""
+    from rich.text import Text
+
+    out = console.out
+    width = max((len(r.stage.spec.name) for r in summary.reports), default=8)
+    last_part = None
+    for report in summary.reports:
+        ps = report.stage
+        if ps.part.label != last_part:
+            last_part = ps.part.label
+            out.print(Text(ps.part.label, style="bold"))
+        status = report.status + (f" {report.seconds:.1f}s" if report.status == "ran" else "")
+        if summary.dry_run or report.status in ("blocked", "would run", "not selected", "off"):
+            details = [report.reason] if report.reason else []
+        else:
+            details = list(report.output.summary) if report.output is not None else []
+        line = Text(f"  {ps.spec.name:<{width}}  ")
+        line.append(f"{status:<14}", style=_STATUS_STYLE.get(report.status, ""))
+        line.append(f" {ps.plugin_names:<13}")
+        if details:
+            line.append(f"  {details[0]}")
+        out.print(line)
+        for extra in details[1:]:
+            out.print(" " * (width + 33) + extra, markup=False, highlight=False)
+    if summary.problems:
+        out.print(Text(f"\nskipped {len(summary.problems)} file(s):", style="yellow"))
+        for line in summary.problems:
+            out.print(f"  {line}", markup=False)
+    if summary.stopped:
+        out.print(Text("\nstopped:", style="bold red"))
+        for line in summary.stopped:
+            out.print(f"  {line}", markup=False)
+        out.print("  install a plugin that provides it, switch the stage off in the manifest "
+                  "(e.g. `merge: off`), or stop before it with --until STAGE", markup=False)
+    ran = summary.count("ran")
+    fresh = summary.count("up to date")
+    if summary.dry_run:
+        would = summary.count("would run")
+        out.print(f"\ndry run: {would} stage(s) would run, {fresh} up to date.")
+    elif ran == 0 and not summary.stopped:
+        out.print(f"\nNothing to do: all {fresh} stages are up to date ({summary.seconds:.1f} s).")
+    else:
+        out.print(f"\n{ran} stage(s) ran, {fresh} up to date, in {summary.seconds:.1f} s. "
+                  f"Outputs are under {display_path(summary.plan.workspace.build_dir)}/.")
+
+
+# --- init --------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--keyword", help="The face keyword (default: NAME).")
+@click.option("--class-tokens", help="kohya class tokens (default: '<keyword> girl').")
+@click.option("--body", "bodies", multiple=True, metavar="NAME", help="Add a body part (repeatable).")
+@click.option("--asymmetric", is_flag=True, help="Angles 0-7 and no flip augmentation.")
+@click.pass_context
+def init(ctx: click.Context, name: str, keyword: str | None, class_tokens: str | None,
+         bodies: tuple[str, ...], asymmetric: bool) -> None:
+    """Start a character: characters/NAME.yaml and folders for its images."""
+    import re
+
+    from . import atomic
+    from .manifest import NAME_HINT, NAME_PATTERN
+
+    ws = workspace_from(ctx)
+    for n in (name, *bodies):
+        if not re.match(NAME_PATTERN, n):
+            raise CharfwError(f"'{n}' is not a valid name", hint=NAME_HINT)
+    path = ws.characters_dir / f"{name}.yaml"
+    if path.exists():
+        raise CharfwError("already exists", path=path, hint="edit it, or pick another name")
+    keyword = keyword or name
+    text = ws.templates.render(
+        "manifest/character.yaml.j2",
+        name=name, keyword=keyword, class_tokens=class_tokens or f"{keyword} girl",
+        bodies=list(bodies), symmetric=not asymmetric, charfw_version=__version__,
+    )
+    from .manifest import load_manifest  # check what we are about to write
+
+    atomic.write_text(path, text)
+    try:
+        load_manifest(path, ws.templates.angle_sets)
+    except CharfwError:
+        path.unlink()
+        raise
+    folders = [ws.characters_dir / name / "face"] + [ws.characters_dir / name / b for b in bodies]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    console.out.print(f"wrote {display_path(path)}", markup=False)
+    for folder in folders:
+        console.out.print(f"made  {display_path(folder)}/", markup=False)
+    face = ws.templates.angle_sets["face"].codes(not asymmetric)
+    console.out.print(
+        f"\nNext: put {face[0]}.png … {face[-1]}.png in {display_path(folders[0])}/ "
+        f"(and b00.png … in the body folders), then run: charfw build {name}", markup=False)
+
+
+# --- tag ---------------------------------------------------------------------------------
+
+
+def _tagger_chain(ws: Any, names: tuple[str, ...]) -> list[tuple[Any, Any]]:
+    registry = ws.plugins.registry
+    chain = []
+    for name in names:
+        component = registry.get("tagger", name)
+        chain.append((component, component.Options()))
+    return chain
+
+
+@cli.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--tagger", "taggers", multiple=True, default=("angle-rules",), show_default=True,
+              help="Tagger to use (repeat to chain several).")
+@click.option("--overwrite", is_flag=True, help="Replace captions that differ from the generated ones.")
+@click.option("--dry-run", is_flag=True, help="Show what would be written; write nothing.")
+@click.option("--strict", is_flag=True, help="Stop at the first unusable file (nothing is written).")
+@click.pass_context
+def tag(ctx: click.Context, folders: tuple[Path, ...], taggers: tuple[str, ...], overwrite: bool,
+        dry_run: bool, strict: bool) -> None:
+    """Write caption .txt files beside the images of training folders.
+
+    Tags come from the folder name (keyword, class tokens, extra tags) and each file's
+    angle code. Images are never touched. Several folders, or a parent folder such as
+    4_krnk, can be given at once."""
+    from .folders import expand_folders, plan_captions, write_captions
+    from .stages import jobs_default
+
+    ws = workspace_from(ctx)
+    chain = _tagger_chain(ws, taggers)
+    dirs = expand_folders(list(folders))
+    changes, problems = plan_captions(ws, dirs, chain, strict=strict, jobs=jobs_default())
+    if dry_run:
+        for c in changes:
+            if c.status in ("new", "changed"):
+                console.out.print(f"{c.status:9} {display_path(c.path)}: {c.text}", markup=False)
+    else:
+        write_captions(changes, overwrite=overwrite)
+    counts = {s: sum(1 for c in changes if c.status == s) for s in ("new", "changed", "unchanged", "kept")}
+    verb = "would write" if dry_run else "wrote"
+    written = counts["new"] + (counts["changed"] if (overwrite or dry_run) else 0)
+    msg = f"{verb} {written} caption(s) in {len(dirs)} folder(s); {counts['unchanged']} unchanged"
+    if counts["kept"]:
+        msg += f"; kept {counts['kept']} that differ (use --overwrite to replace them)"
+    if problems:
+        msg += f"; skipped {len(problems)} file(s)"
+    console.out.print(msg, markup=False)
+
+
+# --- toml --------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("folders", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write (default: <parent>/<parent name>.toml when the folders share a parent).")
+@click.option("--dry-run", is_flag=True, help="Print the config on stdout; write nothing.")
+@click.option("--writer", default="kohya-toml", show_default=True, help="Dataset-config writer.")
+@click.option("--batch-sizes", metavar="TABLE", help="Batch-size table: default, 12gb (templates/kohya/batch-sizes.yaml).")
+@click.option("--relative", is_flag=True, help="Write image_dir relative to the current folder instead of absolute.")
+@click.pass_context
+def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry_run: bool, writer: str,
+         batch_sizes: str | None, relative: bool) -> None:
+    """Write a kohya dataset config (TOML) for training folders.
+
+    Resolution and batch size come from the image sizes (headers only), class tokens
+    from the folder names, num_repeats from <N>_ parent folders, flip from _flip_/_noflip_."""
+    from . import atomic
+    from .folders import dataset_spec_for_folders, expand_folders
+    from .stages import jobs_default
+
+    ws = workspace_from(ctx)
+    component = ws.plugins.registry.get("dataset_writer", writer)
+    raw = {"batch_sizes": batch_sizes} if batch_sizes else {}
+    from pydantic import ValidationError
+
+    try:
+        options = component.Options.model_validate(raw)
+    except ValidationError as exc:
+        raise CharfwError(f"--batch-sizes: {exc.errors()[0]['msg']}") from None
+    dirs = expand_folders(list(folders))
+    spec, problems = dataset_spec_for_folders(dirs, relative_to=Path.cwd() if relative else None,
+                                              jobs=jobs_default())
+    for line in problems:
+        console.warn(line)
+    if not spec.subsets:  # type: ignore[attr-defined]
+        raise CharfwError("no readable images in the given folders")
+    text = component.render(spec, options, ws.templates)
+    if dry_run:
+        click.echo(text, nl=False)
+        return
+    if output is None:
+        parents = {d.resolve().parent for d in dirs}
+        if len(parents) == 1:
+            parent = parents.pop()
+            output = parent / f"{parent.name}.toml"
+        else:
+            output = Path("dataset.toml")
+    atomic.write_text(output, text)
+    console.out.print(f"wrote {display_path(output)} ({len(spec.subsets)} subsets)", markup=False)  # type: ignore[attr-defined]
+
+
+# --- plugins -----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--options", "show_options", is_flag=True, help="Also list each component's options.")
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool, show_options: bool) -> None:
+    """List every loaded plugin and what it registers."""
+    from .components import KINDS
+
+    ws = workspace_from(ctx)
+    system = ws.plugins
+    rows = []
+    for info in system.infos.values():
+        registered = {}
+        for kind, names in info.registered.items():
+            registered[kind] = []
+            for n in names:
+                comp = system.registry.get(kind, n)
+                entry: dict[str, Any] = {"name": n, "version": comp.version, "description": comp.description}
+                if show_options or as_json:
+                    entry["options"] = _options_doc(comp.Options)
+                registered[kind].append(entry)
+        rows.append({"name": info.name, "source": info.source, "version": info.version,
+                     "hooks": info.hooks, "registers": registered})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    for row in rows:
+        console.out.print(f"[bold]{row['name']}[/bold]  [dim]{row['source']}, {row['version']}[/dim]")
+        console.out.print(f"  hooks: {', '.join(row['hooks']) or '-'}", markup=False)
+        for kind, entries in row["registers"].items():
+            noun = KINDS[kind][2]
+            for e in entries:
+                console.out.print(f"  {noun}: {e['name']} (v{e['version']}) {e['description']}", markup=False)
+                for opt in e.get("options", []) if show_options else []:
+                    console.out.print(f"      {opt['name']}: {opt['type']} = {opt['default']}", markup=False)
+
+
+def _options_doc(model: Any) -> list[dict[str, Any]]:
+    out = []
+    for name, field in model.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        out.append({"name": name, "type": getattr(field.annotation, "__name__", str(field.annotation)),
+                    "default": json.loads(json.dumps(default, default=str)),
+                    "description": field.description or ""})
+    return out
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the command line; exit with a :class:`ExitCode`."""
+    try:
+        rv = cli.main(args=argv, prog_name="charfw", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        console.error("interrupted; run the same command again to resume")
+        sys.exit(ExitCode.INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(ExitCode.USAGE_ERROR if isinstance(exc, click.UsageError) else ExitCode.INPUT_ERROR)
+    except CharfwError as exc:
+        console.error(str(exc))
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.error("interrupted; run the same command again to resume")
+        sys.exit(ExitCode.INTERRUPTED)
+    except BrokenPipeError:
+        sys.exit(ExitCode.OK)
+    sys.exit(int(rv or 0))

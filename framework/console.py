@@ -1,0 +1,102 @@
+"""Terminal output: messages on stderr, results on stdout, rich progress bars for long work."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+#: results (summaries, listings, dry-run output) go to stdout
+out = Console(highlight=False, soft_wrap=True)
+#: messages, warnings and progress go to stderr
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def quiet() -> bool:
+    return os.environ.get("CHARFW_QUIET", "") not in ("", "0")
+
+
+def info(message: str) -> None:
+    if not quiet():
+        err.print(message, markup=False)
+
+
+def warn(message: str) -> None:
+    err.print(Text("warning: ", style="yellow") + Text(message))
+
+
+def error(message: str) -> None:
+    for line in message.splitlines() or [""]:
+        err.print(Text("error: ", style="bold red") + Text(line))
+
+
+class RateColumn(ProgressColumn):
+    """Items per second (or seconds per item when slow), like tqdm."""
+
+    def __init__(self, unit: str = "it") -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        if not speed:
+            return Text(f"-- {self.unit}/s", style="progress.data.speed")
+        if speed >= 1:
+            return Text(f"{speed:.1f} {self.unit}/s", style="progress.data.speed")
+        return Text(f"{1 / speed:.1f} s/{self.unit}", style="progress.data.speed")
+
+
+class Bar:
+    """A handle on one progress bar: ``advance()``, ``update(**fields)``."""
+
+    def __init__(self, progress: Progress | None, task_id: Any) -> None:
+        self._progress = progress
+        self._task = task_id
+
+    def advance(self, n: float = 1) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task, n)
+
+    def update(self, **fields: Any) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, **fields)
+
+
+@contextlib.contextmanager
+def progress(total: int | None, description: str, *, unit: str = "img", postfix: str = "") -> Iterator[Bar]:
+    """A progress bar with count, rate and ETA; silent when stderr is not a terminal."""
+    if not err.is_terminal or quiet() or (total is not None and total <= 0):
+        yield Bar(None, None)
+        return
+    columns = [
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(unit),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[postfix]}"),
+    ]
+    with Progress(*columns, console=err, transient=False) as bar:
+        task = bar.add_task(description, total=total, postfix=postfix)
+        yield Bar(bar, task)
+
+
+def is_interactive() -> bool:
+    return sys.stdin.isatty() and err.is_terminal

@@ -1,0 +1,290 @@
+"""Loading plugins and collecting what they register.
+
+Plugins come from three places, loaded in this order:
+
+1. the built-in plugins: every module in the ``charfw_plugins`` package (the repository's
+   ``plugins/`` folder) whose name does not start with ``_``;
+2. installed packages with an entry point in the ``charfw`` group;
+3. single ``*.py`` files in the workspace's plugins folder (``<workspace>/plugins/``, or
+   ``--plugins-dir`` / ``CHARFW_PLUGINS_DIR``).
+
+``CHARFW_PLUGINS`` limits which plugins of (2) and (3) load: a comma-separated list of
+entry-point names or file stems; set but empty loads none. ``CHARFW_TRACE_PLUGINS=1``
+prints every hook call. After loading, ``check_pending()`` rejects hook implementations
+with a misspelled name, and every ``register_*`` hook is called once to fill the
+:class:`Registry`, which rejects a name registered twice and names both plugins.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import importlib.util
+import os
+import pkgutil
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from . import __version__, hookspecs
+from .components import KINDS, Component
+from .errors import CharfwError, PluginError, display_path
+
+ENTRY_POINT_GROUP = "charfw"
+BUILTIN_PACKAGE = "charfw_plugins"
+
+
+@dataclass
+class PluginInfo:
+    """One loaded plugin, for ``charfw plugins`` and for records."""
+
+    name: str
+    #: "built-in", "entry point <dist>", or "file <path>"
+    source: str
+    version: str
+    hooks: list[str] = field(default_factory=list)
+    #: kind → component names it registered
+    registered: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Registration:
+    component: Component
+    plugin: PluginInfo
+
+
+class Registry:
+    """Components by kind and name, with the plugin that registered each."""
+
+    def __init__(self) -> None:
+        self._by_kind: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+
+    def add(self, kind: str, component: Any, plugin: PluginInfo) -> None:
+        base, hook, noun = KINDS[kind]
+        if not isinstance(component, base):
+            raise PluginError(
+                f"plugin {plugin.name} ({plugin.source}) passed {component!r} to {hook}; "
+                f"expected an instance of charfw.components.{base.__name__}"
+            )
+        name = getattr(component, "name", "")
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {plugin.name} ({plugin.source}) registered a {noun} without a name")
+        existing = self._by_kind[kind].get(name)
+        if existing is not None:
+            raise PluginError(
+                f"{noun} '{name}' is registered twice: by {existing.plugin.name} "
+                f"({existing.plugin.source}) and by {plugin.name} ({plugin.source})",
+                hint="rename one of them, or limit loading with CHARFW_PLUGINS",
+            )
+        self._by_kind[kind][name] = Registration(component, plugin)
+        plugin.registered.setdefault(kind, []).append(name)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self._by_kind[kind])
+
+    def find(self, kind: str, name: str) -> Registration | None:
+        return self._by_kind[kind].get(name)
+
+    def get(self, kind: str, name: str) -> Component:
+        reg = self.find(kind, name)
+        if reg is None:
+            raise PluginError(self.unknown_message(kind, name))
+        return reg.component
+
+    def unknown_message(self, kind: str, name: str) -> str:
+        noun = KINDS[kind][2]
+        known = self.names(kind)
+        close = difflib.get_close_matches(name, known, n=1)
+        if close:
+            return f"unknown {noun} '{name}' (did you mean '{close[0]}'?); known: {', '.join(known)}"
+        if known:
+            return f"unknown {noun} '{name}'; known: {', '.join(known)}"
+        return f"no {noun} named '{name}' is installed (no {noun} is installed at all)"
+
+    def suggestion(self, kind: str, name: str) -> str | None:
+        close = difflib.get_close_matches(name, self.names(kind), n=1)
+        return close[0] if close else None
+
+    def components(self, kind: str) -> list[Registration]:
+        return [self._by_kind[kind][n] for n in self.names(kind)]
+
+
+def _trace_enabled() -> bool:
+    return os.environ.get("CHARFW_TRACE_PLUGINS", "") not in ("", "0")
+
+
+def _allowed() -> set[str] | None:
+    raw = os.environ.get("CHARFW_PLUGINS")
+    if raw is None:
+        return None
+    return {n.strip() for n in raw.split(",") if n.strip()}
+
+
+class PluginSystem:
+    """A plugin manager with its plugins loaded and its registry filled."""
+
+    def __init__(self, plugins_dir: Path | None = None) -> None:
+        self.pm = pluggy.PluginManager("charfw")
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins_dir = plugins_dir
+        self.infos: dict[str, PluginInfo] = {}
+        if _trace_enabled():
+            self.pm.trace.root.setwriter(lambda text: sys.stderr.write(f"[charfw plugins] {text}"))
+            self.pm.enable_tracing()
+        self._load_builtins()
+        self._load_entry_points()
+        self._load_plugins_dir()
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            plugin = self.pm.get_name(exc.plugin) if exc.plugin is not None else "?"
+            info = self.infos.get(plugin or "")
+            where = f" ({info.source})" if info else ""
+            raise PluginError(
+                f"plugin {plugin}{where}: {exc}",
+                hint=f"the hooks are: {', '.join(hookspecs.HOOK_NAMES)}",
+            ) from None
+        for name, info in self.infos.items():
+            module = self.pm.get_plugin(name)
+            info.hooks = sorted(h.name for h in self.pm.get_hookcallers(module) or [])
+        self.registry = Registry()
+        for kind, (_base, hook, _noun) in KINDS.items():
+            self._collect(kind, hook)
+
+    # --- loading -----------------------------------------------------------------------
+
+    def _register(self, module: ModuleType, name: str, info: PluginInfo) -> None:
+        try:
+            self.pm.register(module, name=name)
+        except ValueError as exc:
+            other = self.infos.get(name)
+            raise PluginError(
+                f"two plugins are called '{name}': {other.source if other else '?'} and {info.source} ({exc})"
+            ) from None
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {name} ({info.source}): {exc}") from None
+        self.infos[name] = info
+
+    def _load_builtins(self) -> None:
+        package = importlib.import_module(BUILTIN_PACKAGE)
+        for mod in pkgutil.walk_packages(package.__path__, prefix=f"{BUILTIN_PACKAGE}."):
+            leaf = mod.name.rsplit(".", 1)[-1]
+            if mod.ispkg or leaf.startswith("_"):
+                continue
+            module = importlib.import_module(mod.name)
+            short = mod.name[len(BUILTIN_PACKAGE) + 1 :]
+            self._register(module, f"charfw.{short}", PluginInfo(f"charfw.{short}", "built-in", __version__))
+
+    def _load_entry_points(self) -> None:
+        allowed = _allowed()
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.metadata["Name"] if dist is not None else "?"
+            version = dist.version if dist is not None else "?"
+            source = f"entry point {ep.value} in {dist_name} {version}"
+            try:
+                module = ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {ep.name} ({source}) failed to load: {type(exc).__name__}: {exc}",
+                    hint=f"reinstall or remove {dist_name}, or leave it out with CHARFW_PLUGINS",
+                ) from None
+            self._register(module, ep.name, PluginInfo(ep.name, source, version))
+
+    def _load_plugins_dir(self) -> None:
+        folder = self.plugins_dir
+        if folder is None or not folder.is_dir():
+            return
+        builtin = Path(importlib.import_module(BUILTIN_PACKAGE).__file__ or "").parent
+        if folder.resolve() == builtin.resolve():
+            return  # the repository itself is the workspace: its plugins/ are the built-ins
+        allowed = _allowed()
+        for path in sorted(folder.glob("*.py")):
+            if path.name.startswith("_") or (allowed is not None and path.stem not in allowed):
+                continue
+            module = _import_file(path)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+            info = PluginInfo(path.stem, f"file {display_path(path)}", f"file-{digest}")
+            self._register(module, path.stem, info)
+
+    # --- registration ------------------------------------------------------------------
+
+    def _collect(self, kind: str, hook: str) -> None:
+        caller = getattr(self.pm.hook, hook)
+        # call each implementation ourselves so every component is tied to its plugin
+        for impl in reversed(caller.get_hookimpls()):
+            info = self.infos[impl.plugin_name]
+
+            def register(component: Any, _info: PluginInfo = info) -> None:
+                self.registry.add(kind, component, _info)
+
+            if _trace_enabled():
+                sys.stderr.write(f"[charfw plugins] {impl.plugin_name}: {hook}\n")
+            kwargs = {"register": register}
+            try:
+                impl.function(**{k: kwargs[k] for k in impl.argnames})
+            except CharfwError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {info.name} ({info.source}) failed in {hook}: {type(exc).__name__}: {exc}"
+                ) from exc
+
+    def plugin_info(self, name: str) -> PluginInfo:
+        return self.infos[name]
+
+
+def _import_file(path: Path) -> ModuleType:
+    mod_name = f"charfw_workspace_plugins.{path.stem}"
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise PluginError("cannot import this file as a plugin", path=path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as exc:
+        sys.modules.pop(mod_name, None)
+        raise PluginError(f"syntax error: {exc.msg}", path=path, line=exc.lineno) from None
+    except Exception as exc:
+        sys.modules.pop(mod_name, None)
+        tb = exc.__traceback__
+        line = None
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == str(path):
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        raise PluginError(
+            f"plugin failed to load: {type(exc).__name__}: {exc}",
+            path=path,
+            line=line,
+            hint="fix it, or move it out of the plugins folder",
+        ) from None
+    return module
+
+
+_cache: dict[str, PluginSystem] = {}
+
+
+def load_plugins(plugins_dir: Path | None = None) -> PluginSystem:
+    """Load plugins once per plugins folder (idempotent) and return the plugin system."""
+    key = str(plugins_dir.resolve()) if plugins_dir is not None else ""
+    key += "|" + os.environ.get("CHARFW_PLUGINS", "<all>")
+    system = _cache.get(key)
+    if system is None:
+        system = PluginSystem(plugins_dir)
+        _cache[key] = system
+    return system
+
+
+def reset() -> None:
+    """Forget loaded plugin systems (tests)."""
+    _cache.clear()

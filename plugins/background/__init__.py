@@ -1,0 +1,1 @@
+"""Background removers for the background stage."""

@@ -1,0 +1,1 @@
+"""Dataset-config writers for the dataset stage and `charfw toml`."""

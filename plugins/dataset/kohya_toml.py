@@ -1,0 +1,155 @@
+"""``kohya-toml``: the dataset config kohya sd-scripts (and charfw's trainer) reads.
+
+The seed's GenerateCharToml rules: every image folder is a subset with its class
+tokens, flip augmentation and repeats; subsets are grouped into one ``[[datasets]]`` per
+resolution class and batch size. An image wider or taller than 512 trains at 768 (or
+1024 beyond 768); the rest at 512. The batch size comes from a table keyed by width
+class × height class (LOW ≤ 512 < MID ≤ 768 < HIGH), ``default`` or ``12gb`` from
+``templates/kohya/batch-sizes.yaml`` or a table in the options. The file is rendered
+with ``templates/kohya/dataset.toml.j2`` and checked against sd-scripts' schema before
+it is written.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+import charfw
+from charfw import __version__, kohya_config
+from charfw.components import DatasetWriter, Options
+from charfw.errors import CharfwError
+
+CLASSES = ("LOW", "MID", "HIGH")
+
+
+class KohyaTomlOptions(Options):
+    #: a table name from templates/kohya/batch-sizes.yaml, or a table {LOW_LOW: 2, ...}
+    batch_sizes: str | dict[str, int] = "default"
+    #: the upper bounds of LOW and MID and the HIGH resolution: 512, 768, 1024
+    resolutions: tuple[int, int, int] = (512, 768, 1024)
+    color_aug: bool = True
+    enable_bucket: bool = True
+    bucket_no_upscale: bool = True
+    caption_extension: str = ".txt"
+    shuffle_caption: bool = False
+    #: kohya's keep_tokens (only matters with shuffle_caption)
+    keep_tokens: int | None = Field(None, ge=0)
+    #: flip augmentation for folders that do not say (_flip_ / _noflip_)
+    flip_aug: bool = True
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _table(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for key, size in v.items():
+                w, _, h = key.partition("_")
+                if w not in CLASSES or h not in CLASSES:
+                    raise ValueError(f"'{key}' is not a class pair like LOW_LOW, MID_LOW, LOW_HIGH")
+                if size < 1:
+                    raise ValueError(f"batch size for {key} must be at least 1")
+        return v
+
+    @field_validator("resolutions")
+    @classmethod
+    def _res(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not (0 < v[0] < v[1] < v[2]):
+            raise ValueError("resolutions must grow: [512, 768, 1024]")
+        return v
+
+
+def size_class(pixels: int, resolutions: tuple[int, int, int]) -> int:
+    """0 LOW, 1 MID, 2 HIGH."""
+    return 0 if pixels <= resolutions[0] else 1 if pixels <= resolutions[1] else 2
+
+
+class KohyaToml(DatasetWriter):
+    name = "kohya-toml"
+    version = "1"
+    description = "kohya sd-scripts dataset config (the seed's GenerateCharToml rules)"
+    Options = KohyaTomlOptions
+    filename = "dataset.toml"
+
+    def _classes(self, sizes: list[tuple[int, int]], options: KohyaTomlOptions) -> tuple[int, int]:
+        w = max(size_class(s[0], options.resolutions) for s in sizes)
+        h = max(size_class(s[1], options.resolutions) for s in sizes)
+        return w, h
+
+    def subset_key(self, width, height, options):
+        w, h = self._classes([(width, height)], options)
+        return f"{options.resolutions[w]}x{options.resolutions[h]}"
+
+    def batch_table(self, options: KohyaTomlOptions, templates) -> dict[str, int]:
+        if isinstance(options.batch_sizes, dict):
+            return dict(options.batch_sizes)
+        tables = templates.load_yaml("kohya/batch-sizes.yaml") or {}
+        if options.batch_sizes not in tables:
+            raise CharfwError(
+                f"unknown batch-size table '{options.batch_sizes}'; known: {', '.join(sorted(tables))}",
+                hint="add it to templates/kohya/batch-sizes.yaml or give a table in the options",
+            )
+        return dict(tables[options.batch_sizes])
+
+    def render(self, spec, options, templates):
+        table = self.batch_table(options, templates)
+        groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+        repeats = {s.num_repeats for s in spec.subsets}
+        for subset in spec.subsets:
+            w, h = self._classes(subset.sizes, options)
+            resolution = options.resolutions[max(w, h)]
+            batch = int(table.get(f"{CLASSES[w]}_{CLASSES[h]}", 1))
+            entry: dict[str, Any] = {"image_dir": _dir(subset.image_dir, spec.relative_to)}
+            if subset.class_tokens:
+                entry["class_tokens"] = subset.class_tokens
+            entry["flip_aug"] = options.flip_aug if subset.flip_aug is None else subset.flip_aug
+            if len(repeats) > 1:
+                entry["num_repeats"] = subset.num_repeats
+            if subset.is_reg:
+                entry["is_reg"] = True
+            if subset.keep_tokens is not None:
+                entry["keep_tokens"] = subset.keep_tokens
+            groups.setdefault((resolution, batch), []).append(entry)
+        general: dict[str, Any] = {
+            "caption_extension": options.caption_extension,
+            "color_aug": options.color_aug,
+            "enable_bucket": options.enable_bucket,
+            "bucket_no_upscale": options.bucket_no_upscale,
+            "shuffle_caption": options.shuffle_caption,
+        }
+        if options.keep_tokens is not None:
+            general["keep_tokens"] = options.keep_tokens
+        if options.min_bucket_reso is not None:
+            general["min_bucket_reso"] = options.min_bucket_reso
+        if options.max_bucket_reso is not None:
+            general["max_bucket_reso"] = options.max_bucket_reso
+        if len(repeats) == 1:
+            general["num_repeats"] = repeats.pop()
+        datasets = [
+            {"settings": {"resolution": [res, res], "batch_size": batch}, "subsets": subsets}
+            for (res, batch), subsets in sorted(groups.items())
+        ]
+        text = templates.render(
+            "kohya/dataset.toml.j2", charfw_version=__version__, note=spec.note,
+            general=general, datasets=datasets,
+        )
+        # the file must load in sd-scripts: parse it back and check it against its schema
+        kohya_config.validate(tomllib.loads(text))
+        return text
+
+
+def _dir(path: Path, relative_to: Path | None) -> str:
+    if relative_to is not None:
+        import os
+
+        return Path(os.path.relpath(path, relative_to)).as_posix()
+    return path.as_posix()
+
+
+@charfw.hookimpl(trylast=True)
+def register_dataset_writers(register):
+    register(KohyaToml())

@@ -1,0 +1,1 @@
+"""Image preparers for the prepare stage."""

@@ -1,0 +1,1 @@
+"""Image sources for the ingest stage."""

@@ -1,0 +1,1 @@
+"""Taggers for the tag stage and `charfw tag`."""
