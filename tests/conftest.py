@@ -1,0 +1,71 @@
+"""Shared fixtures: an isolated environment, example workspaces, the tiny SD 1.5 model.
+
+Every test runs with third-party plugins switched off (``CHARFW_PLUGINS=""``), no
+network for Hugging Face libraries, and a fresh plugin cache.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHARFW_PLUGINS", "")
+    monkeypatch.delenv("CHARFW_PLUGINS_DIR", raising=False)
+    monkeypatch.delenv("CHARFW_WORKSPACE", raising=False)
+    monkeypatch.delenv("CHARFW_TRACE_PLUGINS", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    from charfw import plugins
+
+    plugins.reset()
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A copy of the repository's example workspace (characters/ and their images)."""
+    ws = tmp_path / "ws"
+    shutil.copytree(REPO / "characters", ws / "characters", ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    return ws
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """Run ``charfw ARGS`` in-process; returns (exit code, stdout, stderr)."""
+    from charfw.cli import main
+
+    def run(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD 1.5 diffusers folder, built once per test session."""
+    from charfw.tiny_sd import build_tiny_sd15
+
+    return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")
+
+
+def charfw_exe() -> str:
+    """The installed ``charfw`` console script of this interpreter's environment."""
+    exe = Path(sys.executable).with_name("charfw")
+    return str(exe) if exe.exists() else "charfw"
