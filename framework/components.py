@@ -14,6 +14,7 @@ an image gets, a preparer only transforms one image, and so on.
 stage                         base class            method to implement
 ============================  ====================  ==================================
 ingest                        :class:`Source`        ``collect(ctx, options)``
+filter                        :class:`ImageFilter`   ``select(items, options, ctx)``
 background                    :class:`BackgroundRemover`  ``cutout(image, item, options, ctx)``
 prepare                       :class:`ImagePreparer`  ``prepare(image, item, options, ctx)``
 tag                           :class:`Tagger`        ``tag(items, images, tags_so_far, options, ctx)``
@@ -86,6 +87,18 @@ class Source(Component):
     @abstractmethod
     def collect(self, ctx: StageContext, options: Any) -> list[ImageItem]:
         """Return one item per usable image; report unusable files with ``ctx.problem()``."""
+
+
+class ImageFilter(Component):
+    """Filter: choose which of a part's images go on (near-duplicate removal, quality
+    checks). Several filters can be chained."""
+
+    kind = "image_filter"
+
+    @abstractmethod
+    def select(self, items: list[ImageItem], options: Any, ctx: StageContext) -> list[ImageItem]:
+        """Return the items to keep, in their order. Report why others were left out in a
+        file under ``ctx.stage_dir`` and with ``ctx.log()``; never touch source files."""
 
 
 Color = tuple[int, int, int]
@@ -285,6 +298,7 @@ class Sampler(_ModelStage):
 #: kind → (base class, the hook that registers it, the noun used in messages)
 KINDS: dict[str, tuple[type[Component], str, str]] = {
     "source": (Source, "register_sources", "image source"),
+    "image_filter": (ImageFilter, "register_image_filters", "image filter"),
     "background": (BackgroundRemover, "register_background_removers", "background remover"),
     "preparer": (ImagePreparer, "register_image_preparers", "image preparer"),
     "tagger": (Tagger, "register_taggers", "tagger"),

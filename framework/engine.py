@@ -36,7 +36,7 @@ from .items import to_record_path
 from .manifest import CharacterManifest, GroupManifest, LoadedManifest, pydantic_messages
 from .plugins import PluginInfo, PluginSystem
 from .stage_context import ModelRefs, PartInfo, StageContext, StageOutput
-from .stages import STAGE_BY_NAME, STAGE_NAMES, STAGES, StageSpec, jobs_default
+from .stages import IMAGE_PARTS, STAGE_BY_NAME, STAGE_NAMES, STAGES, StageSpec, jobs_default
 from .workspace import Workspace
 from .yaml_lines import Loc
 
@@ -323,7 +323,7 @@ def make_plan(ws: Workspace, names: list[str] | None = None) -> Plan:
                 previous = ps
 
     def last_image_stage(label: str) -> PlannedStage:
-        image_stages = [s for s in part_stages[label] if s.spec.name in ("ingest", "background", "prepare", "tag")]
+        image_stages = [s for s in part_stages[label] if s.spec.parts == IMAGE_PARTS]
         return [s for s in image_stages if not s.off][-1]
 
     def dataset_inputs(part: PartInfo) -> dict[str, PlannedStage]:

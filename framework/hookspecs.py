@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         BlockMerger,
         Compressor,
         DatasetWriter,
+        ImageFilter,
         ImagePreparer,
         Sampler,
         Source,
@@ -47,6 +48,12 @@ hookimpl = pluggy.HookimplMarker("charfw")
 def register_sources(register: Callable[[Source], None]) -> None:
     """Register image sources for the ``ingest`` stage: where a part's images come from
     (built in: ``folder``, the folder the manifest names)."""
+
+
+@hookspec
+def register_image_filters(register: Callable[[ImageFilter], None]) -> None:
+    """Register image filters for the optional ``filter`` stage: which images go on
+    (near-duplicate removal, quality checks)."""
 
 
 @hookspec

@@ -7,6 +7,7 @@ out by the plugin(s) its manifest picks, looked up in the registry of the stage'
 stage      kind                default plugin      parts
 =========  ==================  ==================  ============================================
 ingest     source              folder              face, body
+filter     image_filter        (off)               face, body
 background background          flat                face, body
 prepare    preparer            square              face, body
 tag        tagger (chain)      angle-rules         face, body
@@ -187,6 +188,19 @@ def run_ingest(ctx: StageContext, chain: Chain) -> StageOutput:
         console.warn(f"{ctx.part.label}: no image for angle(s) {', '.join(missing)}")
     if extra:
         summary.append(f"angle(s) {', '.join(extra)} not in the part's angle list (used anyway)")
+    return StageOutput(items=items, summary=summary, problems=list(ctx.problems))
+
+
+def run_filter(ctx: StageContext, chain: Chain) -> StageOutput:
+    items = ctx.input_items()
+    total = len(items)
+    for component, options in chain:
+        ids = {i.id for i in items}
+        kept = component.select(items, options, ctx)
+        if any(k.id not in ids for k in kept):
+            raise CharfwError(f"image filter '{component.name}' returned images it was not given")
+        items = kept
+    summary = [f"kept {len(items)} of {total} images"]
     return StageOutput(items=items, summary=summary, problems=list(ctx.problems))
 
 
@@ -452,6 +466,7 @@ TRAINING = (*IDENTITY, "repeats", "symmetric", "model", "members", "name")
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("ingest", "source", "folder", IMAGE_PARTS, run_ingest,
               ("images_dir", "template", "angles", "symmetric"), can_disable=False),
+    StageSpec("filter", "image_filter", None, IMAGE_PARTS, run_filter, chainable=True),
     StageSpec("background", "background", "flat", IMAGE_PARTS, run_background),
     StageSpec("prepare", "preparer", "square", IMAGE_PARTS, run_prepare),
     StageSpec("tag", "tagger", "angle-rules", IMAGE_PARTS, run_tag, IDENTITY, chainable=True),
