@@ -60,9 +60,10 @@ class ImageInfo:
 
 def _reason(exc: BaseException) -> str:
     text = str(exc)
+    low = text.lower()
     if isinstance(exc, UnidentifiedImageError):
         return "not an image, or a format Pillow cannot read"
-    if "truncated" in text or "broken data stream" in text or "buffer is not large enough" in text:
+    if any(s in low for s in ("truncated", "broken data stream", "buffer is not large enough", "premature end")):
         return "truncated or corrupt image data"
     return f"cannot read image ({text or type(exc).__name__})"
 

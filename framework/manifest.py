@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -43,8 +44,32 @@ from .yaml_lines import LineMap, Loc, format_loc, load_with_lines
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 NAME_HINT = "use ASCII letters, digits, '.', '-' and '_' (it becomes a folder and file name)"
 RESERVED_PART_NAMES = {"face", "group"}
+MEMBER_PATTERN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)/([A-Za-z0-9][A-Za-z0-9._-]*)$")
 
 Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN)]
+
+
+def _angle_code(code: str) -> str:
+    parsed = parse_code(code)
+    if parsed is None or len(code) != 3:
+        raise ValueError(f"'{code}' is not an angle code like f00 or b24")
+    return parsed.code
+
+
+def _tag(value: str) -> str:
+    return _check_tag_text(value, "tag")
+
+
+def _member(value: str) -> str:
+    if not MEMBER_PATTERN.match(value):
+        raise ValueError(f"'{value}' is not '<character>/<body>', for example krnk/krnksf")
+    return value
+
+
+# validated one by one, so that an error points at the item's own line
+AngleCodeText = Annotated[StrictStr, AfterValidator(_angle_code)]
+TagText = Annotated[StrictStr, AfterValidator(_tag)]
+MemberText = Annotated[StrictStr, AfterValidator(_member)]
 
 
 def _check_tag_text(value: str, what: str) -> str:
@@ -82,13 +107,13 @@ class Part(_Strict):
     #: the angle set (a file in templates/angles/)
     template: StrictStr
     #: the exact angle codes this part expects (default: the template's, by symmetry)
-    angles: list[StrictStr] | None = None
+    angles: list[AngleCodeText] | None = None
     #: codes of the template this part leaves out (for example [f04, f14, f24])
-    exclude: list[StrictStr] = []
+    exclude: list[AngleCodeText] = []
     keyword: StrictStr | None = None
     class_tokens: StrictStr | None = None
     #: tags written after the keyword in every caption of this part
-    tags: list[StrictStr] = []
+    tags: list[TagText] = []
     #: how often each image is repeated per epoch (kohya's num_repeats)
     repeats: StrictInt | None = Field(None, ge=1)
     #: per-stage plugin choices for this part; they override the character's
@@ -104,28 +129,10 @@ class Part(_Strict):
             raise ValueError(f"unknown template '{value}'{hint}; known: {', '.join(sorted(sets))}")
         return value
 
-    @field_validator("angles", "exclude")
-    @classmethod
-    def _codes(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        out = []
-        for code in value:
-            parsed = parse_code(code)
-            if parsed is None or len(code) != 3:
-                raise ValueError(f"'{code}' is not an angle code like f00 or b24")
-            out.append(parsed.code)
-        return out
-
     @field_validator("keyword", "class_tokens")
     @classmethod
     def _identity(cls, value: str | None, info: ValidationInfo) -> str | None:
         return None if value is None else _check_tag_text(value, info.field_name or "value")
-
-    @field_validator("tags")
-    @classmethod
-    def _tags(cls, value: list[str]) -> list[str]:
-        return [_check_tag_text(t, "tag") for t in value]
 
     @field_validator("stages")
     @classmethod
@@ -203,15 +210,12 @@ class CharacterManifest(_Strict):
         return _check_stage_names(value)
 
 
-MEMBER_PATTERN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)/([A-Za-z0-9][A-Za-z0-9._-]*)$")
-
-
 class GroupManifest(_Strict):
     kind: Literal["group"]
     name: Name
     description: StrictStr = ""
     #: body parts to train together, as "<character>/<body>" (each brings its face images)
-    members: list[StrictStr] = Field(min_length=1)
+    members: list[MemberText] = Field(min_length=1)
     #: base model for the group (default: the first member's)
     model: ModelSection | None = None
     stages: dict[str, Any] = {}
@@ -221,8 +225,6 @@ class GroupManifest(_Strict):
     def _members(cls, value: list[str]) -> list[str]:
         seen = set()
         for member in value:
-            if not MEMBER_PATTERN.match(member):
-                raise ValueError(f"'{member}' is not '<character>/<body>', for example krnk/krnksf")
             if member in seen:
                 raise ValueError(f"'{member}' is listed twice")
             seen.add(member)
