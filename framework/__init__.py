@@ -14,6 +14,6 @@ The hooks are in :mod:`charfw.hookspecs`, the component base classes in
 
 __version__ = "0.1.0"
 
-from .hookspecs import hookimpl  # noqa: E402
+from .hookspecs import hookimpl
 
 __all__ = ["__version__", "hookimpl"]

@@ -49,7 +49,7 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Component(ABC):
+class Component:
     """Something a manifest can pick by name for one stage."""
 
     #: the registry this component belongs to (set by each base class below)
@@ -79,7 +79,7 @@ class Component(ABC):
 # --- image stages ------------------------------------------------------------------------
 
 
-class Source(Component):
+class Source(Component, ABC):
     """Ingest: find a part's source images and check them. Must never modify them."""
 
     kind = "source"
@@ -89,7 +89,7 @@ class Source(Component):
         """Return one item per usable image; report unusable files with ``ctx.problem()``."""
 
 
-class ImageFilter(Component):
+class ImageFilter(Component, ABC):
     """Filter: choose which of a part's images go on (near-duplicate removal, quality
     checks). Several filters can be chained."""
 
@@ -123,9 +123,8 @@ def parse_color(value: Any) -> Color:
             except ValueError:
                 pass
         raise ValueError(f"unknown colour {value!r}; use black, white, gray, #rrggbb or [r, g, b]")
-    if isinstance(value, list | tuple) and len(value) == 3 and all(isinstance(c, int) for c in value):
-        if all(0 <= c <= 255 for c in value):
-            return (value[0], value[1], value[2])
+    if isinstance(value, list | tuple) and len(value) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in value):
+        return (value[0], value[1], value[2])
     raise ValueError(f"unknown colour {value!r}; use black, white, gray, #rrggbb or [r, g, b]")
 
 
@@ -158,7 +157,7 @@ class BackgroundOptions(Options):
         return [parse_color(c) for c in self.colors]
 
 
-class BackgroundRemover(Component):
+class BackgroundRemover(Component, ABC):
     """Background: make the background transparent; the engine composites onto colours."""
 
     kind = "background"
@@ -173,7 +172,7 @@ class BackgroundRemover(Component):
         """Release models or sessions when the stage is done."""
 
 
-class ImagePreparer(Component):
+class ImagePreparer(Component, ABC):
     """Prepare: orientation, colour, size. Receives an upright 8-bit RGB or RGBA image."""
 
     kind = "preparer"
@@ -183,7 +182,7 @@ class ImagePreparer(Component):
         """Return the prepared image (RGB). Called from worker threads."""
 
 
-class Tagger(Component):
+class Tagger(Component, ABC):
     """Tag: the caption tags of each image. Several taggers can be chained in a manifest."""
 
     kind = "tagger"
@@ -242,7 +241,7 @@ class DatasetSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class DatasetWriter(Component):
+class DatasetWriter(Component, ABC):
     """Dataset: write the training config for a set of image folders."""
 
     kind = "dataset_writer"
@@ -262,7 +261,7 @@ class DatasetWriter(Component):
 # --- model stages ------------------------------------------------------------------------
 
 
-class _ModelStage(Component):
+class _ModelStage(Component, ABC):
     @abstractmethod
     def run(self, ctx: StageContext, options: Any) -> StageOutput:
         """Do the stage's work, writing only under ``ctx.stage_dir``; return its outputs.

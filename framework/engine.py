@@ -22,7 +22,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +158,7 @@ def _parse_block(lm: LoadedManifest, spec: StageSpec, raw: Any, loc: Loc) -> lis
     return [one(raw, loc, True)]
 
 
-def _combine(base: list[Pick] | None, over: list[Pick] | None | str) -> list[Pick] | None:
+def _combine(base: list[Pick] | None, over: list[Pick] | str | None) -> list[Pick] | None:
     """A part's block over its character's: options of the same plugin merge, else replace."""
     if over == "unset":
         return base
@@ -175,7 +175,7 @@ def _combine(base: list[Pick] | None, over: list[Pick] | None | str) -> list[Pic
 def _picks_for(lm: LoadedManifest, spec: StageSpec, part_loc: Loc | None) -> list[Pick] | None:
     m = lm.manifest
     default = [Pick(spec.default, {}, {"": ()})] if spec.default else None
-    picks: list[Pick] | None | str = "unset"
+    picks: list[Pick] | str | None = "unset"
     if spec.name in m.stages:
         picks = _parse_block(lm, spec, m.stages[spec.name], ("stages", spec.name))
     current = _combine(default, picks)
@@ -483,6 +483,8 @@ def _what_changed(old: StageRecord, key: dict[str, Any]) -> str:
         return f"manifest changed ({', '.join(fields)})"
     if old_key.get("inputs") != key.get("inputs"):
         return "upstream output changed"
+    if old_key.get("location") != key.get("location"):
+        return "the workspace moved"
     return "changed"
 
 
@@ -603,6 +605,7 @@ def run_build(plan: Plan, options: BuildOptions | None = None) -> BuildSummary:
     blocked: dict[str, str] = {}
     missing: dict[str, list[str]] = {}
 
+    _preflight(plan, opts, until_index, hash_cache)
     lock = contextlib.nullcontext() if opts.dry_run else _Lock(ws.state_dir)
     with lock:
         if not opts.dry_run:
@@ -623,6 +626,37 @@ def run_build(plan: Plan, options: BuildOptions | None = None) -> BuildSummary:
         if not opts.dry_run:
             hook.build_finished(summary=summary)
     return summary
+
+
+def _preflight(plan: Plan, opts: BuildOptions, until_index: int, hash_cache: HashCache) -> None:
+    """Run every selected stage's ``check()`` before any work starts, so that a missing
+    folder, model file or library is reported before an hour of work, not after."""
+    ws = plan.workspace
+    for ps in plan.stages:
+        if ps.off or ps.missing is not None:
+            continue
+        if STAGE_NAMES.index(ps.spec.name) > until_index or opts.only not in (None, ps.spec.name):
+            continue
+        ctx = _make_context(ws, ps, opts, hash_cache, {})
+        for r in ps.chain:
+            r.component.check(r.options, ctx)
+
+
+def _make_context(ws: Workspace, ps: PlannedStage, opts: BuildOptions, hash_cache: HashCache,
+                  inputs: dict[str, StageOutput]) -> StageContext:
+    return StageContext(
+        workspace_root=ws.root,
+        part=ps.part,
+        stage=ps.spec.name,
+        stage_dir=ps.dir,
+        inputs=inputs,
+        cache_dir=ws.cache_dir,
+        hash_cache=hash_cache,
+        templates=ws.templates,
+        strict=opts.strict,
+        force=opts.force,
+        jobs=opts.jobs,
+    )
 
 
 def _run_stage(
@@ -670,21 +704,7 @@ def _run_stage(
             )
         inputs[key] = outputs[dep.key]
 
-    ctx = StageContext(
-        workspace_root=ws.root,
-        part=ps.part,
-        stage=spec.name,
-        stage_dir=ps.dir,
-        inputs=inputs,
-        cache_dir=ws.cache_dir,
-        hash_cache=hash_cache,
-        templates=ws.templates,
-        strict=opts.strict,
-        force=opts.force,
-        jobs=opts.jobs,
-    )
-    for r in ps.chain:
-        r.component.check(r.options, ctx)
+    ctx = _make_context(ws, ps, opts, hash_cache, inputs)
     key = {
         "stage": spec.name,
         "chain": [
@@ -696,6 +716,8 @@ def _run_stage(
         "part": _part_key(spec, ps.part, ws.root),
         "inputs": {k: fingerprints[d.key] for k, d in ps.deps.items()},
     }
+    if spec.absolute_paths:
+        key["location"] = ps.dir.as_posix()
     fp = fingerprint(ENGINE_VERSION, key)
     ctx.fingerprint = fp
     up_to_date = (
@@ -724,10 +746,14 @@ def _run_stage(
     atomic.remove_stale_temps(ps.dir)
     atomic.remove_stale_temps(ps.dir.parent)
     console.info(f"{ps.part.label}: {spec.name} ({ps.plugin_names}): {reason}")
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()
     chain = [(r.component, r.options) for r in ps.chain]
-    output = spec.runner(ctx, chain)
+    try:
+        output = spec.runner(ctx, chain)
+    except BaseException:
+        _remove_empty_dirs(ps.dir, ws.build_dir)
+        raise
     seconds = time.perf_counter() - t0
     out_fp = _output_fingerprint(output)
     rec = StageRecord(
@@ -751,6 +777,16 @@ def _run_stage(
     outputs[ps.key] = output
     fingerprints[ps.key] = out_fp
     return StageReport(ps, "ran", reason, output, seconds)
+
+
+def _remove_empty_dirs(folder: Path, stop: Path) -> None:
+    """After a failed stage: remove the folders it created but left empty, up to ``stop``."""
+    while folder != stop and stop in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
 
 
 class BuildStopped(BuildIncomplete):

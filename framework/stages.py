@@ -62,6 +62,8 @@ class StageSpec:
     chainable: bool = False
     #: the stage may be switched off in a manifest (`merge: off`)
     can_disable: bool = True
+    #: its outputs hold absolute paths (a dataset config), so moving the workspace re-runs it
+    absolute_paths: bool = False
 
 
 # --- per-image caching -------------------------------------------------------------------
@@ -328,7 +330,7 @@ def run_tag(ctx: StageContext, chain: Chain) -> StageOutput:
     keys = [memo.key(item) for item in items]
     results: dict[int, ImageItem | None] = {}
     todo = []
-    for n, (item, key) in enumerate(zip(items, keys, strict=True)):
+    for n, key in enumerate(keys):
         cached = memo.get(key)
         if cached is not None:
             results[n] = cached[0]
@@ -470,7 +472,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("background", "background", "flat", IMAGE_PARTS, run_background),
     StageSpec("prepare", "preparer", "square", IMAGE_PARTS, run_prepare),
     StageSpec("tag", "tagger", "angle-rules", IMAGE_PARTS, run_tag, IDENTITY, chainable=True),
-    StageSpec("dataset", "dataset_writer", "kohya-toml", ALL_PARTS, run_dataset, TRAINING, can_disable=False),
+    StageSpec("dataset", "dataset_writer", "kohya-toml", ALL_PARTS, run_dataset, TRAINING,
+              can_disable=False, absolute_paths=True),
     StageSpec("train", "trainer", "lora", ALL_PARTS, run_model_stage, TRAINING, can_disable=False),
     StageSpec("merge", "block_merger", "block-weights", ALL_PARTS, run_model_stage, ("kind", "name")),
     StageSpec("compress", "compressor", "svd", ALL_PARTS, run_model_stage, ("kind", "name")),

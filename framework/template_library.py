@@ -31,9 +31,8 @@ class TemplateLibrary:
     def __init__(self, workspace_dir: Path | None = None) -> None:
         dirs: list[Path] = []
         shipped = builtin_dir().resolve()
-        if workspace_dir is not None and workspace_dir.is_dir():
-            if workspace_dir.resolve() != shipped:
-                dirs.append(workspace_dir.resolve())
+        if workspace_dir is not None and workspace_dir.is_dir() and workspace_dir.resolve() != shipped:
+            dirs.append(workspace_dir.resolve())
         dirs.append(shipped)
         self.dirs = dirs
 

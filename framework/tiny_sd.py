@@ -65,7 +65,12 @@ def build_tiny_sd15(dest: str | Path, *, seed: int = 0) -> Path:
     """Write a tiny SD 1.5 diffusers folder (model_index.json, unet, vae, text_encoder,
     tokenizer, scheduler) to ``dest`` and return it. Same seed, same weights."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     dest = Path(dest)

@@ -104,7 +104,7 @@ def test_tag_reports_bad_names_and_clashing_captions(seed_tree: Path, run_cli) -
 
 def test_tag_strict_stops_before_writing_anything(seed_tree: Path, run_cli) -> None:
     img(seed_tree / "krnk girl_f1024" / "portrait.png", (64, 64))
-    code, out, err = run_cli("tag", seed_tree, "--strict")
+    code, _out, err = run_cli("tag", seed_tree, "--strict")
     assert code == 3
     assert err.strip().startswith("error: ") and "portrait.png" in err and "Traceback" not in err
     assert not list(seed_tree.rglob("*.txt"))
@@ -146,7 +146,7 @@ def test_toml_reads_sizes_from_headers_and_reports_bad_files(seed_tree: Path, ru
     folder = seed_tree / "krnk girl_f0512"
     (folder / "f02.png").write_bytes(b"")
     (folder / "f03.png").write_bytes((folder / "f00.png").read_bytes()[:20])
-    code, out, err = run_cli("toml", folder, "--dry-run")
+    code, _out, err = run_cli("toml", folder, "--dry-run")
     assert code == 0
     assert "f02.png: empty file (0 bytes)" in err
     assert "f03.png: truncated or corrupt image data" in err
@@ -160,7 +160,7 @@ def test_toml_unknown_batch_table(seed_tree: Path, run_cli) -> None:
 def test_kohya_schema_rejects_misplaced_keys() -> None:
     with pytest.raises(CharfwError, match=r"datasets\[0\].subsets\[0\].resolution: key not allowed here"):
         kohya_config.validate({"datasets": [{"subsets": [{"image_dir": "a", "resolution": 512}]}]})
-    with pytest.raises(CharfwError, match="general.is_reg: key not allowed here"):
+    with pytest.raises(CharfwError, match=r"general\.is_reg: key not allowed here"):
         kohya_config.validate({"general": {"is_reg": True}})
     with pytest.raises(CharfwError, match="num_repeats"):
         kohya_config.validate({"general": {"num_repeats": "4"}})

@@ -37,7 +37,7 @@ class FolderSource(Source):
         folder = ctx.part.images_dir
         if folder is None or not folder.is_dir():
             raise CharfwError(
-                f"{ctx.part.label}: the images folder does not exist",
+                f"the images folder of {ctx.part.label} does not exist",
                 path=folder,
                 hint="create it and put the images named by angle code (f00.png, ...) in it",
             )
