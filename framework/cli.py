@@ -42,6 +42,12 @@ class CharfwGroup(click.Group):
         ws = workspace_from(ctx)
         ws.plugins.pm.hook.register_commands(cli=self)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # --help is handled while the options are parsed, before -C is: look for the
+        # workspace options first so that `charfw -C ws --help` lists ws's plugin commands
+        ctx.meta["charfw.early"] = _early_options(args)
+        return super().parse_args(ctx, args)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load_plugin_commands(ctx)
         return super().list_commands(ctx)
@@ -51,13 +57,31 @@ class CharfwGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
+def _early_options(args: list[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    names = {"-C": "workspace", "--workspace": "workspace", "--plugins-dir": "plugins_dir"}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("-"):
+            break  # the command name: options after it are the command's
+        key, _, value = arg.partition("=")
+        if key in names:
+            if not value and i + 1 < len(args):
+                value = args[i + 1]
+                i += 1
+            found[names[key]] = value
+        i += 1
+    return found
+
+
 def workspace_from(ctx: click.Context):  # -> Workspace
     from .workspace import Workspace
 
     root = ctx.find_root()
     obj = root.obj if isinstance(root.obj, dict) else {}
     if "workspace" not in obj:
-        params = root.params
+        params = {**root.meta.get("charfw.early", {}), **{k: v for k, v in root.params.items() if v is not None}}
         folder = params.get("workspace") or os.environ.get("CHARFW_WORKSPACE") or "."
         plugins_dir = params.get("plugins_dir")
         obj["workspace"] = Workspace(Path(folder), plugins_dir=Path(plugins_dir) if plugins_dir else None)

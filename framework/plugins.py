@@ -219,8 +219,9 @@ class PluginSystem:
 
     def _collect(self, kind: str, hook: str) -> None:
         caller = getattr(self.pm.hook, hook)
-        # call each implementation ourselves so every component is tied to its plugin
-        for impl in reversed(caller.get_hookimpls()):
+        # call each implementation ourselves so every component is tied to its plugin;
+        # in registration order (built-ins first), so a clash names the earlier one first
+        for impl in caller.get_hookimpls():
             info = self.infos[impl.plugin_name]
 
             def register(component: Any, _info: PluginInfo = info) -> None:

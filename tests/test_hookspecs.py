@@ -1,0 +1,44 @@
+"""Meta-tests of the plugin contract: every hook is documented, and every hook has a test."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from charfw import hookspecs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_hooks_exist() -> None:
+    assert len(hookspecs.HOOK_NAMES) >= 14
+    assert all(name.startswith(("register_", "build_", "stage_")) for name in hookspecs.HOOK_NAMES)
+
+
+@pytest.mark.parametrize("name", hookspecs.HOOK_NAMES)
+def test_every_hook_is_documented(name: str) -> None:
+    doc = getattr(hookspecs, name).__doc__ or ""
+    assert len(doc.strip()) > 40, f"{name} needs a docstring that says when it is called and what to do"
+    readme = (REPO / "README.md").read_text()
+    assert f"`{hookspecs.hook_signature(name)}`" in readme, f"README's hook table lacks {hookspecs.hook_signature(name)}"
+
+
+def _test_functions() -> set[str]:
+    names = set()
+    for path in (REPO / "tests").glob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        names |= {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+    return names
+
+
+@pytest.mark.parametrize("name", hookspecs.HOOK_NAMES)
+def test_every_hook_has_a_test(name: str) -> None:
+    assert f"test_hook_{name}" in _test_functions(), f"add a test named test_hook_{name}"
+
+
+def test_registration_hooks_cover_every_component_kind() -> None:
+    from charfw.components import KINDS
+
+    assert {hook for _, hook, _ in KINDS.values()} <= set(hookspecs.HOOK_NAMES)
