@@ -178,7 +178,7 @@ def test_registering_something_that_is_not_a_component(tmp_path: Path, monkeypat
         def register_taggers(register):
             register(object())
     """)
-    with pytest.raises(PluginError, match="expected an instance of charfw.components.Tagger"):
+    with pytest.raises(PluginError, match=r"expected an instance of charfw\.components\.Tagger"):
         PluginSystem(tmp_path / "plugins")
 
 
