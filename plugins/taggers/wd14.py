@@ -1,0 +1,309 @@
+"""``wd14``: tags from SmilingWolf's WD14 tagger models (v2 and v3 ONNX), and ``charfw wd14``.
+
+In a build it is chained after the angle rules (``tag: [angle-rules, wd14]``) and, by
+default (``policy: complement``), only *adds* what the rules cannot know: clothing,
+accessories, hair style, objects. It never adds:
+
+* a tag the caption already has, or one the rules imply (the groups of
+  ``templates/tags/wd14-policy.yaml``: view, framing, background, pose, gaze,
+  expression and nudity follow from the angle code and would only repeat or contradict
+  it);
+* the character's own traits listed in ``own_tags`` (hair and eye colour, ears, ...),
+  the ``absorbed`` tags of the policy file (breast size), and character-name tags: the
+  keyword absorbs the character's identity, which is what makes it a trigger word.
+
+``policy: all`` adds every tag that passes the thresholds except exact repeats and
+``own_tags``; it is what ``charfw wd14`` does on a plain folder.
+
+The model is a folder with ``model.onnx`` and ``selected_tags.csv``, or a Hugging Face
+id found in the local cache (downloaded once, with a message, unless ``download: false``
+or offline). One session per model serves the whole build.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+import charfw
+from charfw.components import Options, Tagger
+from charfw.errors import CharfwError
+from charfw.hashing import sha256_file
+from charfw.model_cache import ModelCache
+from charfw.onnx_runtime import ProviderChoice
+from charfw.tag_text import danbooru_to_caption, escape_a1111, tag_key
+from charfw.template_library import read_yaml_file
+
+MODELS = ModelCache()
+
+
+def default_model() -> str:
+    from charfw.wd14_tagger import DEFAULT_MODEL
+
+    return os.environ.get("CHARFW_WD14_MODEL") or DEFAULT_MODEL
+
+
+class WD14Options(Options):
+    #: a folder with model.onnx and selected_tags.csv, or a Hugging Face id
+    #: (default: $CHARFW_WD14_MODEL, else SmilingWolf/wd-vit-tagger-v3)
+    model: str = Field(default_factory=default_model)
+    #: a selected_tags.csv somewhere else than next to model.onnx
+    tags_file: str | None = None
+    general_threshold: float = Field(0.35, ge=0.0, le=1.0)
+    character_threshold: float = Field(0.85, ge=0.0, le=1.0)
+    #: use the MCut threshold instead of general_threshold / character_threshold
+    general_mcut: bool = False
+    character_mcut: bool = False
+    #: add the most likely rating tag (general, sensitive, questionable, explicit)
+    rating: bool = False
+    #: complement: only what the angle rules do not already say; all: every passing tag
+    policy: Literal["complement", "all"] = "complement"
+    #: the character's own traits (hair, eyes, ears...): never added, the keyword absorbs them
+    own_tags: list[str] = Field(default_factory=list)
+    #: the implied/absorbed tag groups for policy complement (templates/ path or a file)
+    policy_file: str = "tags/wd14-policy.yaml"
+    #: escape \ ( ) for A1111 prompts (kohya reads plain captions literally: leave off)
+    escape: bool = False
+    #: at most this many WD14 tags per image (the most confident)
+    max_tags: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1, le=512)
+    providers: ProviderChoice = "auto"
+    #: fetch a Hugging Face model that is not in the local cache (with a message)
+    download: bool = True
+
+
+class ImpliedGroup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    when: list[str]
+    drop: list[str]
+
+
+class PolicyFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    implied: list[ImpliedGroup] = []
+    absorbed: list[str] = []
+
+
+@functools.lru_cache(maxsize=8)
+def _load_policy(path: str, digest: str) -> PolicyFile:
+    try:
+        return PolicyFile.model_validate(read_yaml_file(Path(path)))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise CharfwError(f"{where}: {err['msg']}", path=path,
+                          hint="see the comments at the top of the shipped wd14-policy.yaml") from None
+
+
+def combine(wd14_tags: list[Any], so_far: list[str], own: list[str], policy: PolicyFile | None,
+            options: WD14Options) -> list[str]:
+    """The WD14 tags to append to a caption that already holds ``so_far``.
+
+    ``policy`` None means ``policy: all`` (only repeats and ``own`` are left out)."""
+    from charfw.wd14_tagger import CHARACTER
+
+    present = {tag_key(t) for t in so_far}
+    blocked = {tag_key(t) for t in own}
+    if policy is not None:
+        blocked |= {tag_key(t) for t in policy.absorbed}
+        for group in policy.implied:
+            if any(tag_key(t) in present for t in group.when):
+                blocked |= {tag_key(t) for t in group.drop}
+    out: list[str] = []
+    for scored in wd14_tags:
+        if policy is not None and scored.category == CHARACTER:
+            continue  # identity belongs to the keyword
+        text = danbooru_to_caption(scored.name)
+        key = tag_key(text)
+        if key in present or key in blocked:
+            continue
+        present.add(key)
+        out.append(escape_a1111(text) if options.escape else text)
+        if options.max_tags is not None and len(out) >= options.max_tags:
+            break
+    return out
+
+
+class WD14Tagger(Tagger):
+    name = "wd14"
+    version = "1"
+    description = "WD14 tagger (SmilingWolf v2/v3 ONNX); in a chain, adds only what the angle rules do not say"
+    Options = WD14Options
+    needs_pixels = True
+
+    def batch_size(self, options: WD14Options) -> int:
+        return options.batch_size
+
+    # --- files -------------------------------------------------------------------------
+
+    def _bases(self, ctx: Any) -> list[Path]:
+        return [ctx.workspace_root, Path.cwd()]
+
+    def _model_dir(self, options: WD14Options, ctx: Any, *, download: bool) -> Path:
+        from charfw.model_files import resolve_model_dir
+        from charfw.wd14_tagger import MODEL_FILE, TAGS_FILE
+
+        files = [MODEL_FILE] if options.tags_file else [MODEL_FILE, TAGS_FILE]
+        return resolve_model_dir(options.model, files=files, what="WD14 tagger",
+                                 bases=self._bases(ctx), download=download)
+
+    def _tags_file(self, options: WD14Options, ctx: Any, folder: Path) -> Path:
+        from charfw.model_files import local_path
+        from charfw.wd14_tagger import TAGS_FILE
+
+        if options.tags_file is None:
+            return folder / TAGS_FILE
+        found = local_path(options.tags_file, self._bases(ctx))
+        if found is None:
+            raise CharfwError(f"{TAGS_FILE} is missing", path=options.tags_file)
+        return found
+
+    def _policy(self, options: WD14Options, ctx: Any) -> PolicyFile | None:
+        if options.policy == "all":
+            return None
+        path = self._policy_path(options, ctx)
+        return _load_policy(str(path), sha256_file(path))
+
+    def _policy_path(self, options: WD14Options, ctx: Any) -> Path:
+        candidate = Path(options.policy_file)
+        if candidate.is_absolute() or (ctx.workspace_root / candidate).is_file():
+            path = candidate if candidate.is_absolute() else ctx.workspace_root / candidate
+            if not path.is_file():
+                raise CharfwError("WD14 policy file not found", path=path)
+            return path
+        return ctx.templates.find(options.policy_file)
+
+    # --- engine hooks ------------------------------------------------------------------
+
+    def check(self, options: WD14Options, ctx: Any) -> None:
+        from charfw.onnx_runtime import import_onnxruntime
+
+        import_onnxruntime("the wd14 tagger")
+        try:
+            self._model_dir(options, ctx, download=False)
+        except CharfwError:
+            from charfw.model_files import HF_ID, local_path, offline
+
+            downloadable = (options.download and not offline() and HF_ID.match(options.model)
+                            and local_path(options.model, self._bases(ctx)) is None)
+            if not downloadable:
+                raise
+        if options.policy == "complement":
+            self._policy_path(options, ctx)
+
+    def cache_key(self, options: WD14Options, ctx: Any) -> Any:
+        policy = ctx.sha256(self._policy_path(options, ctx)) if options.policy == "complement" else None
+        try:
+            folder = self._model_dir(options, ctx, download=False)
+        except CharfwError:
+            return [options.model, "not downloaded yet", policy]  # re-runs once after the download
+        from charfw.wd14_tagger import MODEL_FILE
+
+        return [ctx.sha256(folder / MODEL_FILE), ctx.sha256(self._tags_file(options, ctx, folder)), policy]
+
+    def model(self, options: WD14Options, ctx: Any) -> Any:
+        """The loaded model (shared by every stage of the build)."""
+        from charfw.onnx_runtime import choose_providers
+        from charfw.wd14_tagger import WD14Model
+
+        folder = self._model_dir(options, ctx, download=options.download)
+        tags = self._tags_file(options, ctx, folder)
+        providers = choose_providers(options.providers, auto_order=("cuda", "coreml", "cpu"),
+                                     purpose="WD14 tagger")
+        key = (str(folder), str(tags), tuple(providers))
+        return MODELS.get(key, lambda: WD14Model(folder, providers=providers, tags_file=tags))
+
+    def tag(self, items, images, tags_so_far, options, ctx):
+        from charfw.wd14_tagger import Thresholds
+
+        model = self.model(options, ctx)
+        thresholds = Thresholds(
+            general=options.general_threshold, character=options.character_threshold,
+            general_mcut=options.general_mcut, character_mcut=options.character_mcut,
+            ratings="top" if options.rating else "none",
+            characters=options.policy == "all",
+        )
+        scored = model.tag(images, thresholds)
+        policy = self._policy(options, ctx)
+        own = [*options.own_tags, ctx.part.keyword, ctx.part.class_tokens]
+        return [combine(s, so_far, own, policy, options) for s, so_far in zip(scored, tags_so_far, strict=True)]
+
+    def close(self) -> None:
+        """Models stay loaded for the next part; ``build_finished`` releases them."""
+
+
+@charfw.hookimpl
+def register_taggers(register):
+    register(WD14Tagger())
+
+
+@charfw.hookimpl
+def build_finished(summary):
+    MODELS.clear()
+
+
+@charfw.hookimpl
+def register_commands(cli):
+    @cli.command("wd14")
+    @click.argument("folders", nargs=-1, required=True,
+                    type=click.Path(exists=True, file_okay=False, path_type=Path))
+    @click.option("-m", "--model", default=None,
+                  help="Folder with model.onnx + selected_tags.csv, or a Hugging Face id "
+                       "(default: $CHARFW_WD14_MODEL or SmilingWolf/wd-vit-tagger-v3).")
+    @click.option("-t", "--threshold", "general_threshold", type=click.FloatRange(0, 1), default=0.35,
+                  show_default=True, help="General tags pass above this score.")
+    @click.option("--character-threshold", type=click.FloatRange(0, 1), default=0.85, show_default=True)
+    @click.option("--mcut", is_flag=True, help="MCut thresholds instead of the fixed ones.")
+    @click.option("--rating", is_flag=True, help="Add the most likely rating tag.")
+    @click.option("--own", "own_tags", multiple=True, metavar="TAG",
+                  help="A trait of the character never to add (repeatable).")
+    @click.option("--with-rules", is_flag=True,
+                  help="Chain after angle-rules (file names with angle codes) and add only what the "
+                       "rules do not say (policy complement).")
+    @click.option("--a1111", "escape", is_flag=True, help="Escape \\ ( ) for A1111 prompts.")
+    @click.option("-b", "--batch-size", type=click.IntRange(1, 512), default=8, show_default=True)
+    @click.option("--provider", "providers", type=click.Choice(["auto", "cpu", "cuda", "coreml"]),
+                  default="auto", show_default=True)
+    @click.option("--no-download", is_flag=True, help="Never download a model.")
+    @click.option("--append", is_flag=True, help="Add the new tags to existing captions.")
+    @click.option("--overwrite", is_flag=True, help="Replace captions that differ.")
+    @click.option("--dry-run", is_flag=True, help="Show what would be written; write nothing.")
+    @click.option("--strict", is_flag=True, help="Stop at the first unusable image (nothing is written).")
+    @click.pass_context
+    def wd14_command(ctx, folders, model, general_threshold, character_threshold, mcut, rating, own_tags,
+                     with_rules, escape, batch_size, providers, no_download, append, overwrite, dry_run,
+                     strict):
+        """Tag images with a WD14 tagger: caption .txt files beside the images.
+
+        Images are never touched. A caption that differs from the new one is kept unless
+        --overwrite or --append is given."""
+        from charfw.caption_files import caption_folders
+        from charfw.cli import workspace_from
+
+        ws = workspace_from(ctx)
+        raw: dict[str, Any] = {
+            "general_threshold": general_threshold, "character_threshold": character_threshold,
+            "general_mcut": mcut, "character_mcut": mcut, "rating": rating, "own_tags": list(own_tags),
+            "policy": "complement" if with_rules else "all", "escape": escape, "batch_size": batch_size,
+            "providers": providers, "download": not no_download,
+        }
+        if model:
+            raw["model"] = model
+        tagger = ws.plugins.registry.get("tagger", "wd14")
+        chain = [(tagger, tagger.Options.model_validate(raw))]
+        if with_rules:
+            rules = ws.plugins.registry.get("tagger", "angle-rules")
+            chain.insert(0, (rules, rules.Options()))
+        try:
+            caption_folders(ws, list(folders), chain, overwrite=overwrite, append=append,
+                            dry_run=dry_run, strict=strict)
+        finally:
+            MODELS.clear()
