@@ -1,0 +1,1 @@
+"""Tests of the image-preparation plugins (rembg, WD14, BLIP, dedup, collection, tag tools)."""
