@@ -8,13 +8,20 @@ the internet.
 
 from __future__ import annotations
 
-import ipaddress
-import shutil
-import socket
-from pathlib import Path
+import os
 
-import pytest
-from PIL import Image
+# `import rembg` imports pymatting, whose numba kernels compile at import time: about
+# 70 s on this machine in a fresh environment (CI). The tests never run alpha matting,
+# so they run pymatting as plain Python instead; rembg's own session code is unchanged.
+os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
+
+import ipaddress  # noqa: E402
+import shutil  # noqa: E402
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
 
 LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 

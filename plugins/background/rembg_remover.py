@@ -1,0 +1,185 @@
+"""``rembg``: cut the character out with a segmentation model, and ``charfw rembg``.
+
+The default model is ``isnet-anime`` (SkyTNT's anime segmentation, trained on
+illustrations); ``u2net``, ``isnet-general-use``, ``birefnet-*`` and a custom ONNX file
+(``model: path/to/model.onnx`` with ``model_type: u2net`` or ``isnet``) work too. The
+engine puts each cut-out on the manifest's colour(s), like the ``flat`` remover.
+
+Images that already have transparency keep it (``keep_transparency``): an illustrator
+who exported a clean alpha channel knows better than a model. One session per model
+serves every part of a build; it is released when the build ends. Model files are
+never downloaded silently (see :mod:`charfw.rembg_cutout`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+from pydantic import Field
+
+import charfw
+from charfw.components import BackgroundOptions, BackgroundRemover
+from charfw.model_cache import ModelCache
+
+MODELS = ModelCache()
+
+
+class RembgOptions(BackgroundOptions):
+    #: a rembg model name (isnet-anime, u2net, isnet-general-use, birefnet-general, ...)
+    #: or a path to a .onnx file inside rembg's models folder
+    model: str = "isnet-anime"
+    #: for a custom .onnx file: u2net (320 px input) or isnet (1024 px input)
+    model_type: Literal["u2net", "isnet"] = "isnet"
+    #: images with their own transparency are used as they are
+    keep_transparency: bool = True
+    #: rembg's morphological smoothing of the mask edge
+    post_process_mask: bool = False
+    #: pymatting alpha matting on the mask edge (slow, finer hair)
+    alpha_matting: bool = False
+    providers: Literal["auto", "cpu", "cuda"] = "auto"
+    #: fetch a missing model file (with a message); false: say where to put it
+    download: bool = True
+    #: images per model run (models with a fixed batch run one at a time anyway)
+    batch_size: int = Field(1, ge=1, le=64)
+
+
+def segmenter(options: RembgOptions, bases: list[Path]) -> Any:
+    """The session for these options, shared for the length of the build or command."""
+    from charfw.onnx_runtime import choose_providers
+    from charfw.rembg_cutout import Segmenter
+
+    providers = choose_providers(options.providers, auto_order=("cuda", "cpu"), purpose="rembg")
+    key = (options.model, options.model_type, tuple(providers), tuple(str(b) for b in bases))
+    return MODELS.get(key, lambda: Segmenter(options.model, providers=providers, model_type=options.model_type,
+                                             download=options.download, bases=bases))
+
+
+class RembgRemover(BackgroundRemover):
+    name = "rembg"
+    version = "1"
+    description = "cut out with a rembg model (isnet-anime by default), then onto plain colours"
+    Options = RembgOptions
+
+    def check(self, options: RembgOptions, ctx: Any) -> None:
+        from charfw.rembg_cutout import import_rembg
+
+        import_rembg()
+
+    def cache_key(self, options: RembgOptions, ctx: Any) -> Any:
+        from charfw.errors import CharfwError
+        from charfw.rembg_cutout import custom_model_path, model_locations, session_classes
+
+        try:
+            path = custom_model_path(options.model, [ctx.workspace_root, Path.cwd()])
+        except CharfwError:
+            path = None
+        if path is None:
+            cls = session_classes().get(options.model)
+            found = [p for p in model_locations(cls) if p.is_file()] if cls is not None else []
+            path = found[0] if found else None
+        return ctx.sha256(path) if path is not None else "not downloaded yet"
+
+    def cutout(self, image, item, options, ctx):
+        if options.keep_transparency and image.mode == "RGBA":
+            return image
+        seg = segmenter(options, [ctx.workspace_root, Path.cwd()])
+        return seg.cutouts([image], post_process_mask=options.post_process_mask,
+                           alpha_matting=options.alpha_matting, workers=1)[0]
+
+    def close(self) -> None:
+        """The session stays for the next part; ``build_finished`` releases it."""
+
+
+@charfw.hookimpl
+def register_background_removers(register):
+    register(RembgRemover())
+
+
+@charfw.hookimpl
+def build_finished(summary):
+    MODELS.clear()
+
+
+@charfw.hookimpl
+def register_commands(cli):
+    @cli.command("rembg")
+    @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+    @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+                  help="Folder for the results (never a source folder).")
+    @click.option("-m", "--model", default="isnet-anime", show_default=True,
+                  help="rembg model name, or a .onnx file in rembg's models folder.")
+    @click.option("--model-type", type=click.Choice(["u2net", "isnet"]), default="isnet", show_default=True,
+                  help="Input layout of a custom .onnx file.")
+    @click.option("-c", "--color", "colors", multiple=True, metavar="COLOR",
+                  help="Put the cut-out on this colour (white, black, #rrggbb; repeat for several). "
+                       "Default: keep the transparency.")
+    @click.option("--post-process-mask", is_flag=True, help="Smooth the mask edge.")
+    @click.option("--alpha-matting", is_flag=True, help="Refine the edge with alpha matting (slow).")
+    @click.option("-b", "--batch-size", type=click.IntRange(1, 64), default=4, show_default=True)
+    @click.option("--provider", "providers", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                  show_default=True)
+    @click.option("--no-download", is_flag=True, help="Never download a model file.")
+    @click.option("-r", "--recursive", is_flag=True, help="Also look in sub-folders.")
+    @click.option("--overwrite", is_flag=True, help="Redo images whose result exists.")
+    @click.option("--strict", is_flag=True, help="Stop at the first unusable image.")
+    @click.pass_context
+    def rembg_command(ctx, inputs, out, model, model_type, colors, post_process_mask, alpha_matting,
+                      batch_size, providers, no_download, recursive, overwrite, strict):
+        """Remove backgrounds: PNG cut-outs (or images on plain colours) in --out.
+
+        Sources are only read. Results that exist are skipped, so an interrupted run
+        resumes; --overwrite redoes them."""
+        from charfw import console
+        from charfw.components import color_name, parse_color
+        from charfw.errors import CharfwError, display_path
+        from charfw.image_batches import Problems, check_output_folder, find_images, iter_batches
+        from charfw.images import composite, has_transparency, save_png
+        from charfw.items import safe_file_stem
+
+        try:
+            rgbs = [parse_color(c) for c in colors]
+        except ValueError as exc:
+            raise CharfwError(f"--color: {exc}") from None
+        options = RembgOptions(model=model, model_type=model_type, post_process_mask=post_process_mask,
+                               alpha_matting=alpha_matting, providers=providers, download=not no_download,
+                               batch_size=batch_size)
+        check_output_folder(out, inputs)
+        files = find_images(list(inputs), recursive=recursive)
+
+        def targets(path: Path) -> list[Path]:
+            stem = safe_file_stem(path.stem)
+            if len(rgbs) <= 1:
+                return [out / f"{stem}.png"]
+            return [out / f"{stem}-{color_name(c).lstrip('#')}.png" for c in rgbs]
+
+        todo = [f for f in files if overwrite or not all(t.is_file() for t in targets(f))]
+        done_before = len(files) - len(todo)
+        problems = Problems(strict=strict)
+        written = kept = 0
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            seg = segmenter(options, [Path.cwd()]) if todo else None
+            with console.progress(len(todo), "rembg", unit="img") as bar:
+                for batch in iter_batches(todo, batch_size, problems):
+                    cut = seg.cutouts([im for _, im in batch], post_process_mask=post_process_mask,
+                                      alpha_matting=alpha_matting)
+                    for (path, image), result in zip(batch, cut, strict=True):
+                        if result is None or not has_transparency(result):
+                            kept += 1  # nothing separated: the image as it is
+                            result = image.convert("RGBA")
+                        for dest, color in zip(targets(path), rgbs or [None], strict=True):
+                            save_png(result if color is None else composite(result, color), dest)
+                        written += 1
+                    bar.advance(len(batch))
+        finally:
+            MODELS.clear()
+        msg = f"wrote {written} image(s) to {display_path(out)}/"
+        if done_before:
+            msg += f"; {done_before} already done"
+        if kept:
+            msg += f"; {kept} had nothing to separate (kept whole)"
+        if problems.lines:
+            msg += f"; skipped {len(problems.lines)} file(s)"
+        console.out.print(msg, markup=False)
