@@ -15,13 +15,13 @@ import os
 # so they run pymatting as plain Python instead; rembg's own session code is unchanged.
 os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
 
-import ipaddress  # noqa: E402
-import shutil  # noqa: E402
-import socket  # noqa: E402
-from pathlib import Path  # noqa: E402
+import ipaddress
+import shutil
+import socket
+from pathlib import Path
 
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import pytest
+from PIL import Image
 
 LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
