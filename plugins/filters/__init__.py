@@ -1,0 +1,1 @@
+"""Image filters for the optional filter stage (near-duplicate removal)."""
