@@ -135,7 +135,7 @@ def test_filter_stage_in_a_build(workspace: Path, run_cli) -> None:
     manifest = workspace / "characters" / "krnk.yaml"
     text = manifest.read_text("utf-8").replace("stages:\n", "stages:\n  filter: {plugin: dedup, threshold: 6}\n")
     manifest.write_text(text, "utf-8")
-    code, out, err = run_cli("-C", workspace, "build", "krnk", "--until", "filter")
+    code, _, err = run_cli("-C", workspace, "build", "krnk", "--until", "filter")
     assert code == 0, err
     stage = workspace / "build" / "krnk" / "face" / "filter"
     record = json.loads((stage / "record.json").read_text("utf-8"))
