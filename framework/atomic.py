@@ -57,14 +57,36 @@ def atomic_path(dest: str | os.PathLike[str], *, fsync: bool = False) -> Iterato
         os.replace(tmp, dest)
         if fsync:
             _fsync_dir(dest.parent)
-    finally:
+    except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        raise
 
 
 def write_bytes(dest: str | os.PathLike[str], data: bytes, *, fsync: bool = False) -> Path:
-    with atomic_path(dest, fsync=fsync) as tmp:
-        tmp.write_bytes(data)
+    """Write ``data`` to a temporary file beside ``dest``, then rename it over ``dest``."""
+    if fsync:
+        with atomic_path(dest, fsync=True) as tmp:
+            tmp.write_bytes(data)
+        return Path(dest)
+    # the common small-file case (captions, records) without pathlib overhead
+    path = os.fspath(dest)
+    folder, name = os.path.split(path)
+    stem, suffix = os.path.splitext(name)
+    tmp = os.path.join(folder, f".{stem}{TEMP_MARK}{os.getpid()}{secrets.token_hex(3)}{suffix}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileNotFoundError:
+        os.makedirs(folder or ".", exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return Path(dest)
 
 

@@ -317,7 +317,6 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
     from the folder names, num_repeats from <N>_ parent folders, flip from _flip_/_noflip_."""
     from . import atomic
     from .folders import dataset_spec_for_folders, expand_folders
-    from .stages import jobs_default
 
     ws = workspace_from(ctx)
     component = ws.plugins.registry.get("dataset_writer", writer)
@@ -329,8 +328,7 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
     except ValidationError as exc:
         raise CharfwError(f"--batch-sizes: {exc.errors()[0]['msg']}") from None
     dirs = expand_folders(list(folders))
-    spec, problems = dataset_spec_for_folders(dirs, relative_to=Path.cwd() if relative else None,
-                                              jobs=jobs_default())
+    spec, problems = dataset_spec_for_folders(dirs, relative_to=Path.cwd() if relative else None, jobs=1)
     for line in problems:
         console.warn(line)
     if not spec.subsets:  # type: ignore[attr-defined]

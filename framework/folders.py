@@ -140,8 +140,11 @@ def plan_captions(ws, folders: list[Path], chain: list, *, strict: bool, jobs: i
                 continue
             by_caption[dest.name.casefold()] = path
             code = parse_code(path.stem)
-            items.append(ImageItem(id=path.stem, path=str(path), sha256="", source=str(path),
-                                   code=code.code if code else None, width=0, height=0))
+            # model_construct: these values are ours, no need to validate 10,000 of them
+            items.append(ImageItem.model_construct(
+                id=path.stem, path=str(path), sha256="", source=str(path),
+                code=code.code if code else None, width=0, height=0, background=None,
+                tags=[], meta={}))
         for item in tag_items(ctx, chain, items):
             if item is None:
                 continue
@@ -166,12 +169,15 @@ def plan_captions(ws, folders: list[Path], chain: list, *, strict: bool, jobs: i
 
 def write_captions(changes: list[CaptionChange], *, overwrite: bool) -> None:
     """Write new captions, and changed ones when ``overwrite``; mark the others as kept."""
-    from . import atomic
+    from . import atomic, console
 
-    for change in changes:
-        if change.status == "new" or (change.status == "changed" and overwrite):
+    todo = [c for c in changes if c.status == "new" or (c.status == "changed" and overwrite)]
+    with console.progress(len(todo), "writing captions", unit="file") as bar:
+        for change in todo:
             atomic.write_text(change.path, change.text)
-        elif change.status == "changed":
+            bar.advance()
+    for change in changes:
+        if change.status == "changed" and not overwrite:
             change.status = "kept"
 
 
@@ -198,12 +204,20 @@ def dataset_spec_for_folders(folders: list[Path], *, relative_to: Path | None, j
             return None
         return (info.width, info.height)
 
+    from . import console
+
     subsets = []
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for folder in folders:
-            info = parse_folder(folder)
-            files = list_images(folder, KOHYA_IMAGE_SUFFIXES)
-            sizes = [s for s in pool.map(size, files) if s is not None]
+    listed = [(folder, parse_folder(folder), list_images(folder, KOHYA_IMAGE_SUFFIXES)) for folder in folders]
+    total = sum(len(files) for _, _, files in listed)
+    # header reads are mostly Python work in Pillow: threads only help on slow disks
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
+            console.progress(total, "reading image sizes", unit="img") as bar:
+        for folder, info, files in listed:
+            sizes = []
+            for s in pool.map(size, files) if jobs > 1 else map(size, files):
+                bar.advance()
+                if s is not None:
+                    sizes.append(s)
             if not sizes:
                 problems.append(f"{folder}: no readable images (left out)")
                 continue

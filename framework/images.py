@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +31,16 @@ SOURCE_IMAGE_SUFFIXES = KOHYA_IMAGE_SUFFIXES | {".gif", ".tif", ".tiff", ".avif"
 #: default ceiling against decompression bombs: 64 megapixels (8192 x 8192)
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 
+# charfw checks the pixel count itself, from the header, before anything is decoded
+# (probe); Pillow's own global check would warn from worker threads and cannot be set per
+# call, so it is switched off here.
+Image.MAX_IMAGE_PIXELS = None
+
 
 def is_image_name(path: str | os.PathLike[str], suffixes: frozenset[str] = SOURCE_IMAGE_SUFFIXES) -> bool:
-    name = os.fspath(path)
-    base = os.path.basename(name)
-    return not base.startswith(".") and os.path.splitext(name)[1].lower() in suffixes
+    base = os.path.basename(os.fspath(path))
+    dot = base.rfind(".")
+    return dot > 0 and base[dot:].lower() in suffixes
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,6 @@ class ImageInfo:
     height: int
     mode: str
     format: str
-    frames: int = 1
 
     @property
     def pixels(self) -> int:
@@ -78,19 +81,11 @@ def probe(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_
     if size == 0:
         raise ImageError("empty file (0 bytes)", path=path, hint="remove it or export it again")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                mode = im.mode
-                if mode == "P" and "transparency" in im.info:
-                    mode = "P-transparent"
-                info = ImageInfo(
-                    im.width, im.height, mode, im.format or "?", getattr(im, "n_frames", 1)
-                )
-    except Image.DecompressionBombError:
-        raise ImageError(
-            "image is too large to be decoded safely", path=path, hint="downscale it first"
-        ) from None
+        with Image.open(path) as im:
+            mode = im.mode
+            if mode == "P" and "transparency" in im.info:
+                mode = "P-transparent"
+            info = ImageInfo(im.width, im.height, mode, im.format or "?")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(_reason(exc), path=path, hint="remove it or export it again") from None
     if info.width < 1 or info.height < 1:
@@ -107,19 +102,14 @@ def probe(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_
 
 def load(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode an image fully, upright (EXIF orientation applied); the first frame of animations."""
-    info = probe(path, max_pixels=max_pixels)
+    probe(path, max_pixels=max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if info.frames > 1:
-                    im.seek(0)
-                im.load()
-                upright = ImageOps.exif_transpose(im)
-                image = upright if upright is not None else im.copy()
-                if image is im:
-                    image = im.copy()
-                image.info = dict(im.info)
+        with Image.open(path) as im:
+            im.seek(0)  # the first frame of an animation
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+            image = im.copy() if upright is None or upright is im else upright
+            image.info = dict(im.info)
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(_reason(exc), path=path, hint="remove it or export it again") from None
     return image

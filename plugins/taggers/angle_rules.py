@@ -94,6 +94,7 @@ class AngleRules(Tagger):
         path = self._rules_path(options, ctx)
         rules = _load_rules(str(path), sha256_file(path)).rules
         head = [ctx.part.keyword, *ctx.part.tags]
+        by_code: dict[tuple[str, str], list[str]] = {}  # rule results repeat per code
         out: list[list[str] | None] = []
         for item in items:
             angle = item.angle
@@ -109,11 +110,14 @@ class AngleRules(Tagger):
                 out.append(None)
                 continue
             base = angle.mirrored()
-            tags = list(head)
-            for rule in rules:
-                if rule.when.holds(angle_set.name, base.vertical, base.horizontal, base.code):
-                    tags.extend(t.replace("{framing}", angle_set.framing) for t in rule.tags)
-            out.append(tags)
+            key = (angle_set.name, base.code)
+            if key not in by_code:
+                found: list[str] = []
+                for rule in rules:
+                    if rule.when.holds(angle_set.name, base.vertical, base.horizontal, base.code):
+                        found.extend(t.replace("{framing}", angle_set.framing) for t in rule.tags)
+                by_code[key] = found
+            out.append(head + by_code[key])
         return out
 
 
