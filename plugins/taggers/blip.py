@@ -1,0 +1,151 @@
+"""``blip``: a BLIP sentence caption for each image, and ``charfw caption``.
+
+In a build it is usually chained after the angle rules (``tag: [angle-rules, blip]``):
+the caption sentence ("a girl with cat ears holding a cup") is appended as one entry
+(commas removed, so that it stays one). On its own, ``charfw caption DIR`` writes the
+seed's caption files, one ``.txt`` per image. The model is a folder or a Hugging Face id
+(default Salesforce/blip-image-captioning-base, or ``$CHARFW_BLIP_MODEL``), never
+downloaded silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+from pydantic import Field
+
+import charfw
+from charfw.components import Options, Tagger
+from charfw.errors import CharfwError
+from charfw.model_cache import ModelCache
+
+MODELS = ModelCache()
+
+
+def _default_model() -> str:
+    from charfw.blip_captions import default_model
+
+    return default_model()
+
+
+class BlipOptions(Options):
+    #: a folder with a saved BlipForConditionalGeneration + BlipProcessor, or a Hugging Face id
+    model: str = Field(default_factory=_default_model)
+    #: start of a conditional caption ("a picture of"); BLIP repeats it in the caption
+    prompt: str | None = None
+    max_new_tokens: int = Field(30, ge=1, le=200)
+    num_beams: int = Field(3, ge=1, le=16)
+    batch_size: int = Field(8, ge=1, le=256)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: fetch a Hugging Face model that is not in the local cache (with a message)
+    download: bool = True
+
+
+class BlipTagger(Tagger):
+    name = "blip"
+    version = "1"
+    description = "a BLIP caption sentence per image (BlipForConditionalGeneration, batched)"
+    Options = BlipOptions
+    needs_pixels = True
+
+    def batch_size(self, options: BlipOptions) -> int:
+        return options.batch_size
+
+    def _folder(self, options: BlipOptions, ctx: Any, *, download: bool) -> Path:
+        from charfw.blip_captions import DOWNLOAD_PATTERNS
+        from charfw.model_files import resolve_model_dir
+
+        return resolve_model_dir(options.model, files=["config.json"], what="BLIP captioner",
+                                 bases=[ctx.workspace_root, Path.cwd()], download=download,
+                                 patterns=DOWNLOAD_PATTERNS)
+
+    def check(self, options: BlipOptions, ctx: Any) -> None:
+        from charfw.errors import require_module
+        from charfw.model_files import HF_ID, local_path, offline
+
+        require_module("transformers", extra="prep", purpose="BLIP captions")
+        try:
+            self._folder(options, ctx, download=False)
+        except CharfwError:
+            downloadable = (options.download and not offline() and HF_ID.match(options.model)
+                            and local_path(options.model, [ctx.workspace_root, Path.cwd()]) is None)
+            if not downloadable:
+                raise
+
+    def cache_key(self, options: BlipOptions, ctx: Any) -> Any:
+        try:
+            folder = self._folder(options, ctx, download=False)
+        except CharfwError:
+            return [options.model, "not downloaded yet"]
+        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        return [ctx.sha256(p) for p in [folder / "config.json", *weights]]
+
+    def captioner(self, options: BlipOptions, ctx: Any) -> Any:
+        from charfw.blip_captions import BlipCaptioner
+
+        folder = self._folder(options, ctx, download=options.download)
+        return MODELS.get((str(folder), options.device), lambda: BlipCaptioner(folder, device=options.device))
+
+    def tag(self, items, images, tags_so_far, options, ctx):
+        from charfw.blip_captions import caption_as_tag
+
+        captions = self.captioner(options, ctx).caption(
+            images, prompt=options.prompt, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams)
+        return [[caption_as_tag(c)] if c.strip() else [] for c in captions]
+
+    def close(self) -> None:
+        """The model stays loaded for the next part; ``build_finished`` releases it."""
+
+
+@charfw.hookimpl
+def register_taggers(register):
+    register(BlipTagger())
+
+
+@charfw.hookimpl
+def build_finished(summary):
+    MODELS.clear()
+
+
+@charfw.hookimpl
+def register_commands(cli):
+    @cli.command("caption")
+    @click.argument("folders", nargs=-1, required=True,
+                    type=click.Path(exists=True, file_okay=False, path_type=Path))
+    @click.option("-m", "--model", default=None,
+                  help="Folder of a BLIP captioning model, or a Hugging Face id "
+                       "(default: $CHARFW_BLIP_MODEL or Salesforce/blip-image-captioning-base).")
+    @click.option("--prompt", help="Start of a conditional caption, e.g. 'a drawing of'.")
+    @click.option("-b", "--batch-size", type=click.IntRange(1, 256), default=8, show_default=True)
+    @click.option("--max-new-tokens", type=click.IntRange(1, 200), default=30, show_default=True)
+    @click.option("--num-beams", type=click.IntRange(1, 16), default=3, show_default=True)
+    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+    @click.option("--no-download", is_flag=True, help="Never download a model.")
+    @click.option("--append", is_flag=True, help="Add the caption to existing captions.")
+    @click.option("--overwrite", is_flag=True, help="Replace captions that differ.")
+    @click.option("--dry-run", is_flag=True, help="Show what would be written; write nothing.")
+    @click.option("--strict", is_flag=True, help="Stop at the first unusable image (nothing is written).")
+    @click.pass_context
+    def caption_command(ctx, folders, model, prompt, batch_size, max_new_tokens, num_beams, device, no_download,
+                        append, overwrite, dry_run, strict):
+        """Caption images with BLIP: one .txt per image, beside it.
+
+        Images are never touched. A caption that differs from the new one is kept unless
+        --overwrite or --append is given."""
+        from charfw.caption_files import caption_folders
+        from charfw.cli import workspace_from
+
+        ws = workspace_from(ctx)
+        raw: dict[str, Any] = {"prompt": prompt, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                               "num_beams": num_beams, "device": device, "download": not no_download}
+        if model:
+            raw["model"] = model
+        tagger = ws.plugins.registry.get("tagger", "blip")
+        chain = [(tagger, tagger.Options.model_validate(raw))]
+        try:
+            caption_folders(ws, list(folders), chain, overwrite=overwrite, append=append,
+                            dry_run=dry_run, strict=strict)
+        finally:
+            MODELS.clear()
