@@ -206,9 +206,11 @@ def run_filter(ctx: StageContext, chain: Chain) -> StageOutput:
     return StageOutput(items=items, summary=summary, problems=list(ctx.problems))
 
 
-def run_background(ctx: StageContext, chain: Chain) -> StageOutput:
-    remover, options = chain[0]
-    colors = options.rgb_colors()
+def _per_image(
+    ctx: StageContext, chain: Chain, transform: Callable[[Any, ImageItem, str], list[ImageItem]]
+) -> list[ImageItem]:
+    """Decode each input image and ``transform`` it (image, item, memo key → new items),
+    in worker threads, reusing per-image results of earlier runs."""
     memo = ItemMemo(ctx, _chain_key(chain, ctx))
 
     def work(item: ImageItem) -> list[ImageItem]:
@@ -219,25 +221,35 @@ def run_background(ctx: StageContext, chain: Chain) -> StageOutput:
         image = _load_rgb_or_rgba(ctx, item)
         if image is None:
             return []
-        cut = remover.cutout(image, item, options, ctx)
-        if cut is None or not images.has_transparency(cut):
-            result = [item]  # nothing to remove: the image passes through unchanged
-        else:
-            cut = cut.convert("RGBA")
-            result = []
-            for color in colors:
-                new_id = item.id if len(colors) == 1 else f"{item.id}-{color_name(color).lstrip('#')}"
-                flat = images.composite(cut, color)
-                out = _write_png(ctx, flat, item, new_id, fingerprint(key, color))
-                result.append(out.model_copy(update={"background": color}))
+        result = transform(image, item, key)
         memo.put(key, result)
         return result
 
+    out = _map_items(ctx, ctx.input_items(), work, "")
+    _clean_stage_dir(ctx, memo, out)
+    return out
+
+
+def run_background(ctx: StageContext, chain: Chain) -> StageOutput:
+    remover, options = chain[0]
+    colors = options.rgb_colors()
+
+    def transform(image: Any, item: ImageItem, key: str) -> list[ImageItem]:
+        cut = remover.cutout(image, item, options, ctx)
+        if cut is None or not images.has_transparency(cut):
+            return [item]  # nothing to remove: the image passes through unchanged
+        cut = cut.convert("RGBA")
+        result = []
+        for color in colors:
+            new_id = item.id if len(colors) == 1 else f"{item.id}-{color_name(color).lstrip('#')}"
+            out = _write_png(ctx, images.composite(cut, color), item, new_id, fingerprint(key, color))
+            result.append(out.model_copy(update={"background": color}))
+        return result
+
     try:
-        out = _map_items(ctx, ctx.input_items(), work, "")
+        out = _per_image(ctx, chain, transform)
     finally:
         remover.close()
-    _clean_stage_dir(ctx, memo, out)
     flat = sum(1 for i in out if i.background is not None)
     summary = [f"{len(out)} images ({flat} put on {', '.join(color_name(c) for c in colors)})"]
     return StageOutput(items=out, summary=summary, problems=list(ctx.problems))
@@ -245,25 +257,14 @@ def run_background(ctx: StageContext, chain: Chain) -> StageOutput:
 
 def run_prepare(ctx: StageContext, chain: Chain) -> StageOutput:
     preparer, options = chain[0]
-    memo = ItemMemo(ctx, _chain_key(chain, ctx))
 
-    def work(item: ImageItem) -> list[ImageItem]:
-        key = memo.key(item)
-        cached = memo.get(key)
-        if cached is not None:
-            return cached
-        image = _load_rgb_or_rgba(ctx, item)
-        if image is None:
-            return []
+    def transform(image: Any, item: ImageItem, key: str) -> list[ImageItem]:
         prepared = preparer.prepare(image, item, options, ctx)
         if prepared.mode != "RGB":
             prepared = images.composite(prepared.convert("RGBA"), item.background or (255, 255, 255))
-        result = [_write_png(ctx, prepared, item, item.id, key)]
-        memo.put(key, result)
-        return result
+        return [_write_png(ctx, prepared, item, item.id, key)]
 
-    out = _map_items(ctx, ctx.input_items(), work, "")
-    _clean_stage_dir(ctx, memo, out)
+    out = _per_image(ctx, chain, transform)
     sizes = sorted({(i.width, i.height) for i in out})
     shown = ", ".join(f"{w}x{h}" for w, h in sizes[:4]) + (" ..." if len(sizes) > 4 else "")
     summary = [f"{len(out)} prepared images ({shown}) in {ctx.record_path(ctx.stage_dir)}/"]

@@ -299,3 +299,10 @@ def test_lifecycle_order_in_a_real_subprocess(built: Path) -> None:
     result = subprocess.run([charfw_exe(), "build", "krnk", *UNTIL], cwd=built, capture_output=True, text=True,
                             env={**os.environ, "CHARFW_PLUGINS": ""})
     assert result.returncode == 0 and "Nothing to do" in result.stdout and not result.stderr.strip()
+
+
+def test_building_everything_orders_groups_after_their_members(workspace: Path, run_cli) -> None:
+    code, out, err = run_cli("build", "--until", "dataset", cwd=workspace)
+    assert code == 0, out + err
+    parts = [line.strip() for line in out.splitlines() if line and not line.startswith(" ")]
+    assert parts[:5] == ["krnk/face", "krnk/krnksf", "tyank/face", "tyank/tyankps", "krnksf_tyankps/group"]
