@@ -218,7 +218,9 @@ def resolve_picks(
             if close is not None:
                 problems.append(lm.problem(pick.locs[""], registry.unknown_message(spec.kind, pick.name)))
                 continue
-            return [], f"the {noun} '{pick.name}' is not installed"
+            if not pick.locs[""]:  # nothing in the manifest: the stage's default
+                return [], f"the {noun} '{pick.name}' (the {spec.name} stage's default) is not installed"
+            return [], lm.problem(pick.locs[""], f"the {noun} '{pick.name}' is not installed")
         try:
             options = reg.component.Options.model_validate(pick.options)
         except ValidationError as exc:

@@ -170,8 +170,9 @@ def test_a_missing_plugin_stops_the_build_and_keeps_the_rest(workspace: Path, ru
     manifest.write_text(manifest.read_text() + "  train: {plugin: no-such-trainer}\n")
     code, out, _err = run_cli("build", "krnk", cwd=workspace)
     assert code == 4
-    assert ("the trainer 'no-such-trainer' is not installed: stopped krnk/face at 'train', "
-            "krnk/krnksf at 'train' there") in out
+    line = next(i for i, t in enumerate(manifest.read_text().splitlines(), 1) if "no-such-trainer" in t)
+    assert (f"characters/krnk.yaml:{line} stages.train.plugin: the trainer 'no-such-trainer' is not installed: "
+            "stopped krnk/face at 'train', krnk/krnksf at 'train' there") in out
     assert (workspace / "build/krnk/face/dataset/dataset.toml").is_file()
     assert stage_status(out, "krnk/face", "merge") == "blocked"
 
