@@ -1,0 +1,44 @@
+"""charfw's LoRA trainer: kohya dataset configs in, kohya-format LoRA files out.
+
+=========================  ===========================================================
+module                     what it holds
+=========================  ===========================================================
+:mod:`.settings`           :class:`TrainSettings` (the options, the method's defaults and
+                           naming rules) and :class:`TrainJob` (one run: settings + paths)
+:mod:`.loop`               :func:`train`, the training loop
+:mod:`.families`           model families (SD 1.x): loading, conditioning, file metadata
+:mod:`.model_sources`      base-model references: built-in, diffusers folder, single file,
+                           Hugging Face id; content identities for caches and fingerprints
+:mod:`.single_file`        the LDM single-file layout (A1111 checkpoints), read and write
+:mod:`.networks`           lora / lora3x3 / loha modules with kohya's names
+:mod:`.dataset`            the kohya TOML's images, captions and per-epoch batches
+:mod:`.buckets`            aspect-ratio buckets
+:mod:`.caches`             latent and text-encoder caches
+:mod:`.batch_inputs`       a batch's latents and conditioning, image checks before training
+:mod:`.optimizers`         optimizers and learning-rate schedules by kohya's names
+:mod:`.train_state`        resumable state (step, optimizer, schedule, random generators)
+:mod:`.sample_prompts`     kohya's sample-prompt syntax and sampling during training
+:mod:`.lora_output`        the file's ``ss_*`` metadata and saving
+:mod:`.lora_loader`        applying a trained file to a diffusers pipeline (baked ΔW)
+=========================  ===========================================================
+
+Importing this package is cheap; torch and diffusers load when training starts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .settings import TrainJob, TrainSettings
+
+if TYPE_CHECKING:
+    from .loop import TrainResult
+
+__all__ = ["TrainJob", "TrainSettings", "train"]
+
+
+def train(job: TrainJob) -> TrainResult:
+    """Run one training job (see :mod:`charfw.training.loop`)."""
+    from .loop import train as run
+
+    return run(job)

@@ -1,0 +1,176 @@
+"""A batch's model inputs: latents and text conditioning, from the caches or made now.
+
+:meth:`BatchInputs.prepare` runs before the first step. It hashes every image, encodes
+the latents that can be cached and are not yet (grouped by bucket, ``vae_batch_size`` at a
+time), and decodes the images that cannot be cached, so that an unreadable image is found
+*before* training: each one is reported with its reason and left out, or, with
+``bad_images: stop``, the run stops listing all of them. Latents that come out NaN or
+infinite (a VAE precision problem on one image) are reported the same way.
+
+During training, :meth:`BatchInputs.latents` stacks cached latents, or decodes, augments
+and encodes the images of subsets with colour augmentation or random crops (prefetched on
+a worker thread while the previous step runs); :meth:`BatchInputs.conditioning` takes
+cached text-encoder outputs or runs the text encoder (with gradients when it trains).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import ImageError
+from .dataset import Batch, ImageEntry, TrainingData, load_image, make_caption, pixels
+
+if TYPE_CHECKING:
+    from .caches import LatentCache, TextCache
+    from .families import LoadedModel
+
+
+class BatchInputs:
+    def __init__(self, model: LoadedModel, *, latent_cache: LatentCache, text_cache: TextCache | None,
+                 device: torch.device, sha256: Callable[[Path], str], clip_skip: int,
+                 max_token_length: int | None, vae_batch_size: int) -> None:
+        self.model = model
+        self.family = model.family
+        self.latent_cache = latent_cache
+        self.text_cache = text_cache
+        self.device = device
+        self.sha256 = sha256
+        self.clip_skip = clip_skip
+        self.max_token_length = max_token_length
+        self.vae_batch_size = vae_batch_size
+        self.digests: dict[Path, str] = {}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="charfw-pixels")
+        self._pending: dict[int, Future[list[torch.Tensor]]] = {}
+
+    # --- before training -----------------------------------------------------------------
+
+    def prepare(self, data: TrainingData, progress: Any) -> dict[Path, str]:
+        """Cache latents and check every image; returns the unusable ones with reasons."""
+        bad: dict[Path, str] = {}
+        todo: list[tuple[ImageEntry, bool, str]] = []
+        with progress(len(data.entries), "checking images") as bar:
+            for entry in data.entries:
+                try:
+                    digest = self.sha256(entry.path)
+                except OSError as exc:
+                    bad[entry.path] = f"cannot read ({exc.strerror or exc})"
+                    bar.advance()
+                    continue
+                self.digests[entry.path] = digest
+                if self.latent_cache.enabled and entry.subset.cacheable_latents:
+                    flips = (False, True) if entry.subset.flip_aug else (False,)
+                    todo += [(entry, f, digest) for f in flips
+                             if self.latent_cache.get(self.latent_cache.key(entry, digest, f)) is None]
+                else:
+                    try:  # not cached: decode once now so a broken file is found before training
+                        load_image(entry)
+                    except ImageError as exc:
+                        bad[entry.path] = exc.message
+                bar.advance()
+        if not todo:
+            return bad
+        todo.sort(key=lambda t: t[0].bucket)
+        with progress(len(todo), "caching latents") as bar:
+            start = 0
+            while start < len(todo):
+                bucket = todo[start][0].bucket
+                group = []
+                while start < len(todo) and todo[start][0].bucket == bucket and len(group) < self.vae_batch_size:
+                    group.append(todo[start])
+                    start += 1
+                images: list[torch.Tensor] = []
+                kept = []
+                for entry, flip, digest in group:
+                    if entry.path in bad:
+                        continue
+                    try:
+                        image = load_image(entry)
+                    except ImageError as exc:
+                        bad[entry.path] = exc.message
+                        continue
+                    images.append(pixels(image, entry, flip=flip, seed=0))
+                    kept.append((entry, flip, digest))
+                if images:
+                    latents = self._encode(torch.stack(images))
+                    for (entry, flip, digest), lat in zip(kept, latents, strict=True):
+                        if not torch.isfinite(lat).all():
+                            bad[entry.path] = "the VAE gives NaN or infinite latents for this image"
+                            continue
+                        self.latent_cache.put(self.latent_cache.key(entry, digest, flip), lat)
+                bar.advance(len(group))
+        return bad
+
+    def cache_text(self, data: TrainingData, progress: Any) -> None:
+        """Encode every distinct caption once (text encoder frozen, captions fixed)."""
+        assert self.text_cache is not None
+        import random
+
+        # captions are fixed: the epoch and generator do not change them
+        captions = sorted({make_caption(e, random.Random(0), 1) for e in data.entries})
+        with progress(len(captions), "caching text-encoder outputs") as bar, torch.no_grad():
+            for start in range(0, len(captions), 16):
+                chunk = captions[start : start + 16]
+                states = self._text(chunk, None)
+                for caption, s in zip(chunk, states, strict=True):
+                    self.text_cache.put(caption, s)
+                bar.advance(len(chunk))
+
+    # --- per step ------------------------------------------------------------------------
+
+    def prefetch(self, batch: Batch, key: int) -> None:
+        """Start decoding the uncached images of a batch on a worker thread."""
+        if self._uncached(batch):
+            self._pending[key] = self._pool.submit(self._pixels, batch)
+
+    def latents(self, batch: Batch, key: int) -> torch.Tensor:
+        cache = self.latent_cache
+        out: list[torch.Tensor | None] = []
+        for s in batch.samples:
+            found = None
+            if cache.enabled and s.entry.subset.cacheable_latents:
+                found = cache.get(cache.key(s.entry, self.digests[s.entry.path], s.flip))
+            out.append(found)
+        missing = [i for i, t in enumerate(out) if t is None]
+        if missing:
+            future = self._pending.pop(key, None)
+            images = future.result() if future is not None else self._pixels(batch)
+            encoded = self._encode(torch.stack([images[i] for i in missing]))
+            for i, lat in zip(missing, encoded, strict=True):
+                out[i] = lat
+        return torch.stack([t.to(self.device) for t in out if t is not None])
+
+    def conditioning(self, batch: Batch, text_encoders: list[Any] | None, *, grad: bool) -> torch.Tensor:
+        captions = [s.caption for s in batch.samples]
+        if self.text_cache is not None and all(c in self.text_cache for c in captions):
+            return torch.stack([self.text_cache.get(c) for c in captions])
+        if grad:
+            return self._text(captions, text_encoders)
+        with torch.no_grad():
+            return self._text(captions, text_encoders)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- helpers -------------------------------------------------------------------------
+
+    def _uncached(self, batch: Batch) -> bool:
+        cache = self.latent_cache
+        return any(not (cache.enabled and s.entry.subset.cacheable_latents) for s in batch.samples)
+
+    def _pixels(self, batch: Batch) -> list[torch.Tensor]:
+        return [pixels(load_image(s.entry), s.entry, flip=s.flip, seed=s.seed) for s in batch.samples]
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        vae = self.model.vae
+        with torch.no_grad():
+            dist = vae.encode(images.to(self.device, vae.dtype)).latent_dist
+            return (dist.mean * self.model.vae_scaling_factor).float()
+
+    def _text(self, captions: list[str], text_encoders: list[Any] | None) -> torch.Tensor:
+        ids = self.family.tokenize(self.model, captions, self.max_token_length)
+        return self.family.encode_text(self.model, ids, clip_skip=self.clip_skip, text_encoders=text_encoders)

@@ -1,0 +1,217 @@
+"""Stable Diffusion 1.x: a UNet conditioned on one CLIP ViT-L/14 text encoder.
+
+Loading needs no network for local models: a diffusers folder has everything, and a
+single-file checkpoint gets its configs and tokenizer from the copies shipped in
+``model_configs/`` (see :mod:`charfw.training.single_file`).
+
+Text conditioning follows kohya: ``clip_skip`` N takes the N-th hidden state from the end
+and applies the final layer norm to it (so 1 is the last layer, 2 the penultimate, the
+method's choice); ``max_token_length`` 150 or 225 encodes the caption in chunks of 75
+tokens, each wrapped in its own start and end tokens, and joins them as
+``start + chunk1 + chunk2 (+ chunk3) + end``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import CharfwError
+from .. import single_file
+from ..model_sources import ModelSource, ensure_builtin
+from ..networks.targets import (
+    TEXT_ENCODER_TARGETS,
+    UNET_ATTENTION_TARGETS,
+    UNET_CONV_TARGETS,
+    NetworkRoot,
+    text_model_prefix,
+)
+from . import LoadedModel, ModelFamily
+
+CHUNK = 75
+
+
+def _quiet_loaders() -> None:
+    """diffusers and transformers print progress bars and notices on every load."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+class SD1Family(ModelFamily):
+    name = "sd1"
+    base_model_version = "sd_v1"
+    lora_architecture = "stable-diffusion-v1/lora"
+    default_resolution = 512
+
+    # --- loading -------------------------------------------------------------------------
+
+    def load(self, source: ModelSource, vae: ModelSource | None, *, cache_dir: Path) -> LoadedModel:
+        _quiet_loaders()
+        if source.kind == "single_file":
+            assert source.path is not None
+            parts = self._load_single_file(source.path, cache_dir)
+        else:
+            where = str(ensure_builtin(source)) if source.kind == "builtin" else (
+                str(source.path) if source.path is not None else source.ref)
+            parts = self._load_diffusers(where, source)
+        if vae is not None:
+            parts["vae"] = self._load_vae(vae)
+        self._check_sd1(parts["unet"], source)
+        return LoadedModel(self, parts["unet"], [parts["text_encoder"]], [parts["tokenizer"]], parts["vae"],
+                           parts["scheduler_config"], source, vae)
+
+    def _load_diffusers(self, where: str, source: ModelSource) -> dict[str, Any]:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        try:
+            unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet")
+            vae = AutoencoderKL.from_pretrained(where, subfolder="vae")
+            text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder")
+            tokenizer = CLIPTokenizer.from_pretrained(where, subfolder="tokenizer")
+            from diffusers import DDPMScheduler
+
+            scheduler_config = dict(DDPMScheduler.load_config(where, subfolder="scheduler"))
+        except (OSError, ValueError) as exc:
+            hint = ("check the id and your network, or download it first"
+                    if source.kind == "hub" else "is it a complete diffusers model folder?")
+            raise CharfwError(f"cannot load the base model '{source.ref}' ({str(exc).splitlines()[0][:200]})",
+                              hint=hint) from None
+        return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+                "scheduler_config": scheduler_config}
+
+    def _load_single_file(self, path: Path, cache_dir: Path) -> dict[str, Any]:
+        from transformers import CLIPTokenizer
+
+        layout = single_file.detect_layout(single_file.tensor_shapes(path), path=path) if path.suffix.lower() == \
+            ".safetensors" else None
+        state = single_file.read_state_dict(path)
+        if layout is None:  # pickle files have no readable header: look at the tensors
+            layout = single_file.detect_layout({k: list(v.shape) for k, v in state.items()}, path=path)
+        config_dir = single_file.shipped_configs()[layout.config]
+        unet = single_file.load_unet(state, config_dir, path=path)
+        vae = single_file.load_vae(path, config_dir, state=state)
+        text_encoder = single_file.load_text_encoder(state, config_dir, path=path)
+        del state
+        if (config_dir / "tokenizer" / "tokenizer.json").is_file():
+            tokenizer = CLIPTokenizer.from_pretrained(str(config_dir / "tokenizer"))
+        else:
+            from ..clip_tokenizer import clip_tokenizer_files
+
+            files = clip_tokenizer_files(cache_dir)
+            tokenizer = CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"), model_max_length=77)
+        scheduler_config = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text("utf-8"))
+        return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+                "scheduler_config": scheduler_config}
+
+    def _load_vae(self, source: ModelSource) -> Any:
+        from diffusers import AutoencoderKL
+
+        if source.kind == "single_file":
+            assert source.path is not None
+            state = single_file.read_state_dict(source.path)
+            width = next((v.shape[0] for k, v in state.items() if k.endswith("encoder.conv_in.weight")), None)
+            config_dir = None
+            for candidate in single_file.shipped_configs().values():
+                vae_config = json.loads((candidate / "vae" / "config.json").read_text("utf-8"))
+                if vae_config["block_out_channels"][0] == width:
+                    config_dir = candidate
+            if config_dir is None:
+                raise CharfwError("not an SD VAE file (no encoder.conv_in weights of a known width)", path=source.path)
+            return single_file.load_vae(source.path, config_dir, state=state)
+        where = str(ensure_builtin(source)) if source.kind == "builtin" else (
+            str(source.path) if source.path is not None else source.ref)
+        try:
+            if source.path is not None and (source.path / "config.json").is_file():
+                return AutoencoderKL.from_pretrained(where)
+            return AutoencoderKL.from_pretrained(where, subfolder="vae")
+        except (OSError, ValueError) as exc:
+            raise CharfwError(f"cannot load the VAE '{source.ref}' ({str(exc).splitlines()[0][:200]})") from None
+
+    def _check_sd1(self, unet: Any, source: ModelSource) -> None:
+        config = unet.config
+        if config.get("addition_embed_type") is not None:
+            raise CharfwError(f"'{source.ref}' is an SDXL-style model; charfw trains SD 1.x models so far")
+        if config.get("cross_attention_dim") == 1024:
+            raise CharfwError(f"'{source.ref}' is an SD 2.x model; charfw trains SD 1.x models so far")
+
+    # --- networks ------------------------------------------------------------------------
+
+    def network_roots(self, model: LoadedModel) -> list[NetworkRoot]:
+        return self.roots_for(model.unet, model.text_encoders)
+
+    def roots_for(self, unet: Any, text_encoders: list[Any]) -> list[NetworkRoot]:
+        text_encoder = text_encoders[0]
+        return [
+            NetworkRoot("lora_unet", unet, "unet", UNET_ATTENTION_TARGETS, UNET_CONV_TARGETS),
+            NetworkRoot("lora_te", text_encoder, "text_encoder", TEXT_ENCODER_TARGETS, TEXT_ENCODER_TARGETS,
+                        path_prefix=text_model_prefix(text_encoder)),
+        ]
+
+    # --- conditioning --------------------------------------------------------------------
+
+    def tokenize(self, model: LoadedModel, captions: list[str], max_token_length: int | None) -> torch.Tensor:
+        """(B, 77) ids, or (B, chunks, 77) for a long ``max_token_length``."""
+        tokenizer = model.tokenizers[0]
+        length = max_token_length or CHUNK
+        ids = tokenizer(captions, padding="max_length", truncation=True, max_length=length + 2,
+                        return_tensors="pt").input_ids
+        if length == CHUNK:
+            return ids
+        chunks = [torch.cat([ids[:, :1], ids[:, 1 + CHUNK * i : 1 + CHUNK * (i + 1)], ids[:, -1:]], dim=1)
+                  for i in range(length // CHUNK)]
+        return torch.stack(chunks, dim=1)
+
+    def encode_text(self, model: LoadedModel, input_ids: torch.Tensor, *, clip_skip: int,
+                    text_encoders: list[Any] | None = None) -> torch.Tensor:
+        text_encoder = model.text_encoders[0]
+        # the forward may go through a wrapper (DistributedDataParallel); attributes are read
+        # from the model itself
+        run = (text_encoders or model.text_encoders)[0]
+        batch = input_ids.shape[0]
+        chunked = input_ids.ndim == 3
+        flat = input_ids.reshape(-1, input_ids.shape[-1]).to(text_encoder.device)
+        if clip_skip <= 1:
+            states = run(flat).last_hidden_state
+        else:
+            hidden = run(flat, output_hidden_states=True).hidden_states[-clip_skip]
+            final_norm = getattr(text_encoder, "final_layer_norm", None) or text_encoder.text_model.final_layer_norm
+            states = final_norm(hidden)
+        if not chunked:
+            return states
+        states = states.reshape(batch, input_ids.shape[1], input_ids.shape[2], -1)
+        middle = [states[:, i, 1:-1] for i in range(states.shape[1])]
+        return torch.cat([states[:, 0, :1], *middle, states[:, -1, -1:]], dim=1)
+
+    def predict(self, unet: Any, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: torch.Tensor) -> torch.Tensor:
+        return unet(noisy_latents, timesteps, conditioning, return_dict=False)[0]
+
+    # --- files and sampling --------------------------------------------------------------
+
+    def metadata(self, model: LoadedModel) -> dict[str, str]:
+        return {
+            "ss_v2": "False",
+            "ss_base_model_version": self.base_model_version,
+            "modelspec.architecture": self.lora_architecture,
+            "modelspec.implementation": "diffusers",
+            "modelspec.prediction_type": model.prediction_type,
+        }
+
+    def pipeline(self, model: LoadedModel, scheduler: Any) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe

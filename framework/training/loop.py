@@ -1,0 +1,428 @@
+"""The training loop: a kohya dataset config and a base model in, a kohya-format LoRA out.
+
+It reads top to bottom, like diffusers' ``train_text_to_image_lora.py``: set up the
+accelerator, load the frozen base model, read the data and cache what does not change,
+attach the network, build the optimizer and schedule, resume if asked, then step through
+the epochs (noise, predict, loss, step), saving, sampling and logging on the way, and
+write the final file. Everything reusable lives in the modules it calls (``dataset``,
+``batch_inputs``, ``networks``, ``optimizers``, ``train_state``, ``lora_output``,
+``sample_prompts``); the loop only orders them.
+
+Run it with :func:`train`. Under ``accelerate launch`` each process trains on its share
+of every epoch's batches and gradients are averaged across processes; only the main
+process writes files.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import console
+from ..errors import CharfwError
+from .settings import TrainJob
+
+
+class TrainingStopped(CharfwError):
+    """The run stopped on a problem with its input (NaN loss, unusable images)."""
+
+
+@dataclass
+class TrainResult:
+    lora: Path
+    name: str
+    steps: int
+    epochs: int
+    #: the step a resumed run continued from
+    resumed_from: int | None = None
+    intermediate: list[Path] = field(default_factory=list)
+    samples: list[Path] = field(default_factory=list)
+    #: images left out, one "path: reason" line each
+    skipped: list[str] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    #: mean wall time of an optimizer step after the first two (None for very short runs)
+    seconds_per_step: float | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def train(job: TrainJob) -> TrainResult:
+    """Train the LoRA ``job`` describes; returns where it is and what happened."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from diffusers import DDPMScheduler
+
+    from . import lora_output, optimizers, train_state
+    from .batch_inputs import BatchInputs
+    from .caches import LatentCache, TextCache
+    from .dataset import TrainingData
+    from .families import get_family
+    from .model_sources import resolve_source, source_identity
+    from .networks import create_network, network_type
+    from .sample_prompts import generate_samples, read_prompts
+
+    s = job.settings
+    log = job.log or console.info
+    started = time.perf_counter()
+    output_dir = job.output_dir
+    name = job.name
+    state_root = job.state_dir or output_dir / f"{name}-state"
+    hash_cache = None
+    if job.sha256 is None:
+        from ..hashing import HashCache
+
+        hash_cache = HashCache(job.cache_dir / "hash-cache.json")
+    sha256 = job.sha256 or hash_cache.sha256  # type: ignore[union-attr]
+    progress = job.progress or (lambda total, what: console.progress(total, f"{job.label} {what}", unit="it"))
+
+    # --- the accelerator: devices, processes, mixed precision, trackers ------------------
+    # fp16/bf16 autocast is for GPUs; a CPU run in fp16 would be slower and less exact,
+    # so it trains in float32 there (and says so).
+    import accelerate
+
+    on_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    mixed = s.mixed_precision if on_gpu else "no"
+    if mixed != s.mixed_precision:
+        log(f"mixed precision {s.mixed_precision} needs a GPU; training in float32 on this machine")
+    trackers = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}[s.log_with]
+    if "tensorboard" in trackers:
+        from ..errors import require_module
+
+        require_module("tensorboard", extra="train", purpose="TensorBoard logging")
+    logging_dir = job.logging_dir or output_dir / "logs"
+    train_te_lr = s.resolved_text_encoder_lr()
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=train_te_lr > 0 and job.clip_skip > 1)
+    accelerator = Accelerator(
+        mixed_precision=mixed, gradient_accumulation_steps=s.gradient_accumulation_steps,
+        log_with=trackers or None, kwargs_handlers=[ddp],
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
+    )
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
+    main = accelerator.is_main_process
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 leftovers (the VAE) on tensor cores
+
+    # --- seeds ---------------------------------------------------------------------------
+    # Noise and timesteps come from one generator whose state is saved with the run;
+    # data order and augmentation are derived from (seed, epoch, position) in the dataset.
+    accelerate.utils.set_seed(s.seed)
+    generator = torch.Generator(device=device).manual_seed(s.seed + accelerator.process_index)
+
+    # --- the base model, frozen ----------------------------------------------------------
+    family = get_family(job.family)
+    source = resolve_source(job.base_model, cache_dir=job.cache_dir)
+    vae_source = resolve_source(job.vae, cache_dir=job.cache_dir, what="VAE") if job.vae else None
+    log(f"loading {source.ref}" + (f" with VAE {vae_source.ref}" if vae_source else ""))
+    model = family.load(source, vae_source, cache_dir=job.cache_dir)
+    for part in (model.unet, model.vae, *model.text_encoders):
+        part.requires_grad_(False)
+    # the VAE stays in float32: half-precision VAEs give NaN latents on some images
+    model.vae.to(device, torch.float32).eval()
+    model.unet.to(device, weight_dtype)
+    for te in model.text_encoders:
+        te.to(device, weight_dtype)
+    noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
+    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+
+    # --- the data: images, captions, buckets; unusable images found before training -------
+    data = TrainingData.load(job.dataset_config, resolution=s.resolution, default_resolution=family.default_resolution,
+                             relative_to=job.relative_to)
+    data.prior_loss_weight = s.prior_loss_weight
+    for line in data.warnings:
+        console.warn(line)
+    vae_identity = str(source_identity(vae_source or source, sha256)) + ("/vae" if vae_source else "/base")
+    latent_cache = LatentCache(s.cache_latents, job.cache_dir, vae_identity)
+    text_frozen = train_te_lr == 0 or s.train_unet_only
+    text_cache = TextCache() if (s.cache_text_encoder_outputs and text_frozen and data.fixed_captions) else None
+    inputs = BatchInputs(model, latent_cache=latent_cache, text_cache=text_cache, device=device, sha256=sha256,
+                         clip_skip=job.clip_skip, max_token_length=s.max_token_length, vae_batch_size=s.vae_batch_size)
+    bad = dict(data.bad)
+    bad.update(inputs.prepare(data, progress))
+    if bad and s.bad_images == "stop":
+        lines = "; ".join(f"{p}: {why}" for p, why in sorted(bad.items()))
+        raise TrainingStopped(f"{len(bad)} unusable image(s), training not started: {lines}",
+                              hint="fix or remove them, or set bad_images: skip to leave them out")
+    data.drop(bad)
+    skipped = [f"{p}: {why}" for p, why in sorted(bad.items())]
+    for line in skipped:
+        (job.report_problem or console.warn)(f"{line} (left out of training)")
+    data.finalize()
+    if text_cache is not None:
+        inputs.cache_text(data, progress)
+    log(data.summary())
+
+    # --- the network, attached to the UNet and the text encoder --------------------------
+    kind = network_type(s.network)
+    roots = family.network_roots(model)
+    if s.train_unet_only:
+        roots = [r for r in roots if r.root != "text_encoder"]
+    ranks = None
+    continue_state = None
+    if s.continue_from:
+        from ..lora.file import read_safetensors
+
+        continue_state, _, _ = read_safetensors(Path(s.continue_from))
+        continue_state = {k: v.clone() for k, v in continue_state.items()}
+        from .networks.network import ranks_from_state
+
+        ranks = ranks_from_state(continue_state, kind)
+    network = create_network(kind, s.network_config(), roots, ranks=ranks)
+    if continue_state is not None:
+        report = network.load_kohya_state_dict(continue_state, source=str(s.continue_from))
+        log(f"continuing from {s.continue_from} ({len(report.loaded)} modules"
+            + (f", {len(report.missing)} new" if report.missing else "") + ")")
+    network.to(device)
+    network.apply()
+    lrs = {"unet": s.learning_rate, "text_encoder": train_te_lr}
+    trained_roots = network.trainable_roots(lrs)
+    if not trained_roots:
+        raise CharfwError("nothing to train: every learning rate is 0")
+    if s.gradient_checkpointing:
+        # activations of the UNet are recomputed in the backward pass (the text encoder's
+        # 77 tokens cost little memory, so it runs without)
+        model.unet.enable_gradient_checkpointing()
+    model.unet.train()
+    for te in model.text_encoders:
+        te.train("text_encoder" in trained_roots)
+
+    # --- optimizer, schedule, and how long the run is ------------------------------------
+    groups = network.parameter_groups(lrs)
+    group_names = ["textencoder" if g["name"] == "text_encoder" else g["name"] for g in groups]
+    optimizer = optimizers.make_optimizer(s, groups, device)
+    batches_per_epoch = math.ceil(data.batches_per_epoch() / accelerator.num_processes)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / s.gradient_accumulation_steps))
+    total_steps = s.max_train_epochs * steps_per_epoch if s.max_train_epochs else s.max_train_steps
+    total_epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = optimizers.make_scheduler(s, optimizer, total_steps)
+    unet = accelerator.prepare(model.unet)
+    text_encoders = [accelerator.prepare(te) for te in model.text_encoders] if "text_encoder" in trained_roots \
+        else model.text_encoders
+    optimizer = accelerator.prepare(optimizer)
+    trained_models = [unet, *(text_encoders if "text_encoder" in trained_roots else [])]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    scaler = accelerator.scaler
+
+    # --- resume: step, optimizer, schedule, random generators ----------------------------
+    global_step, epoch, skip_batches, resumed_from = 0, 1, 0, None
+    if job.resume:
+        folder = train_state.find_state(state_root, job.fingerprint) if job.resume == "auto" else Path(job.resume)
+        if folder is not None:
+            info = train_state.read_info(folder)
+            if info.fingerprint != job.fingerprint:
+                raise CharfwError("this state was saved by a run with other data, model or settings", path=folder,
+                                  hint="resume with the settings it was saved with, or start without --resume")
+            train_state.load_state(folder, network=network, optimizer=optimizer, scheduler=scheduler,
+                                   generator=generator, scaler=scaler)
+            global_step, epoch, skip_batches, resumed_from = info.step, info.epoch, info.batch, info.step
+            log(f"resumed from {folder.name} (step {global_step} of {total_steps})")
+        elif job.resume != "auto":
+            raise CharfwError("no training state here", path=Path(job.resume))
+
+    # --- the file header, samples, trackers ----------------------------------------------
+    optimizer_name = optimizers.optimizer_description(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, s)
+    metadata = lora_output.training_metadata(
+        job, data=data, model=model, network=network, optimizer_name=optimizer_name, mixed_precision=mixed,
+        cache_latents=latent_cache.enabled, total_steps=total_steps, total_epochs=total_epochs,
+        batches_per_epoch=batches_per_epoch, text_encoder_lr=train_te_lr, started_at=time.time(),
+        warmup=optimizers.warmup_steps(s, total_steps))
+    prompts = read_prompts(Path(s.sample_prompts)) if s.sample_prompts else []
+    sample_dir = job.sample_dir or output_dir / "sample"
+    if trackers and main:
+        accelerator.init_trackers((s.log_prefix or "") + name, config={"network": s.network, "dim": s.dim,
+                                                                      "learning_rate": s.learning_rate})
+    result = TrainResult(output_dir / f"{name}.safetensors", name, total_steps, total_epochs, resumed_from,
+                         skipped=skipped)
+
+    def autocast() -> Any:
+        return accelerator.autocast()
+
+    def sample(step: int) -> None:
+        if prompts and main:
+            result.samples += generate_samples(
+                model, prompts, out_dir=sample_dir, name=name, step=step, default_seed=s.seed,
+                default_sampler=s.sample_sampler, clip_skip=job.clip_skip, max_token_length=s.max_token_length,
+                device=device, autocast=autocast)
+
+    def save_state(step: int, epoch_: int, batch: int) -> None:
+        if main:
+            train_state.save_state(state_root, train_state.StateInfo(step, epoch_, batch, job.fingerprint, name),
+                                   network=network, optimizer=optimizer, scheduler=scheduler, generator=generator,
+                                   scaler=scaler, keep=s.save_last_n_states)
+        accelerator.wait_for_everyone()
+
+    def save_intermediate(stem: str, step: int, epoch_: int) -> None:
+        if main:
+            path = output_dir / f"{stem}.safetensors"
+            lora_output.save_lora(path, network, precision=s.save_precision, metadata=metadata, step=step, epoch=epoch_)
+            result.intermediate.append(path)
+            lora_output.prune_intermediate(output_dir, name, s.save_last_n)
+        accelerator.wait_for_everyone()
+
+    # --- the loop ------------------------------------------------------------------------
+    # The loss of a step is read one step later: reading it at once would make the CPU
+    # wait for the GPU every step. A NaN or infinite loss stops the run naming the images
+    # of its batch; files are only written after the pending loss was checked.
+    pending: tuple[Any, Any, int] | None = None
+    #: where the next batch is: a state saved now resumes there
+    position = (epoch, skip_batches)
+    losses: deque[float] = deque(maxlen=50)
+    step_times: list[float] = []
+    last_state = time.monotonic()
+
+    def check_pending() -> None:
+        nonlocal pending
+        if pending is None:
+            return
+        loss_value, batch, step = pending
+        value = float(loss_value)
+        pending = None
+        if not math.isfinite(value):
+            raise TrainingStopped(
+                f"the loss became {'NaN' if value != value else 'infinite'} at step {step}; the batch's images: "
+                + ", ".join(str(p) for p in batch.paths),
+                hint="check those images; train with mixed_precision bf16 or no, or a lower learning rate")
+        losses.append(value)
+        rates = scheduler.get_last_lr()
+        accelerator.log({"loss/current": value, "loss/average": sum(losses) / len(losses),
+                         **{f"lr/{n}": float(r or 0.0) for n, r in zip(group_names, rates, strict=False)}}, step=step)
+
+    if s.sample_at_first and global_step == 0:
+        sample(0)
+    log(f"training {name}: {total_steps} steps, {total_epochs} epoch(s) of {steps_per_epoch} step(s), "
+        f"{s.network} dim {network.config.dim}" + (f" conv {network.config.conv_dim}" if network.config.conv_dim else "")
+        + f", {s.optimizer}, {mixed if mixed != 'no' else 'float32'} on {device.type}")
+    try:
+        with progress(total_steps, "steps") as bar:
+            bar.advance(global_step)
+            while global_step < total_steps and epoch <= total_epochs:
+                batches = _shard(data.epoch_batches(epoch, s.seed), accelerator.process_index, accelerator.num_processes)
+                for index in range(skip_batches, len(batches)):
+                    batch = batches[index]
+                    if index + 1 < len(batches):
+                        inputs.prefetch(batches[index + 1], index + 1)
+                    with accelerator.accumulate(*trained_models):
+                        # latents and conditioning: cached, or encoded now
+                        latents = inputs.latents(batch, index)
+                        conditioning = inputs.conditioning(batch, text_encoders, grad="text_encoder" in trained_roots)
+                        # forward diffusion: noise at random timesteps (plus kohya's noise offset)
+                        noise = torch.randn(latents.shape, generator=generator, device=device)
+                        if s.noise_offset:
+                            noise += s.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
+                                                                  device=device)
+                        timesteps = torch.randint(s.min_timestep, s.max_timestep, (latents.shape[0],),
+                                                  generator=generator, device=device)
+                        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                        # the UNet predicts the noise (or the velocity for v-prediction models)
+                        with autocast():
+                            prediction = family.predict(unet, noisy, timesteps, conditioning.to(weight_dtype))
+                        target = noise if model.prediction_type == "epsilon" else \
+                            noise_scheduler.get_velocity(latents, noise, timesteps)
+                        loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
+                        loss = loss.mean(dim=(1, 2, 3))
+                        # per-sample weights: regularisation images, then min-SNR weighting
+                        weights = torch.tensor([x.weight for x in batch.samples], device=device)
+                        if s.min_snr_gamma:
+                            snr = noise_scheduler.alphas_cumprod[timesteps] / (1 - noise_scheduler.alphas_cumprod[timesteps])
+                            divisor = snr if model.prediction_type == "epsilon" else snr + 1
+                            weights = weights * torch.clamp(snr, max=s.min_snr_gamma) / divisor
+                        loss = (loss * weights).mean()
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and s.max_grad_norm:
+                            accelerator.clip_grad_norm_(params, s.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    if not accelerator.sync_gradients:
+                        continue
+                    # one optimizer step done
+                    scheduler.step()
+                    global_step += 1
+                    position = (epoch, index + 1)
+                    check_pending()
+                    pending = (loss.detach(), batch, global_step)
+                    bar.advance()
+                    step_times.append(time.perf_counter())
+                    if losses:
+                        bar.update(postfix=f"loss {losses[-1]:.4f}  avg {sum(losses) / len(losses):.4f}  epoch {epoch}")
+                    # saves and samples, every N steps
+                    at_end = global_step >= total_steps
+                    if s.save_every_n_steps and global_step % s.save_every_n_steps == 0 and not at_end:
+                        check_pending()
+                        save_intermediate(lora_output.intermediate_name(name, step=global_step), global_step, epoch)
+                        if s.save_state:
+                            save_state(global_step, *position)
+                    if s.save_state_every_minutes and time.monotonic() - last_state > s.save_state_every_minutes * 60:
+                        check_pending()
+                        save_state(global_step, *position)
+                        last_state = time.monotonic()
+                    if s.sample_every_n_steps and global_step % s.sample_every_n_steps == 0 and not at_end:
+                        check_pending()
+                        sample(global_step)
+                    if at_end:
+                        break
+                skip_batches = 0
+                # end of an epoch: saves and samples every N epochs
+                if global_step < total_steps:
+                    if s.save_every_n_epochs and epoch % s.save_every_n_epochs == 0:
+                        check_pending()
+                        save_intermediate(lora_output.intermediate_name(name, epoch=epoch), global_step, epoch)
+                        if s.save_state:
+                            save_state(global_step, epoch + 1, 0)
+                    if s.sample_every_n_epochs and epoch % s.sample_every_n_epochs == 0:
+                        check_pending()
+                        sample(global_step)
+                    epoch += 1
+                    position = (epoch, 0)
+            check_pending()
+    except KeyboardInterrupt:
+        # an interrupted run keeps its progress: the next run with resume continues here
+        if global_step > (resumed_from or 0) and accelerator.num_processes == 1:
+            try:
+                check_pending()
+                save_state(global_step, *position)
+                log(f"interrupted at step {global_step}; state saved, resume to continue")
+            except TrainingStopped:
+                pass
+        raise
+    finally:
+        inputs.close()
+        if trackers and main:
+            accelerator.end_training()
+        if hash_cache is not None:
+            hash_cache.save()
+
+    # --- the LoRA file -------------------------------------------------------------------
+    final_epoch = min(epoch, total_epochs)
+    if main:
+        saved = lora_output.save_lora(result.lora, network, precision=s.save_precision, metadata=metadata,
+                                      step=global_step, epoch=final_epoch)
+        result.metadata = saved.metadata
+    if s.save_state:
+        save_state(global_step, *position)
+    accelerator.wait_for_everyone()
+    if prompts and (s.sample_every_n_steps or s.sample_every_n_epochs):
+        sample(global_step)
+    network.remove()
+    result.seconds = time.perf_counter() - started
+    if len(step_times) > 3:
+        result.seconds_per_step = (step_times[-1] - step_times[1]) / (len(step_times) - 2)
+    result.summary = [f"{name}.safetensors: {global_step} steps, {s.network} dim {s.dim}"
+                      + (f" (resumed at step {resumed_from})" if resumed_from else "")]
+    if skipped:
+        result.summary.append(f"{len(skipped)} image(s) left out of training")
+    return result
+
+
+def _shard(batches: list[Any], rank: int, world: int) -> list[Any]:
+    """This process's share of an epoch; every process gets as many batches (the last
+    ones wrap around) so that they all step together."""
+    if world == 1:
+        return batches
+    per = math.ceil(len(batches) / world)
+    padded = batches + batches[: per * world - len(batches)]
+    return padded[rank::world]

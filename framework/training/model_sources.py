@@ -1,0 +1,126 @@
+"""Where a base model or VAE comes from, and what identifies its content.
+
+A manifest's ``model.base`` (or ``charfw train --base-model``) may be
+
+* ``charfw:tiny-sd15``: charfw's tiny SD 1.5, built deterministically on first use into
+  ``<cache>/models/`` (the examples and tests train on it; nothing is downloaded);
+* a diffusers folder (``model_index.json``, ``unet/``, ...);
+* a single-file checkpoint (``.safetensors``, or a pickle ``.ckpt`` read weights-only),
+  the form A1111 users hold their models in;
+* a Hugging Face id (``stable-diffusion-v1-5/stable-diffusion-v1-5``), downloaded by
+  diffusers into its own cache.
+
+``model.vae`` may be a VAE file (``kl-f8-anime2.ckpt``), a diffusers VAE folder or a
+Hugging Face id. :func:`source_identity` gives the data a build's fingerprint and the
+latent cache's key need: content hashes of local files, the commit of a cached hub model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import CharfwError
+
+BUILTIN_PREFIX = "charfw:"
+#: the built-in models, with a version that changes whenever their weights would
+BUILTIN_MODELS: dict[str, str] = {"tiny-sd15": "1"}
+TINY = "charfw:tiny-sd15"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+SourceKind = Literal["builtin", "diffusers", "single_file", "hub"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: SourceKind
+    #: what the user wrote
+    ref: str
+    #: the local file or folder (builtin: where it is built)
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        """The name kohya records (``ss_sd_model_name``): a file's or folder's name, or the id."""
+        return self.path.name if self.path is not None and self.kind != "builtin" else self.ref
+
+
+def resolve_source(ref: str, *, cache_dir: Path, what: str = "base model") -> ModelSource:
+    """Interpret a base-model or VAE reference; raise a one-line error if it cannot be."""
+    text = ref.strip()
+    if text.startswith(BUILTIN_PREFIX):
+        name = text[len(BUILTIN_PREFIX) :]
+        if name not in BUILTIN_MODELS:
+            raise CharfwError(f"unknown built-in {what} '{text}'; built in: "
+                              + ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS))
+        return ModelSource("builtin", text, cache_dir / "models" / f"{name}-v{BUILTIN_MODELS[name]}")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "model_index.json").is_file() or (path / "unet").is_dir() or (path / "config.json").is_file():
+            return ModelSource("diffusers", text, path.resolve())
+        raise CharfwError(f"this folder is not a diffusers {what} (no model_index.json or config.json)", path=path)
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise CharfwError(f"not a model file (expected {', '.join(SINGLE_FILE_SUFFIXES)})", path=path)
+        return ModelSource("single_file", text, path.resolve())
+    looks_local = text.endswith(SINGLE_FILE_SUFFIXES) or text.startswith((".", "/", "~")) or "\\" in text
+    if not looks_local and HUB_ID.match(text):
+        return ModelSource("hub", text)
+    raise CharfwError(f"{what} '{text}' not found", path=path if looks_local else None,
+                      hint="give a .safetensors file, a diffusers folder, a Hugging Face id or charfw:tiny-sd15")
+
+
+def ensure_builtin(source: ModelSource) -> Path:
+    """Build a built-in model on first use (atomically: a half-built model never appears)."""
+    assert source.kind == "builtin" and source.path is not None
+    if not (source.path / "model_index.json").is_file():
+        from ..tiny_sd import build_tiny_sd15
+
+        build_tiny_sd15(source.path)
+    return source.path
+
+
+def _hub_commit(repo_id: str) -> str | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for filename in ("model_index.json", "config.json"):
+        found = try_to_load_from_cache(repo_id, filename)
+        if isinstance(found, str):
+            parts = Path(found).parts
+            if "snapshots" in parts:
+                return parts[parts.index("snapshots") + 1]
+    return None
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def source_identity(source: ModelSource, sha256: Callable[[Path], str]) -> dict[str, Any]:
+    """What identifies a model's weights: file hashes (stat-cached by ``sha256``) for
+    local models, the snapshot commit for a cached hub model."""
+    if source.kind == "hub":
+        return {"hub": source.ref, "commit": _hub_commit(source.ref)}
+    if source.kind == "builtin":
+        ensure_builtin(source)
+    assert source.path is not None
+    if source.path.is_file():
+        return {"file": source.path.name, "sha256": sha256(source.path)}
+    files = sorted(p for p in source.path.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(source.path).parts))
+    return {"folder": source.ref if source.kind == "builtin" else source.path.name,
+            "files": [[p.relative_to(source.path).as_posix(), sha256(p)] for p in files]}
+
+
+def old_webui_hash(path: Path) -> str:
+    """A1111's legacy model hash (``ss_sd_model_hash``): sha256 of 64 KiB at offset 1 MiB, 8 hex."""
+    import hashlib
+
+    with open(path, "rb") as fh:
+        fh.seek(0x100000)
+        return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]

@@ -1,0 +1,1 @@
+"""LoHa (LyCORIS)."""

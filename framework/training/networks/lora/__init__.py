@@ -1,0 +1,1 @@
+"""LoRA (kohya networks.lora)."""

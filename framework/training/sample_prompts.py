@@ -1,0 +1,196 @@
+"""Sample images during training, from prompts in kohya's sample-prompt syntax.
+
+A ``.txt`` file holds one prompt per line; options follow the prompt, each introduced by
+`` --``::
+
+    krnk, 1girl, school uniform --n lowres, bad hands --w 512 --h 768 --d 42 --s 28 --l 7 --ss euler_a
+
+``--n`` negative prompt, ``--w`` / ``--h`` size, ``--d`` seed, ``--s`` steps, ``--l`` CFG
+scale, ``--ss`` sampler; empty lines and lines starting with ``#`` are skipped. A ``.toml``
+file has a ``[prompt]`` table of defaults and ``[[prompt.subset]]`` entries; a ``.json``
+file is a list of objects. Both use kohya's keys (``prompt``, ``negative_prompt``,
+``width``, ``height``, ``seed``, ``sample_steps``, ``scale``, ``sample_sampler``).
+
+Samples are generated with the training's own conditioning (clip skip, long prompts)
+through the loaded parts with the network applied, so they show what the LoRA does at that
+step. A prompt without ``--d`` uses the run's seed, so samples of successive steps are
+comparable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CharfwError
+from .settings import SAMPLERS
+
+if TYPE_CHECKING:
+    from .families import LoadedModel
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    prompt: str
+    negative: str = ""
+    width: int = 512
+    height: int = 512
+    seed: int | None = None
+    steps: int = 30
+    scale: float = 7.5
+    sampler: str | None = None
+
+
+_OPTION = re.compile(r"^(n|w|h|d|s|l|ss|cn|ctr|rcfg|fs|g|am)\s+(.*)$", re.DOTALL)
+
+
+def parse_line(line: str, *, where: str = "") -> SamplePrompt:
+    """One line of a ``.txt`` prompt file."""
+    parts = line.split(" --")
+    fields: dict[str, Any] = {"prompt": parts[0].strip()}
+    for part in parts[1:]:
+        match = _OPTION.match(part.strip())
+        if not match:
+            raise CharfwError(f"{where}unknown sample option '--{part.strip()[:20]}'",
+                              hint="use --n --w --h --d --s --l --ss")
+        key, value = match.group(1), match.group(2).strip()
+        try:
+            if key == "n":
+                fields["negative"] = value
+            elif key == "w":
+                fields["width"] = int(value)
+            elif key == "h":
+                fields["height"] = int(value)
+            elif key == "d":
+                fields["seed"] = int(value)
+            elif key == "s":
+                fields["steps"] = max(1, min(1000, int(value)))
+            elif key == "l":
+                fields["scale"] = float(value)
+            elif key == "ss":
+                fields["sampler"] = _sampler(value, where)
+            # --cn --ctr --rcfg --fs --g --am belong to other architectures: ignored, as kohya does for SD 1.x
+        except ValueError:
+            raise CharfwError(f"{where}--{key} expects a number, got '{value}'") from None
+    return _checked(SamplePrompt(**fields), where)
+
+
+def _sampler(value: str, where: str) -> str:
+    name = value.strip().lower()
+    if name not in SAMPLERS:
+        raise CharfwError(f"{where}unknown sampler '{value}'; use one of {', '.join(SAMPLERS)}")
+    return name
+
+
+def _checked(p: SamplePrompt, where: str) -> SamplePrompt:
+    if p.width % 8 or p.height % 8 or p.width < 64 or p.height < 64:
+        raise CharfwError(f"{where}sample size {p.width}x{p.height}: sides must be multiples of 8, at least 64")
+    return p
+
+
+def _from_mapping(data: dict[str, Any], where: str) -> SamplePrompt:
+    keys = {"prompt": "prompt", "negative_prompt": "negative", "width": "width", "height": "height",
+            "seed": "seed", "sample_steps": "steps", "scale": "scale", "sample_sampler": "sampler"}
+    fields: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in keys:
+            continue  # kohya ignores what SD 1.x does not use (controlnet images, guidance ...)
+        fields[keys[key]] = _sampler(value, where) if key == "sample_sampler" else value
+    if "prompt" not in fields:
+        raise CharfwError(f"{where}an entry has no 'prompt'")
+    return _checked(SamplePrompt(**fields), where)
+
+
+def read_prompts(path: Path) -> list[SamplePrompt]:
+    """The prompts of a ``.txt``, ``.toml`` or ``.json`` file."""
+    try:
+        text = path.read_text("utf-8")
+    except OSError as exc:
+        raise CharfwError(f"cannot read the sample prompts ({exc.strerror or exc})", path=path) from None
+    where = f"{path.name}: "
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        data = tomllib.loads(text).get("prompt", {})
+        base = {k: v for k, v in data.items() if k != "subset"}
+        return [_from_mapping({**base, **sub}, where) for sub in data.get("subset", [])]
+    if suffix == ".json":
+        data = json.loads(text)
+        if not isinstance(data, list):
+            raise CharfwError("a JSON prompt file is a list of objects", path=path)
+        return [_from_mapping(d, where) for d in data]
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(parse_line(line, where=f"{path.name}:{n}: "))
+    return out
+
+
+def make_scheduler(name: str, config: dict[str, Any]) -> Any:
+    """A diffusers inference scheduler for a kohya sampler name."""
+    import diffusers
+
+    table = {
+        "ddim": ("DDIMScheduler", {}),
+        "pndm": ("PNDMScheduler", {}),
+        "lms": ("LMSDiscreteScheduler", {}), "k_lms": ("LMSDiscreteScheduler", {}),
+        "euler": ("EulerDiscreteScheduler", {}), "k_euler": ("EulerDiscreteScheduler", {}),
+        "euler_a": ("EulerAncestralDiscreteScheduler", {}), "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
+        "heun": ("HeunDiscreteScheduler", {}),
+        "dpm_2": ("KDPM2DiscreteScheduler", {}), "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
+        "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}), "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+        "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+        "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+        "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
+    }
+    cls_name, extra = table[name]
+    base = {k: v for k, v in config.items() if not k.startswith("_")}
+    return getattr(diffusers, cls_name).from_config({**base, **extra})
+
+
+def generate_samples(model: LoadedModel, prompts: list[SamplePrompt], *, out_dir: Path, name: str, step: int,
+                     default_seed: int, default_sampler: str, clip_skip: int, max_token_length: int | None,
+                     device: Any, autocast: Any) -> list[Path]:
+    """Generate one image per prompt and write ``<name>_<step>_<index>_<seed>.png``.
+
+    The training's random generators are left untouched (sampling has its own)."""
+    import torch
+
+    from .. import atomic
+
+    family = model.family
+    written = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    parts = [model.unet, *model.text_encoders]
+    modes = [m.training for m in parts]
+    for m in parts:
+        m.eval()
+    try:
+        for i, p in enumerate(prompts):
+            seed = default_seed if p.seed is None else p.seed
+            scheduler = make_scheduler(p.sampler or default_sampler, model.scheduler_config)
+            pipe = family.pipeline(model, scheduler)
+            with torch.no_grad(), autocast():
+                ids = family.tokenize(model, [p.prompt, p.negative], max_token_length)
+                states = family.encode_text(model, ids, clip_skip=clip_skip)
+                generator = torch.Generator(device=device).manual_seed(seed)
+                image = pipe(prompt_embeds=states[:1], negative_prompt_embeds=states[1:], width=p.width,
+                             height=p.height, num_inference_steps=p.steps, guidance_scale=p.scale,
+                             generator=generator).images[0]
+            dest = out_dir / f"{name}_{step:06d}_{i:02d}_{seed}.png"
+            with atomic.atomic_path(dest) as tmp:
+                image.save(tmp, format="PNG")
+            written.append(dest)
+    finally:
+        for m, mode in zip(parts, modes, strict=True):
+            m.train(mode)
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+    return written
