@@ -132,19 +132,20 @@ def add_common_tags(paths: Sequence[Path], common: Sequence[str], *, position: s
 
 
 def load_dictionary(templates: Any, extra: Sequence[Path] = ()) -> dict[str, str]:
-    """The tag → Japanese dictionary: ``templates/tags/ja.yaml`` (a workspace copy replaces
-    the shipped one) plus any files given; later entries win."""
+    """The tag → Japanese dictionary: charfw's ``templates/tags/ja.yaml``, then the
+    workspace's file of the same name merged over it (so it only needs the entries it
+    adds or changes), then any files given; later entries win."""
     from .template_library import read_yaml_file
 
-    paths = [templates.find("tags/ja.yaml"), *extra]
+    paths = [d / "tags" / "ja.yaml" for d in reversed(templates.dirs) if (d / "tags" / "ja.yaml").is_file()]
     merged: dict[str, str] = {}
-    for path in paths:
+    for path in [*paths, *extra]:
         data = read_yaml_file(path)
         table = data.get("tags") if isinstance(data, dict) else None
         if not isinstance(table, dict):
             raise CharfwError("expected a mapping 'tags:' of English tag → Japanese", path=path)
         for en, ja in table.items():
-            if not isinstance(en, str) or not isinstance(ja, str):
+            if not isinstance(en, str) or not isinstance(ja, str) or not ja.strip():
                 raise CharfwError(f"entry {en!r}: both sides must be text", path=path)
             merged[tag_key(en)] = ja.strip()
     return merged
