@@ -7,7 +7,7 @@ compared each new image with every kept one in a Python loop; here:
 * **Hashing** is imagehash's pHash (grayscale, 32×32 LANCZOS, 2-D DCT, the top-left
   8×8 block with its DC term, each bit ``> median``), with one change by default: large
   images are box-reduced before the LANCZOS step (Pillow's ``reducing_gap=3``), which
-  is about 4× faster and lands within a few bits of imagehash's value (resizing or
+  is several times faster and lands within a few bits of imagehash's value (resizing or
   re-encoding an image moves pHash by 0–2 bits; the thresholds are 6–10).
   ``exact=True`` calls ``imagehash.phash`` itself. RGBA is put on white first, so that
   transparent pixels hash as what they look like, not as the colour stored under them.
@@ -51,14 +51,20 @@ def _on_white(image: Image.Image) -> Image.Image:
 
 
 def small_gray(image: Image.Image, *, exact: bool = False) -> np.ndarray:
-    """The 32×32 grayscale array pHash is computed from."""
+    """The 32×32 grayscale array pHash is computed from.
+
+    With transparency, the image is shrunk first (Pillow resamples RGBA premultiplied)
+    and put on white at 32×32, instead of compositing every full-size pixel."""
     import numpy as np
     from PIL import Image as PILImage
 
-    gray = _on_white(image).convert("L")
     gap = None if exact else 3.0
-    return np.asarray(gray.resize((HASH_SIDE, HASH_SIDE), PILImage.Resampling.LANCZOS, reducing_gap=gap),
-                      dtype=np.float64)
+    size = (HASH_SIDE, HASH_SIDE)
+    if exact or image.mode not in ("RGBA", "LA", "PA", "P"):
+        small = _on_white(image).convert("L").resize(size, PILImage.Resampling.LANCZOS, reducing_gap=gap)
+    else:
+        small = _on_white(image.convert("RGBA").resize(size, PILImage.Resampling.LANCZOS, reducing_gap=gap)).convert("L")
+    return np.asarray(small, dtype=np.float64)
 
 
 def phash_from_arrays(arrays: np.ndarray) -> np.ndarray:

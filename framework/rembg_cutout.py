@@ -9,15 +9,18 @@ download: a missing model file is either fetched with a message, or, offline or 
 
 What charfw does itself, and why:
 
-* **Pre-processing** repeats rembg's ``BaseSession.normalize`` (LANCZOS resize to the
-  model's square, divide by the image's own maximum, per-channel mean/std, NCHW) in
-  float32 straight into one batch array, instead of float64 per image; the parameters
-  per session class are in :data:`SESSION_PARAMETERS`, checked against rembg's own
+* **Pre-processing** repeats rembg's ``BaseSession.normalize`` (resize to the model's
+  square, divide by the image's own maximum, per-channel mean/std, NCHW) in float32
+  straight into one batch array, instead of float64 per image; the parameters per
+  session class are in :data:`SESSION_PARAMETERS`, checked against rembg's own
   ``predict`` in the tests. Sessions not listed there (cloth segmentation, SAM, ...)
-  run through their own ``predict``.
+  run through their own ``predict``. Resizing (to the model and the mask back) uses
+  Pillow's antialiased bilinear filter rather than rembg's LANCZOS: it is what the
+  ISNet/DIS reference code does, is about twice as fast on the largest step of the
+  whole job, and gives the same masks to within a few levels on soft edges.
 * **Batching**: a model whose batch dimension is dynamic gets one ``run`` per batch.
-* **Post-processing** is rembg's (min-max normalise, to 8 bits, LANCZOS back to the
-  image size), then the mask becomes the alpha channel of the untouched RGB pixels.
+* **Post-processing** is rembg's (min-max normalise, to 8 bits, back to the image
+  size), then the mask becomes the alpha channel of the untouched RGB pixels.
   rembg's ``naive_cutout`` pastes the image over transparent black through the mask,
   which darkens every soft edge; compositing that onto a plain colour darkens it a
   second time (a dark fringe around hair on white). Keeping straight alpha avoids it.
@@ -312,7 +315,8 @@ def _map(fn: Any, n: int, workers: int) -> None:
 
 def preprocess(images: Sequence[Image.Image], params: SessionParameters, *,
                workers: int | None = None) -> np.ndarray:
-    """rembg's ``normalize`` for a batch: NCHW float32, written into one array."""
+    """rembg's ``normalize`` for a batch: NCHW float32, written into one array
+    (resized with Pillow's antialiased bilinear filter; see the module docstring)."""
     import numpy as np
     from PIL import Image
 
@@ -322,7 +326,7 @@ def preprocess(images: Sequence[Image.Image], params: SessionParameters, *,
     std = np.asarray(params.std, np.float32)[:, None, None]
 
     def one(i: int) -> None:
-        im = images[i].convert("RGB").resize((s, s), Image.Resampling.LANCZOS)
+        im = images[i].convert("RGB").resize((s, s), Image.Resampling.BILINEAR)
         arr = np.asarray(im).transpose(2, 0, 1)
         top = max(float(arr.max()), 1e-6)
         np.multiply(arr, (1.0 / (top * std)).astype(np.float32), out=batch[i])
@@ -334,7 +338,7 @@ def preprocess(images: Sequence[Image.Image], params: SessionParameters, *,
 
 def postprocess(output: np.ndarray, images: Sequence[Image.Image], params: SessionParameters, *,
                 workers: int | None = None) -> list[Image.Image | None]:
-    """rembg's mask handling: first channel, min-max, 8 bits, LANCZOS to the image size."""
+    """rembg's mask handling: first channel, min-max, 8 bits, back to the image size."""
     import numpy as np
     from PIL import Image
 
@@ -348,7 +352,7 @@ def postprocess(output: np.ndarray, images: Sequence[Image.Image], params: Sessi
         if not hi - lo > 1e-12:  # a uniform prediction: nothing to separate
             return
         m = ((pred - lo) / (hi - lo) * 255).astype(np.uint8)
-        masks[i] = Image.fromarray(m, mode="L").resize(images[i].size, Image.Resampling.LANCZOS)
+        masks[i] = Image.fromarray(m, mode="L").resize(images[i].size, Image.Resampling.BILINEAR)
 
     _map(one, len(images), _workers(workers, len(images)))
     return masks

