@@ -36,8 +36,8 @@ from pathlib import Path
 # environment; alpha matting is not measured here, so skip the compilation
 os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
 
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+import numpy as np
+from PIL import Image, ImageDraw
 
 CPU = ["CPUExecutionProvider"]
 

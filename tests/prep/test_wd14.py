@@ -75,7 +75,7 @@ def test_preprocessing_matches_the_official_app(standins: Path) -> None:
         diff = np.abs(batch[i] - official)
         # resized before padding: only where the picture meets the padding may it differ
         assert diff.mean() < 1.0 and (diff > 8).mean() < 0.01, (i, diff.mean(), (diff > 8).mean())
-        if image.size[0] == image.size[1] or image.mode == "RGB" and image.size == (448, 448):
+        if image.size[0] == image.size[1]:  # no padding: nothing to differ
             assert diff.max() <= 2, i
         ours, theirs = model.scores(batch[i : i + 1]), model.scores(official[None])
         np.testing.assert_allclose(ours, theirs, atol=5e-3)  # scores move only marginally
