@@ -1,4 +1,4 @@
-"""``rembg``: cut the character out with a segmentation model, and ``charfw rembg``.
+"""``rembg``: cut the character out with a segmentation model, and ``charfw cutout``.
 
 The default model is ``isnet-anime`` (SkyTNT's anime segmentation, trained on
 illustrations); ``u2net``, ``isnet-general-use``, ``birefnet-*`` and a custom ONNX file
@@ -104,7 +104,7 @@ def build_finished(summary):
 
 @charfw.hookimpl
 def register_commands(cli):
-    @cli.command("rembg")
+    @cli.command("cutout")
     @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
     @click.option("-o", "--out", required=True, type=click.Path(file_okay=False, path_type=Path),
                   help="Folder for the results (never a source folder).")
@@ -125,9 +125,9 @@ def register_commands(cli):
     @click.option("--overwrite", is_flag=True, help="Redo images whose result exists.")
     @click.option("--strict", is_flag=True, help="Stop at the first unusable image.")
     @click.pass_context
-    def rembg_command(ctx, inputs, out, model, model_type, colors, post_process_mask, alpha_matting,
+    def cutout_command(ctx, inputs, out, model, model_type, colors, post_process_mask, alpha_matting,
                       batch_size, providers, no_download, recursive, overwrite, strict):
-        """Remove backgrounds: PNG cut-outs (or images on plain colours) in --out.
+        """Cut characters out of their backgrounds: PNGs with transparency, or on plain colours.
 
         Sources are only read. Results that exist are skipped, so an interrupted run
         resumes; --overwrite redoes them."""
@@ -161,7 +161,7 @@ def register_commands(cli):
         out.mkdir(parents=True, exist_ok=True)
         try:
             seg = segmenter(options, [Path.cwd()]) if todo else None
-            with console.progress(len(todo), "rembg", unit="img") as bar:
+            with console.progress(len(todo), "cutout", unit="img") as bar:
                 for batch in iter_batches(todo, batch_size, problems):
                     cut = seg.cutouts([im for _, im in batch], post_process_mask=post_process_mask,
                                       alpha_matting=alpha_matting)

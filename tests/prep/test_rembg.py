@@ -130,7 +130,7 @@ def test_command_resumes_and_survives_bad_files(tmp_path: Path, rembg_home: Path
     figure().save(src / "girl.png")
     figure(color=(20, 160, 20)).save(src / "girl2.jpg", quality=95)
     out = tmp_path / "out"
-    code, stdout, err = run_cli("rembg", src, "-o", out, "-m", "u2net", "-c", "white", "-c", "black")
+    code, stdout, err = run_cli("cutout", src, "-o", out, "-m", "u2net", "-c", "white", "-c", "black")
     assert code == 0, err
     assert "broken.png" in err and "skipped 1 file(s)" in stdout
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -141,14 +141,14 @@ def test_command_resumes_and_survives_bad_files(tmp_path: Path, rembg_home: Path
     for im in (white, black):  # the subject keeps its colour on both (alpha ~254 in the middle)
         assert np.abs(np.subtract(im.getpixel((150, 100)), (200, 30, 30))).max() <= 2
     assert "3 had nothing to separate" in stdout  # the uniform ones (1x1, CMYK, GIF) are kept whole
-    code, stdout, _ = run_cli("rembg", src, "-o", out, "-m", "u2net", "-c", "white", "-c", "black")
+    code, stdout, _ = run_cli("cutout", src, "-o", out, "-m", "u2net", "-c", "white", "-c", "black")
     assert code == 0 and "wrote 0 image(s)" in stdout and "6 already done" in stdout
     assert sorted(p.name for p in src.iterdir()) == sorted([*(f.name for f in files.values()), "girl.png", "girl2.jpg"])
-    code, _, err = run_cli("rembg", src, "-o", src, "-m", "u2net")
+    code, _, err = run_cli("cutout", src, "-o", src, "-m", "u2net")
     assert code == 3 and "the output folder is a source folder" in err
-    code, _, err = run_cli("rembg", src, "-o", tmp_path / "strict", "-m", "u2net", "--strict")
+    code, _, err = run_cli("cutout", src, "-o", tmp_path / "strict", "-m", "u2net", "--strict")
     assert code == 3 and "broken.png" in err
-    code, stdout, _ = run_cli("rembg", src / "girl.png", "-o", tmp_path / "alpha", "-m", "u2net")
+    code, stdout, _ = run_cli("cutout", src / "girl.png", "-o", tmp_path / "alpha", "-m", "u2net")
     assert Image.open(tmp_path / "alpha" / "girl.png").mode == "RGBA"
 
 
