@@ -63,7 +63,8 @@ def small_gray(image: Image.Image, *, exact: bool = False) -> np.ndarray:
     if exact or image.mode not in ("RGBA", "LA", "PA", "P"):
         small = _on_white(image).convert("L").resize(size, PILImage.Resampling.LANCZOS, reducing_gap=gap)
     else:
-        small = _on_white(image.convert("RGBA").resize(size, PILImage.Resampling.LANCZOS, reducing_gap=gap)).convert("L")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        small = _on_white(rgba.resize(size, PILImage.Resampling.LANCZOS, reducing_gap=gap)).convert("L")
     return np.asarray(small, dtype=np.float64)
 
 

@@ -326,7 +326,8 @@ def preprocess(images: Sequence[Image.Image], params: SessionParameters, *,
     std = np.asarray(params.std, np.float32)[:, None, None]
 
     def one(i: int) -> None:
-        im = images[i].convert("RGB").resize((s, s), Image.Resampling.BILINEAR)
+        im = images[i] if images[i].mode == "RGB" else images[i].convert("RGB")
+        im = im.resize((s, s), Image.Resampling.BILINEAR)
         arr = np.asarray(im).transpose(2, 0, 1)
         top = max(float(arr.max()), 1e-6)
         np.multiply(arr, (1.0 / (top * std)).astype(np.float32), out=batch[i])
