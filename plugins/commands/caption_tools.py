@@ -24,8 +24,9 @@ from charfw.components import Options, Tagger
 
 
 class CommonTagOptions(Options):
-    #: the tags every caption gets (once)
-    tags: list[str] = Field(min_length=1)
+    #: the tags every caption gets (once); required (the default is only there so that
+    #: ``charfw tag --tagger common-tag`` can say so in one line)
+    tags: list[str] = Field(default_factory=list)
 
     @field_validator("tags")
     @classmethod
@@ -49,7 +50,15 @@ class CommonTag(Tagger):
     def batch_size(self, options: CommonTagOptions) -> int:
         return 4096
 
+    def check(self, options: CommonTagOptions, ctx) -> None:
+        if not options.tags:
+            from charfw.errors import CharfwError
+
+            raise CharfwError("common-tag needs the tags to add: {plugin: common-tag, tags: [...]}",
+                              hint="or use `charfw tags add --tag TAG FOLDER` on a folder")
+
     def tag(self, items, images, tags_so_far, options, ctx):
+        self.check(options, ctx)
         return [list(options.tags) for _ in items]
 
 

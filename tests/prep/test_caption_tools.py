@@ -66,6 +66,12 @@ def test_common_tag_tagger_in_a_build(workspace: Path, run_cli) -> None:
     assert all(p.suffix == ".png" for p in source)  # nothing written into the sources
 
 
+def test_common_tag_without_tags_is_one_line(tmp_path: Path, run_cli) -> None:
+    folder = dataset(tmp_path)
+    code, _, err = run_cli("tag", folder, "--tagger", "common-tag")
+    assert code == 3 and "common-tag needs the tags to add" in err and "Traceback" not in err
+
+
 def test_translate_with_a_workspace_dictionary(tmp_path: Path, run_cli) -> None:
     folder = dataset(tmp_path)
     (tmp_path / "templates" / "tags").mkdir(parents=True)

@@ -22,13 +22,16 @@ def figure(w: int = 300, h: int = 200, color=(200, 30, 30), shift: int = 0) -> I
     return im
 
 
-@pytest.mark.parametrize("model", ["u2net", "isnet-anime"])
+@pytest.mark.parametrize("model", ["u2net", "isnet-anime", "birefnet-general"])
 def test_fast_path_matches_rembg_own_predict(rembg_home: Path, model: str) -> None:
     import rembg
 
     from charfw.rembg_cutout import Segmenter
 
+    if model == "birefnet-general":  # the 1024 stand-in under BiRefNet's name (logits → sigmoid)
+        shutil.copy(rembg_home / "isnet-anime.onnx", rembg_home / "birefnet-general.onnx")
     seg = Segmenter(model, providers=CPU)
+    assert seg.params is not None and seg.params.sigmoid == (model == "birefnet-general")
     assert seg.params is not None and seg.params.size == (320 if model == "u2net" else 1024)
     images = [figure(), figure(257, 311, (20, 20, 160), 7)]
     ours = seg.masks(images)
