@@ -167,14 +167,15 @@ def test_group_builds_member_images_and_one_dataset(workspace: Path, run_cli) ->
 
 def test_a_missing_plugin_stops_the_build_and_keeps_the_rest(workspace: Path, run_cli) -> None:
     manifest = workspace / "characters/krnk.yaml"
-    manifest.write_text(manifest.read_text() + "  train: {plugin: no-such-trainer}\n")
+    manifest.write_text(manifest.read_text() + "  filter: {plugin: no-such-filter}\n")
     code, out, _err = run_cli("build", "krnk", cwd=workspace)
     assert code == 4
-    line = next(i for i, t in enumerate(manifest.read_text().splitlines(), 1) if "no-such-trainer" in t)
-    assert (f"characters/krnk.yaml:{line} stages.train.plugin: the trainer 'no-such-trainer' is not installed: "
-            "stopped krnk/face at 'train', krnk/krnksf at 'train' there") in out
-    assert (workspace / "build/krnk/face/dataset/dataset.toml").is_file()
-    assert stage_status(out, "krnk/face", "merge") == "blocked"
+    line = next(i for i, t in enumerate(manifest.read_text().splitlines(), 1) if "no-such-filter" in t)
+    assert (f"characters/krnk.yaml:{line} stages.filter.plugin: the image filter 'no-such-filter' is not "
+            "installed: stopped krnk/face at 'filter', krnk/krnksf at 'filter' there") in out
+    assert (workspace / "build/krnk/face/ingest/record.json").is_file()  # the work before it is kept
+    assert stage_status(out, "krnk/face", "background") == "blocked"
+    assert stage_status(out, "krnk/krnksf", "dataset") == "blocked"
 
 
 def test_bad_source_files_are_skipped_and_listed(workspace: Path, run_cli) -> None:
