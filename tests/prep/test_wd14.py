@@ -241,9 +241,15 @@ def test_provider_fallback_warns_instead_of_failing(standins: Path, monkeypatch:
 
     from charfw.onnx_runtime import choose_providers, open_session
 
-    assert choose_providers("cuda", purpose="WD14 tagger") == CPU  # not in this CPU build
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert choose_providers("cuda", purpose="WD14 tagger") == CPU  # not in this build: warn, CPU
     assert "CUDAExecutionProvider is not in this onnxruntime build" in capsys.readouterr().err
     assert choose_providers("auto") == CPU
+    everything = ["CoreMLExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: everything)
+    assert choose_providers("auto", auto_order=("cuda", "coreml", "cpu")) == [
+        "CUDAExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]  # rembg: no CoreML
 
     real = ort.InferenceSession
 
