@@ -906,6 +906,17 @@ def write_safetensors(dest: str | os.PathLike[str], tensors: Mapping[str, torch.
     return SavedFile(dest, model_hash, legacy_hash, size, meta)
 
 
+def data_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a safetensors file's data section: what ``sshs_model_hash`` should be."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        fh.seek(8 + n)
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 of a whole file (for reports)."""
     h = hashlib.sha256()

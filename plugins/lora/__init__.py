@@ -1,0 +1,1 @@
+"""LoRA finishing: the block-weight merge and SVD compression stages, and ``charfw lora``."""
