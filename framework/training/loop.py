@@ -94,6 +94,14 @@ def train(job: TrainJob) -> TrainResult:
         from ..errors import require_module
 
         require_module("tensorboard", extra="train", purpose="TensorBoard logging")
+    if "wandb" in trackers:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            from ..errors import MissingDependency
+
+            raise MissingDependency("log_with wandb needs the Python package 'wandb', which is not installed",
+                                    hint="install it with: pip install wandb (and log in with: wandb login)")
     logging_dir = job.logging_dir or output_dir / "logs"
     train_te_lr = s.resolved_text_encoder_lr()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=train_te_lr > 0 and job.clip_skip > 1)
@@ -156,6 +164,10 @@ def train(job: TrainJob) -> TrainResult:
     if text_cache is not None:
         inputs.cache_text(data, progress)
     log(data.summary())
+    uncached = sorted({str(e.subset.image_dir.name) for e in data.entries if not e.subset.cacheable_latents})
+    if latent_cache.enabled and uncached:
+        log(f"latents of {len(uncached)} subset(s) are encoded every step: color_aug or random_crop is on "
+            "(set them to false in the dataset config to cache latents)")
 
     # --- the network, attached to the UNet and the text encoder --------------------------
     kind = network_type(s.network)
@@ -234,8 +246,8 @@ def train(job: TrainJob) -> TrainResult:
     prompts = read_prompts(Path(s.sample_prompts)) if s.sample_prompts else []
     sample_dir = job.sample_dir or output_dir / "sample"
     if trackers and main:
-        accelerator.init_trackers((s.log_prefix or "") + name, config={"network": s.network, "dim": s.dim,
-                                                                      "learning_rate": s.learning_rate})
+        init_kwargs = {"wandb": {"name": s.wandb_run_name}} if s.wandb_run_name and "wandb" in trackers else {}
+        accelerator.init_trackers((s.log_prefix or "") + name, init_kwargs=init_kwargs)
     result = TrainResult(output_dir / f"{name}.safetensors", name, total_steps, total_epochs, resumed_from,
                          skipped=skipped)
 
@@ -407,6 +419,8 @@ def train(job: TrainJob) -> TrainResult:
     accelerator.wait_for_everyone()
     if prompts and (s.sample_every_n_steps or s.sample_every_n_epochs):
         sample(global_step)
+    if job.after_training is not None:
+        job.after_training(model, network)
     network.remove()
     result.seconds = time.perf_counter() - started
     if len(step_times) > 3:

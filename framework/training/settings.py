@@ -75,98 +75,85 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # --- the network -----------------------------------------------------------------------
-    #: lora (attention and projections), lora3x3 (plus 3x3 convs), loha (LyCORIS LoHa)
-    network: str = "lora3x3"
-    #: rank of Linear and 1x1 layers (kohya's network_dim)
-    dim: int = Field(128, ge=1, le=4096)
-    #: A1 (alpha 1), A50p (half the dim), or a number (kohya's network_alpha)
-    alpha: str | float = "A50p"
-    #: rank of 3x3 convolutions (lora3x3, loha); default: dim; 0 leaves them out (loha)
-    conv_dim: int | None = Field(None, ge=0, le=4096)
-    #: default: alpha applied to conv_dim
-    conv_alpha: str | float | None = None
-    #: kohya's network_dropout
-    network_dropout: float | None = Field(None, ge=0, lt=1)
-    #: train only the UNet part (kohya's network_train_unet_only); the file has no text-encoder modules
-    train_unet_only: bool = False
-    #: continue training from this LoRA file (the seed's "continue" argument; kohya's network_weights)
-    continue_from: str | None = None
+    # --- the network -----------------------------------------------------------------
+    network: str = Field("lora3x3", description="lora (attention and projections), lora3x3 (plus 3x3 convs), "
+                         "loha (LyCORIS LoHa)")
+    dim: int = Field(128, ge=1, le=4096, description="rank of Linear and 1x1 layers (kohya's network_dim)")
+    alpha: str | float = Field("A50p", description="A1 (alpha 1), A50p (half the dim) or a number "
+                               "(kohya's network_alpha)")
+    conv_dim: int | None = Field(None, ge=0, le=4096, description="rank of 3x3 convolutions (lora3x3, loha); "
+                                 "default: dim; 0 leaves them out")
+    conv_alpha: str | float | None = Field(None, description="default: alpha applied to conv_dim")
+    network_dropout: float | None = Field(None, ge=0, lt=1, description="dropout on the down projections (lora)")
+    train_unet_only: bool = Field(False, description="no text-encoder modules (kohya's network_train_unet_only)")
+    continue_from: str | None = Field(None, description="continue training from this LoRA file (the seed's "
+                                      "'continue' argument; kohya's network_weights)")
 
-    # --- learning ------------------------------------------------------------------------
-    #: the UNet's learning rate (the seed: 100 → 100e-6)
-    learning_rate: float = Field(1e-4, ge=0)
-    #: default: 44 % of learning_rate, rounded down to whole 1e-6; 0 freezes the text encoder
-    text_encoder_lr: float | None = Field(None, ge=0)
-    optimizer: str = "AdamW8bit"
-    #: extra optimizer arguments (kohya's --optimizer_args), e.g. {weight_decay: 0.01}
-    optimizer_args: dict[str, Any] = Field(default_factory=dict)
-    lr_scheduler: str = "cosine_with_restarts"
-    lr_scheduler_num_cycles: int = Field(1, ge=1)
-    lr_scheduler_power: float = 1.0
-    #: steps, or a fraction of the run below 1
-    lr_warmup_steps: float = Field(0, ge=0)
-    max_grad_norm: float = Field(1.0, ge=0)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    max_train_steps: int = Field(1200, ge=1)
-    #: overrides max_train_steps
-    max_train_epochs: int | None = Field(None, ge=1)
-    seed: int = 31337
+    # --- learning ----------------------------------------------------------------------
+    learning_rate: float = Field(1e-4, ge=0, description="the UNet's learning rate (the seed's 100 = 100e-6)")
+    text_encoder_lr: float | None = Field(None, ge=0, description="default: 44 % of learning_rate, rounded down to "
+                                          "whole 1e-6; 0 freezes the text encoder")
+    optimizer: str = Field("AdamW8bit", description=f"{', '.join(OPTIMIZERS)} (AdamW8bit needs an NVIDIA GPU)")
+    optimizer_args: dict[str, Any] = Field(default_factory=dict, description="extra optimizer arguments, "
+                                           "e.g. {weight_decay: 0.01}")
+    lr_scheduler: str = Field("cosine_with_restarts", description=", ".join(SCHEDULERS))
+    lr_scheduler_num_cycles: int = Field(1, ge=1, description="restarts of cosine_with_restarts")
+    lr_scheduler_power: float = Field(1.0, description="power of the polynomial schedule")
+    lr_warmup_steps: float = Field(0, ge=0, description="warm-up steps, or a fraction of the run below 1")
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping (0: off)")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="batches per optimizer step")
+    max_train_steps: int = Field(1200, ge=1, description="optimizer steps")
+    max_train_epochs: int | None = Field(None, ge=1, description="epochs (overrides max_train_steps)")
+    seed: int = Field(31337, description="seeds noise, data order and augmentation")
 
-    # --- noise and loss ------------------------------------------------------------------
-    noise_offset: float = Field(0.0, ge=0)
-    min_snr_gamma: float | None = Field(None, gt=0)
-    #: loss weight of regularisation images (is_reg subsets)
-    prior_loss_weight: float = Field(1.0, ge=0)
-    min_timestep: int = Field(0, ge=0, le=999)
-    max_timestep: int = Field(1000, ge=1, le=1000)
+    # --- noise and loss ----------------------------------------------------------------
+    noise_offset: float = Field(0.0, ge=0, description="kohya's noise offset (0.05-0.1 widens the brightness range)")
+    min_snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting (5 is common)")
+    prior_loss_weight: float = Field(1.0, ge=0, description="loss weight of regularisation images (is_reg)")
+    min_timestep: int = Field(0, ge=0, le=999, description="lowest training timestep")
+    max_timestep: int = Field(1000, ge=1, le=1000, description="highest training timestep (exclusive)")
 
-    # --- precision, memory and speed -----------------------------------------------------
-    #: fp16 / bf16 autocast on a GPU; on a CPU fp16 falls back to float32
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
-    save_precision: Literal["fp16", "bf16", "float"] = "fp16"
-    gradient_checkpointing: bool = True
-    #: where VAE latents are kept between runs: disk (the shared build cache), memory, or off
-    cache_latents: Literal["disk", "memory", "off"] = "disk"
-    #: cache text-encoder outputs whenever the text encoder is frozen and captions are fixed
-    cache_text_encoder_outputs: bool = True
-    vae_batch_size: int = Field(4, ge=1)
-    #: 75 (default), 150 or 225 tokens per caption
-    max_token_length: Literal[75, 150, 225] | None = None
-    #: train at this resolution instead of the dataset config's (quick runs on small models)
-    resolution: int | None = Field(None, ge=64)
+    # --- precision, memory and speed ---------------------------------------------------
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("fp16", description="autocast on a GPU; a CPU trains "
+                                                           "in float32")
+    save_precision: Literal["fp16", "bf16", "float"] = Field("fp16", description="dtype of the saved file")
+    gradient_checkpointing: bool = Field(True, description="recompute UNet activations: less memory, ~25 % slower")
+    cache_latents: Literal["disk", "memory", "off"] = Field("disk", description="VAE latents kept on disk (shared "
+                                                            "between runs and parts), in memory, or not at all")
+    cache_text_encoder_outputs: bool = Field(True, description="when the text encoder is frozen and captions "
+                                             "are fixed")
+    vae_batch_size: int = Field(4, ge=1, description="images per VAE call while caching")
+    max_token_length: Literal[75, 150, 225] | None = Field(None, description="tokens per caption (75 by default)")
+    resolution: int | None = Field(None, ge=64, description="train at this resolution instead of the dataset "
+                                   "config's (quick runs on small models)")
 
-    # --- data ----------------------------------------------------------------------------
-    #: an unreadable image: skip it (reported) or stop before training
-    bad_images: Literal["skip", "stop"] = "skip"
+    # --- data --------------------------------------------------------------------------
+    bad_images: Literal["skip", "stop"] = Field("skip", description="an unreadable image is left out (and "
+                                                "reported) or stops the run before training")
 
-    # --- saving and resuming -------------------------------------------------------------
-    #: the file name without .safetensors (default: the method's name, e.g. krnk-Lora3x3A50p-AdamW8-128-100-1200)
-    output_name: str | None = None
-    save_every_n_steps: int | None = Field(None, ge=1)
-    save_every_n_epochs: int | None = Field(None, ge=1)
-    #: keep only the last N intermediate files
-    save_last_n: int | None = Field(None, ge=1)
-    #: save resumable state with every intermediate file (kohya's --save_state)
-    save_state: bool = False
-    #: also save resumable state every N minutes (0: never)
-    save_state_every_minutes: float = Field(0, ge=0)
-    #: resumable states kept
-    save_last_n_states: int = Field(1, ge=1)
-    training_comment: str | None = None
+    # --- saving and resuming -----------------------------------------------------------
+    output_name: str | None = Field(None, description="file name without .safetensors (default: the method's, "
+                                    "e.g. krnk-Lora3x3A50p-AdamW8-128-100-1200)")
+    save_every_n_steps: int | None = Field(None, ge=1, description="also save <name>-step00000100.safetensors ...")
+    save_every_n_epochs: int | None = Field(None, ge=1, description="also save <name>-000001.safetensors ...")
+    save_last_n: int | None = Field(None, ge=1, description="keep only the newest N of those")
+    save_state: bool = Field(False, description="save resumable state with each of those and at the end")
+    save_state_every_minutes: float = Field(0, ge=0, description="save resumable state this often (0: never)")
+    save_last_n_states: int = Field(1, ge=1, description="resumable states kept")
+    training_comment: str | None = Field(None, description="stored as ss_training_comment")
 
-    # --- sampling during training --------------------------------------------------------
-    #: a prompt file in kohya's syntax (.txt lines with --n --w --h --d --s --l --ss, or .toml/.json)
-    sample_prompts: str | None = None
-    sample_every_n_steps: int | None = Field(None, ge=1)
-    sample_every_n_epochs: int | None = Field(None, ge=1)
-    sample_at_first: bool = False
-    sample_sampler: str = "ddim"
+    # --- sampling during training ------------------------------------------------------
+    sample_prompts: str | None = Field(None, description="prompt file in kohya's syntax (.txt with --n --w --h "
+                                       "--d --s --l --ss, or .toml / .json)")
+    sample_every_n_steps: int | None = Field(None, ge=1, description="sample every N steps")
+    sample_every_n_epochs: int | None = Field(None, ge=1, description="sample every N epochs")
+    sample_at_first: bool = Field(False, description="sample before the first step")
+    sample_sampler: str = Field("ddim", description="default sampler of the prompts (kohya's names)")
 
-    # --- logging -------------------------------------------------------------------------
-    log_with: Literal["tensorboard", "wandb", "all", "none"] = "tensorboard"
-    log_prefix: str | None = None
-    wandb_run_name: str | None = None
+    # --- logging -----------------------------------------------------------------------
+    log_with: Literal["tensorboard", "wandb", "all", "none"] = Field("tensorboard", description="training logs")
+    log_prefix: str | None = Field(None, description="prefix of the log run's name")
+    wandb_run_name: str | None = Field(None, description="the W&B run's name")
 
     @field_validator("network")
     @classmethod
@@ -320,6 +307,9 @@ class TrainJob:
     #: ``advance()`` and ``update(postfix=...)`` (default: the console's)
     progress: Any = None
     extra_metadata: dict[str, str] = field(default_factory=dict)
+    #: called as ``after_training(model, network)`` once the file is written, with the
+    #: network still applied (evaluations, tests that compare against the trainer's own output)
+    after_training: Any = None
 
     @property
     def name(self) -> str:

@@ -1,0 +1,1 @@
+"""The trainer (``lora``) and the commands around it (``charfw train``, ``charfw export-model``)."""

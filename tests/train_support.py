@@ -1,0 +1,73 @@
+"""Helpers for the trainer tests: a small kohya dataset on disk, and jobs on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+
+def write_images(folder: Path, count: int, size: int = 64, *, keyword: str = "krnk", start: int = 0) -> list[Path]:
+    """``f00.png`` ... with captions: distinct shapes and colours, deterministic."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        image = Image.new("RGB", (size, size), (20 + 37 * i % 200, 200 - 23 * i % 180, 90 + 51 * i % 150))
+        draw = ImageDraw.Draw(image)
+        draw.ellipse([size // 8 + i, size // 6, size - size // 5, size - size // 8 - i], fill=(250, 230, 210))
+        draw.rectangle([size // 3, size // 3 + i, size // 2 + i, size // 2], fill=(30 * i % 255, 40, 60))
+        path = folder / f"f{i:02d}.png"
+        image.save(path)
+        path.with_suffix(".txt").write_text(f"{keyword}, white background, tag{i}", "utf-8")
+        paths.append(path)
+    return paths
+
+
+def write_dataset(root: Path, *, count: int = 4, size: int = 64, color_aug: bool = False, repeats: int = 2,
+                  batch_size: int = 2, reg: bool = False, general: str = "") -> Path:
+    """A kohya dataset TOML in ``root`` over ``count`` images (and a regularisation folder)."""
+    images = root / f"{repeats}_krnk" / "krnk girl_flip_face"
+    write_images(images, count, size)
+    reg_block = ""
+    if reg:
+        reg_dir = root / "reg" / "girl"
+        write_images(reg_dir, 2, size, keyword="girl", start=10)
+        reg_block = f'''
+  [[datasets.subsets]]
+  image_dir = "{reg_dir.as_posix()}"
+  class_tokens = "girl"
+  is_reg = true
+'''
+    toml = root / "dataset.toml"
+    toml.write_text(f'''[general]
+caption_extension = ".txt"
+enable_bucket = true
+bucket_no_upscale = true
+color_aug = {str(color_aug).lower()}
+{general}
+[[datasets]]
+resolution = {size}
+batch_size = {batch_size}
+
+  [[datasets.subsets]]
+  image_dir = "{images.as_posix()}"
+  class_tokens = "krnk girl"
+  num_repeats = {repeats}
+  flip_aug = true
+{reg_block}''', "utf-8")
+    return toml
+
+
+def make_job(base: Path | str, dataset: Path, out: Path, cache: Path, **settings: Any) -> Any:
+    """A quiet job on the tiny model: AdamW, no logging, few steps unless told."""
+    from charfw.training import TrainJob, TrainSettings
+
+    options: dict[str, Any] = {"network": "lora", "dim": 4, "optimizer": "AdamW", "max_train_steps": 3,
+                               "learning_rate": 1e-2, "log_with": "none", "gradient_checkpointing": False}
+    options.update(settings)
+    job_fields = {k: options.pop(k) for k in list(options) if k in {"resume", "fingerprint", "after_training",
+                                                                    "state_dir", "keyword", "report_problem"}}
+    job_fields.setdefault("keyword", "krnk")
+    return TrainJob(settings=TrainSettings(**options), dataset_config=dataset, base_model=str(base), output_dir=out,
+                    cache_dir=cache, log=lambda message: None, **job_fields)
