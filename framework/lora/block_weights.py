@@ -163,7 +163,7 @@ class Preset:
 
 def _preset_entry(name: str, value: Any, source: str) -> Preset:
     vectors: dict[str, tuple[float, ...]] = {}
-    what = f"preset {name} ({source})" if source else f"preset {name}"
+    what = f"preset {name}"
     if isinstance(value, Mapping):
         for key, vec in value.items():
             fam = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}.get(str(key))
@@ -260,6 +260,12 @@ class BlockWeights:
         return f"{label} ({len(self.values)} values: {self.text()})"
 
 
+def is_preset_name(spec: str) -> bool:
+    """A vector has commas (or is one number); anything else names a preset."""
+    text = spec.strip()
+    return "," not in text and not re.fullmatch(r"[-+]?[\d.]+(?:[eE][-+]?\d+)?", text)
+
+
 def resolve_weights(spec: str | Sequence[float], family: str, presets: Mapping[str, Preset]) -> BlockWeights:
     """A preset name or a vector → :class:`BlockWeights` for a LoRA of ``family``.
 
@@ -268,7 +274,7 @@ def resolve_weights(spec: str | Sequence[float], family: str, presets: Mapping[s
     this base model."""
     fam = layout_family(family)
     name = "custom"
-    if isinstance(spec, str) and not re.fullmatch(r"[\s\d.,+eE-]+", spec):
+    if isinstance(spec, str) and is_preset_name(spec):
         key = spec.strip()
         preset = presets.get(key) or next((p for n, p in presets.items() if n.upper() == key.upper()), None)
         if preset is None:

@@ -234,7 +234,7 @@ def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, *, scale: float = 1.0) -> tor
     For a conv, ``w1`` [a, c] acts on channel blocks and ``w2`` [b, d, k, k] carries the
     kernel: ΔW [a·b, c·d, k, k]."""
     w1 = w1.float()
-    w2 = w2.float()
+    w2 = w2.float().contiguous()  # torch.kron needs it (an einsum result may not be)
     while w1.dim() < w2.dim():
         w1 = w1.unsqueeze(-1)
     return torch.kron(w1, w2) * scale
@@ -670,12 +670,15 @@ def _unflatten(name: str, out: int, cols: int, family: str) -> tuple[int, ...]:
 
 
 def _looks_pickled(head: bytes) -> bool:
+    """A torch zip checkpoint or a raw pickle; a safetensors header's JSON starts at byte 8."""
+    if head[8:9] == b"{":
+        return False
     return head[:2] == b"PK" or head[:1] == b"\x80"
 
 
 def _read_any(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str], Any]:
     with open(path, "rb") as fh:
-        head = fh.read(8)
+        head = fh.read(9)
     pickled = path.suffix.lower() in PICKLE_SUFFIXES or _looks_pickled(head)
     if pickled:
         if not allow_pickle:

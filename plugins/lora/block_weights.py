@@ -43,9 +43,9 @@ class BlockWeightOptions(Options):
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: Any) -> Any:
-        from charfw.lora.block_weights import family_of_length, parse_vector
+        from charfw.lora.block_weights import family_of_length, is_preset_name, parse_vector
 
-        if value is None or (isinstance(value, str) and not re.fullmatch(r"[\s\d.,+eE-]+", value)):
+        if value is None or (isinstance(value, str) and is_preset_name(value)):
             return value  # a preset name: checked against the preset files before the build
         values = parse_vector(value, what="weights")
         if family_of_length(len(values)) is None:
@@ -88,10 +88,10 @@ class BlockWeightMerger(BlockMerger):
 
     def check(self, options: BlockWeightOptions, ctx: StageContext) -> None:
         from charfw.errors import CharfwError
-        from charfw.lora.block_weights import load_presets
+        from charfw.lora.block_weights import is_preset_name, load_presets
 
         spec = weights_spec(options, ctx.part.kind)
-        if isinstance(spec, str) and not re.fullmatch(r"[\s\d.,+eE-]+", spec):
+        if isinstance(spec, str) and is_preset_name(spec):
             presets = load_presets(ctx.templates)
             if spec.strip() not in presets and spec.strip().upper() not in {n.upper() for n in presets}:
                 raise CharfwError(f"{ctx.part.label} merge: unknown block-weight preset '{spec}'",

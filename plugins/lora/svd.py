@@ -90,8 +90,12 @@ class SvdCompressor(Compressor):
             files={"lora": ctx.record_path(out)},
             data={"ranks": {m.name: m.new_rank for m in report.modules}, "fro_retained": report.fro_mean,
                   "bytes": saved.size},
-            summary=[f"{ctx.record_path(out)} ({saved.size / 1e6:.1f} MB, {report.seconds:.1f} s)", *report.lines()],
+            summary=[f"{ctx.record_path(out)} ({_size(saved.size)}, {report.seconds:.1f} s)", *report.lines()],
         )
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
 
 
 def _precision(name: str | None):
