@@ -355,9 +355,10 @@ class LoraModule:
         if ratio == 1:
             return self
         new = dict(self.tensors)
-        for key in self.factor_key:
-            t = new[key]
-            new[key] = (t.float() * ratio).to(t.dtype)
+        with torch_threads(1):
+            for key in self.factor_key:
+                t = new[key]
+                new[key] = (t.float() * ratio).to(t.dtype)
         return replace(self, tensors=new)
 
 
@@ -893,7 +894,7 @@ def write_safetensors(dest: str | os.PathLike[str], tensors: Mapping[str, torch.
         meta["sshs_legacy_hash"] = "0" * 8
     header = _header_bytes(entries, meta)
     ss_prefix = _ss_prefix(layout, meta)
-    with atomic_path(dest, fsync=True) as tmp:
+    with atomic_path(dest, fsync=True) as tmp, torch_threads(1):  # casts are memory-bound
         with open(tmp, "wb") as fh:
             fh.write(len(header).to_bytes(8, "little"))
             fh.write(header)

@@ -38,6 +38,7 @@ unless ``clamp_quantile`` asks for kohya ``svd_merge_lora.py``'s clamp (0.99 the
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -449,17 +450,15 @@ def resize_lora(lora: LoraFile, rule: RankRule, *, precision: torch.dtype | None
 
 def resize_metadata(lora: LoraFile, rule: RankRule, report: ResizeReport) -> dict[str, str]:
     """kohya's metadata edits, plus ``ss_network_args`` conv_dim/conv_alpha kept true."""
-    import json
-
     meta = dict(lora.metadata)
     old = max((m.old_rank or 0 for m in report.modules), default=0)
     comment = meta.get("ss_training_comment", "")
     if rule.method == "rank":
         conv = "" if not rule.conv_rank or rule.conv_rank == rule.rank else f" (conv: {rule.conv_rank})"
         meta["ss_training_comment"] = f"dimension is resized from {old} to {rule.rank}{conv}; {comment}"
-        linear = [m for m in report.modules]
         meta["ss_network_dim"] = str(rule.rank)
-        meta["ss_network_alpha"] = str(linear[-1].alpha) if linear else str(rule.rank)
+        # kohya writes the last module's new alpha here
+        meta["ss_network_alpha"] = str(report.modules[-1].alpha) if report.modules else str(rule.rank)
         conv_dim, conv_alpha = str(rule.conv_rank or rule.rank), None
     else:
         meta["ss_training_comment"] = f"Dynamic resize with {rule.method}: {rule.param:g} from {old}; {comment}"
@@ -578,7 +577,9 @@ def merge_loras(sources: Sequence[MergeSource], rule: RankRule, *, precision: to
                 total = d if total is None else total + d
             assert total is not None
             spectrum = dense_spectrum(total)
-        cap = rule.cap(len(shape) == 4, max((m.rank or 0) for _, m, _ in parts) or None)
+        # without --rank a dynamic method is capped by the rank of the sum (Σ ranks for LoRA)
+        total_rank = sum(m.rank or 0 for _, m, _ in parts) if all(m.kind == "lora" for _, m, _ in parts) else None
+        cap = rule.cap(len(shape) == 4, total_rank)
         k = choose_rank(spectrum.S, min(spectrum.out, spectrum.cols), rule, cap)
         up, down = spectrum.top(k)
         if up.shape[1] < k:
