@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import pytest
+from train_support import one_torch_thread  # noqa: F401 (fixture)
 
 from charfw.lora.file import read_lora
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from train_support import make_job, write_dataset
+from train_support import make_job, one_torch_thread, write_dataset  # noqa: F401 (fixture)
 
 from charfw.training import train
 

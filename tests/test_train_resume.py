@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_support import make_job, write_dataset
+from train_support import make_job, one_torch_thread, write_dataset  # noqa: F401 (fixture)
 
 from charfw.training import train
 from charfw.training.loop import TrainingStopped
@@ -44,7 +44,7 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(tiny_sd15: Path, tmp_p
 
     # the same run in a process that is killed with SIGKILL once it saved its first state
     out = tmp_path / "killed"
-    env = {**os.environ, "CHARFW_PLUGINS": "", "HF_HUB_OFFLINE": "1", "CHARFW_QUIET": "1"}
+    env = {**os.environ, "CHARFW_PLUGINS": "", "HF_HUB_OFFLINE": "1", "CHARFW_QUIET": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "charfw", *_cli_args(tiny_sd15, dataset, out, cache)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

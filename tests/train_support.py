@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image, ImageDraw
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model's operations are too small to gain from threads, and on a busy 2-core
+    machine two OpenMP threads waiting for each other make steps 10x slower at random.
+    Import this fixture into a test module to use it there."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def write_images(folder: Path, count: int, size: int = 64, *, keyword: str = "krnk", start: int = 0) -> list[Path]:
@@ -67,7 +82,8 @@ def make_job(base: Path | str, dataset: Path, out: Path, cache: Path, **settings
                                "learning_rate": 1e-2, "log_with": "none", "gradient_checkpointing": False}
     options.update(settings)
     job_fields = {k: options.pop(k) for k in list(options) if k in {"resume", "fingerprint", "after_training",
-                                                                    "state_dir", "keyword", "report_problem"}}
+                                                                    "state_dir", "keyword", "report_problem", "log"}}
     job_fields.setdefault("keyword", "krnk")
+    job_fields.setdefault("log", lambda message: None)
     return TrainJob(settings=TrainSettings(**options), dataset_config=dataset, base_model=str(base), output_dir=out,
-                    cache_dir=cache, log=lambda message: None, **job_fields)
+                    cache_dir=cache, **job_fields)

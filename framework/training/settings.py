@@ -256,7 +256,7 @@ def ascii_file_name(text: str, *, fallback: str = "lora") -> str:
     import hashlib
 
     folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", folded).strip("._")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", folded).strip("._-")
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     if not re.search(r"[A-Za-z0-9]", safe):
         return f"{fallback}-{digest[:8]}"
