@@ -253,3 +253,23 @@ def test_dora_modules_are_scaled_and_counted(tmp_path: Path) -> None:
     merged, report = apply_block_weights(lora, resolve_weights(vector(IN01=0.3), "sd1", PRESETS))
     assert report.dora_scaled == 1
     assert torch.equal(merged.modules[NAMES["IN01"]].tensors["dora_scale"], dora["dora_scale"])
+
+
+def test_an_sdxl_file_takes_sdxl_layouts(tmp_path: Path) -> None:
+    modules = {"lora_te1_text_model_encoder_layers_0_mlp_fc1": lora_linear(8, 6, 2),
+               "lora_te2_text_model_encoder_layers_0_mlp_fc1": lora_linear(8, 6, 2, seed=1),
+               "lora_unet_input_blocks_1_0_in_layers_2": lora_conv(6, 4, 2, seed=2),      # IN01: conv only
+               "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q": lora_linear(8, 8, 2, seed=3),
+               "lora_unet_middle_block_1_proj_in": lora_linear(8, 8, 2, seed=4),
+               "lora_unet_output_blocks_8_0_skip_connection": lora_conv(6, 8, 2, k=1, seed=5)}  # OUT08
+    lora = read_lora(save(tmp_path / "xl.safetensors", modules))
+    assert lora.family == "sdxl"
+    twelve = ",".join(["0.5"] + ["1"] * 11)  # BASE 0.5: both text encoders
+    merged, report = apply_block_weights(lora, resolve_weights(twelve, "sdxl", PRESETS))
+    assert report.unnamed == ["IN01", "OUT08"] and len(merged.modules) == 4
+    for name in ("lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_te2_text_model_encoder_layers_0_mlp_fc1"):
+        assert relative_error(merged.modules[name].delta(), 0.5 * reference_delta(modules[name], (8, 6))) < 1e-6
+    merged, report = apply_block_weights(lora, resolve_weights(",".join(["1"] * 20), "sdxl", PRESETS))
+    assert len(merged.modules) == 6 and not report.unnamed
+    with pytest.raises(CharfwError, match="preset FACE has no SDXL vector"):
+        resolve_weights("FACE", lora.family, PRESETS)

@@ -41,6 +41,7 @@ MODULES = [
     ("lokr full conv", NAMES["IN05"], lokr_full(2, 2, 4, 3, k=3), (8, 6, 3, 3), "LoKr"),
     ("lokr factored", NAMES["BASE"], lokr_factored(4, 3, 6, 5, 2), (24, 15), "LoKr"),
     ("lokr tucker", NAMES["OUT05"], lokr_tucker(2, 3, 4, 2, 2), (8, 6, 3, 3), "LoKr"),
+    ("lokr factored conv (flat)", NAMES["IN05"], lokr_factored(2, 2, 4, 3 * 9, 2), (8, 6, 3, 3), "LoKr"),
 ]
 
 

@@ -105,3 +105,13 @@ def test_manifest_weights_and_options_override_the_defaults(ws: Path, run_cli) -
     path.write_text(yaml.safe_dump(manifest, sort_keys=False))
     code, out, err = run_cli("build", "krnk", cwd=ws)
     assert code == 3 and "3 values is not a block layout" in err
+
+
+@pytest.mark.parametrize(("kind", "preset"), [("face", "FACE"), ("body", "BODY"), ("group", "BODY")])
+def test_default_weights_by_part_kind(kind: str, preset: str) -> None:
+    from charfw_plugins.lora.block_weights import BlockWeightOptions, weights_spec
+
+    assert weights_spec(BlockWeightOptions(), kind) == preset
+    assert weights_spec(BlockWeightOptions(weights="OUTD"), kind) == "OUTD"
+    with pytest.raises(ValueError, match="25 values is not a block layout"):
+        BlockWeightOptions(weights=[1.0] * 25)
