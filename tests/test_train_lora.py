@@ -171,3 +171,24 @@ def test_samples_and_tensorboard_logs(trained: dict[str, Any]) -> None:
     assert Image.open(result.samples[0]).size == (64, 64)
     events = list((trained["lora3x3"]["root"] / "logs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_continue_from_an_existing_lora(trained: dict[str, Any], tiny_sd15: Path, tmp_path: Path) -> None:
+    """The seed's "continue" argument: training starts from the file's weights (dims and
+    alphas from the file); a file of another network type is refused with a reason."""
+    from safetensors.torch import load_file
+
+    from charfw.errors import CharfwError
+
+    start = trained["lora"]["result"].lora
+    dataset = write_dataset(tmp_path / "data", count=2)
+    # a learning rate so small that one step leaves the weights where they started
+    result = train(make_job(tiny_sd15, dataset, tmp_path / "out", tmp_path / "cache", continue_from=str(start),
+                            learning_rate=1e-12, max_train_steps=1, save_precision="float"))
+    before, after = load_file(str(start)), load_file(str(result.lora))
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        torch.testing.assert_close(after[key], value, atol=1e-6, rtol=0, msg=key)
+    with pytest.raises(CharfwError, match="the file is a loha network; continue it with network: loha"):
+        train(make_job(tiny_sd15, dataset, tmp_path / "x", tmp_path / "cache", network="lora",
+                       continue_from=str(trained["loha"]["result"].lora), max_train_steps=1))

@@ -219,3 +219,25 @@ def test_adamw8bit_without_a_gpu_is_a_clear_error(workspace: Path, run_cli) -> N
         assert code in (0, 3)
     else:
         assert code == 3 and "AdamW8bit needs bitsandbytes on an NVIDIA GPU" in err and "optimizer: AdamW" in err
+
+
+def test_readme_training_examples_are_valid() -> None:
+    """The manifest block and the commands of README's "Training" section."""
+    import re
+    import shlex
+
+    import yaml
+
+    from charfw_plugins.train.lora import LoraTrainerOptions
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
+    section = readme[readme.index("## Training"):readme.index("## Plugins")]
+    block = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.DOTALL).group(1))
+    options = {k: v for k, v in block["stages"]["train"].items() if k != "plugin"}
+    settings = LoraTrainerOptions.model_validate(options)
+    assert settings.method_name("krnk") == "krnk-Lora3x3A50p-AdamW8-128-100-1200"
+    commands = re.search(r"```bash\n(.*?)```", section, re.DOTALL).group(1).replace("\\\n", " ")
+    for line in commands.splitlines():
+        if line.startswith("charfw train"):
+            params, _ = _parse_train(shlex.split(line)[2:])
+            assert params["base_model"] == "Defmix-v2.0.safetensors"

@@ -15,6 +15,7 @@ cached text-encoder outputs or runs the text encoder (with gradients when it tra
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -45,7 +46,8 @@ class BatchInputs:
         self.vae_batch_size = vae_batch_size
         self.digests: dict[Path, str] = {}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="charfw-pixels")
-        self._pending: dict[int, Future[list[torch.Tensor]]] = {}
+        self._encode_in_worker = device.type == "cpu" and torch.get_num_threads() < (os.cpu_count() or 1)
+        self._pending: dict[int, Future[tuple[bool, dict[int, torch.Tensor]]]] = {}
 
     # --- before training -----------------------------------------------------------------
 
@@ -123,26 +125,30 @@ class BatchInputs:
     # --- per step ------------------------------------------------------------------------
 
     def prefetch(self, batch: Batch, key: int) -> None:
-        """Start decoding the uncached images of a batch on a worker thread."""
-        if self._uncached(batch):
-            self._pending[key] = self._pool.submit(self._pixels, batch)
+        """Start making the uncached latents of a batch on a worker thread while the current
+        step runs: decoding its images, and, on a CPU whose cores torch does not all use,
+        encoding them too (the frozen VAE then runs on an idle core; on a GPU, or with every
+        core in use, a second stream of work would only compete with the step)."""
+        missing = self._missing(batch)
+        if missing:
+            self._pending[key] = self._pool.submit(self._make_latents, batch, missing, self._encode_in_worker)
 
     def latents(self, batch: Batch, key: int) -> torch.Tensor:
         cache = self.latent_cache
-        out: list[torch.Tensor | None] = []
-        for s in batch.samples:
-            found = None
-            if cache.enabled and s.entry.subset.cacheable_latents:
-                found = cache.get(cache.key(s.entry, self.digests[s.entry.path], s.flip))
-            out.append(found)
-        missing = [i for i, t in enumerate(out) if t is None]
+        missing = self._missing(batch)
+        made: dict[int, torch.Tensor] = {}
         if missing:
             future = self._pending.pop(key, None)
-            images = future.result() if future is not None else self._pixels(batch)
-            encoded = self._encode(torch.stack([images[i] for i in missing]))
-            for i, lat in zip(missing, encoded, strict=True):
-                out[i] = lat
-        return torch.stack([t.to(self.device) for t in out if t is not None])
+            encoded, made = future.result() if future is not None else self._make_latents(batch, missing, True)
+            if not encoded:  # decoded on the worker, encoded here
+                made = dict(zip(missing, self._encode(torch.stack([made[i] for i in missing])), strict=True))
+        out = []
+        for i, s in enumerate(batch.samples):
+            lat = made.get(i)
+            if lat is None:
+                lat = cache.get(cache.key(s.entry, self.digests[s.entry.path], s.flip))
+            out.append(lat.to(self.device))
+        return torch.stack(out)
 
     def conditioning(self, batch: Batch, text_encoders: list[Any] | None, *, grad: bool) -> torch.Tensor:
         captions = [s.caption for s in batch.samples]
@@ -158,12 +164,19 @@ class BatchInputs:
 
     # --- helpers -------------------------------------------------------------------------
 
-    def _uncached(self, batch: Batch) -> bool:
+    def _missing(self, batch: Batch) -> list[int]:
+        """Positions in the batch whose latents are not cached."""
         cache = self.latent_cache
-        return any(not (cache.enabled and s.entry.subset.cacheable_latents) for s in batch.samples)
+        return [i for i, s in enumerate(batch.samples) if not (cache.enabled and s.entry.subset.cacheable_latents)]
 
-    def _pixels(self, batch: Batch) -> list[torch.Tensor]:
-        return [pixels(load_image(s.entry), s.entry, flip=s.flip, seed=s.seed) for s in batch.samples]
+    def _make_latents(self, batch: Batch, missing: list[int], encode: bool) -> tuple[bool, dict[int, torch.Tensor]]:
+        """Pixels of the samples at ``missing`` (augmented as the sample says), encoded
+        when ``encode``: (encoded, tensors by position)."""
+        images = [pixels(load_image(s.entry), s.entry, flip=s.flip, seed=s.seed)
+                  for s in (batch.samples[i] for i in missing)]
+        if not encode:
+            return False, dict(zip(missing, images, strict=True))
+        return True, dict(zip(missing, self._encode(torch.stack(images)), strict=True))
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         vae = self.model.vae

@@ -47,6 +47,8 @@ class TrainResult:
     seconds: float = 0.0
     #: mean wall time of an optimizer step after the first two (None for very short runs)
     seconds_per_step: float | None = None
+    #: ``time.perf_counter()`` at the end of each optimizer step of this run (benchmarks)
+    step_times: list[float] = field(default_factory=list)
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -89,28 +91,17 @@ def train(job: TrainJob) -> TrainResult:
     mixed = s.mixed_precision if on_gpu else "no"
     if mixed != s.mixed_precision:
         log(f"mixed precision {s.mixed_precision} needs a GPU; training in float32 on this machine")
-    trackers = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"], "none": []}[s.log_with]
-    if "tensorboard" in trackers:
-        from ..errors import require_module
-
-        require_module("tensorboard", extra="train", purpose="TensorBoard logging")
-    if "wandb" in trackers:
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            from ..errors import MissingDependency
-
-            raise MissingDependency("log_with wandb needs the Python package 'wandb', which is not installed",
-                                    hint="install it with: pip install wandb (and log in with: wandb login)")
+    trackers = _trackers(s.log_with)
     logging_dir = job.logging_dir or output_dir / "logs"
     train_te_lr = s.resolved_text_encoder_lr()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=train_te_lr > 0 and job.clip_skip > 1)
     accelerator = Accelerator(
         mixed_precision=mixed, gradient_accumulation_steps=s.gradient_accumulation_steps,
-        log_with=trackers or None, kwargs_handlers=[ddp],
+        log_with=trackers or None, kwargs_handlers=[ddp], dynamo_backend="inductor" if s.torch_compile else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
     )
     device = accelerator.device
+    optimizers.check_available(s, device)  # before minutes of loading and caching
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     main = accelerator.is_main_process
     if device.type == "cuda":
@@ -178,11 +169,15 @@ def train(job: TrainJob) -> TrainResult:
     continue_state = None
     if s.continue_from:
         from ..lora.file import read_safetensors
-
-        continue_state, _, _ = read_safetensors(Path(s.continue_from))
-        continue_state = {k: v.clone() for k, v in continue_state.items()}
+        from .networks import detect_file_type
         from .networks.network import ranks_from_state
 
+        tensors, _, _ = read_safetensors(Path(s.continue_from))
+        continue_state = {k: v.clone() for k, v in tensors.items()}
+        file_kind = detect_file_type(continue_state)
+        if file_kind.module_factory is not kind.module_factory:
+            raise CharfwError(f"the file is a {file_kind.name} network; continue it with network: {file_kind.name}",
+                              path=s.continue_from)
         ranks = ranks_from_state(continue_state, kind)
     network = create_network(kind, s.network_config(), roots, ranks=ranks)
     if continue_state is not None:
@@ -190,6 +185,9 @@ def train(job: TrainJob) -> TrainResult:
         log(f"continuing from {s.continue_from} ({len(report.loaded)} modules"
             + (f", {len(report.missing)} new" if report.missing else "") + ")")
     network.to(device)
+    if s.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+        network.to(memory_format=torch.channels_last)
     network.apply()
     lrs = {"unet": s.learning_rate, "text_encoder": train_te_lr}
     trained_roots = network.trainable_roots(lrs)
@@ -330,6 +328,8 @@ def train(job: TrainJob) -> TrainResult:
                         timesteps = torch.randint(s.min_timestep, s.max_timestep, (latents.shape[0],),
                                                   generator=generator, device=device)
                         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                        if s.channels_last:
+                            noisy = noisy.contiguous(memory_format=torch.channels_last)
                         # the UNet predicts the noise (or the velocity for v-prediction models)
                         with autocast():
                             prediction = family.predict(unet, noisy, timesteps, conditioning.to(weight_dtype))
@@ -423,6 +423,7 @@ def train(job: TrainJob) -> TrainResult:
         job.after_training(model, network)
     network.remove()
     result.seconds = time.perf_counter() - started
+    result.step_times = step_times
     if len(step_times) > 3:
         result.seconds_per_step = (step_times[-1] - step_times[1]) / (len(step_times) - 2)
     result.summary = [f"{name}.safetensors: {global_step} steps, {s.network} dim {s.dim}"
@@ -430,6 +431,22 @@ def train(job: TrainJob) -> TrainResult:
     if skipped:
         result.summary.append(f"{len(skipped)} image(s) left out of training")
     return result
+
+
+def _trackers(log_with: str) -> list[str]:
+    """accelerate's trackers for ``log_with``, with an install hint when one is missing."""
+    import importlib.util
+
+    from ..errors import MissingDependency
+
+    trackers = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"],
+                "none": []}[log_with]
+    for name in trackers:
+        if importlib.util.find_spec(name) is None:
+            hint = "pip install 'charfw[train]'" if name == "tensorboard" else "pip install wandb (then: wandb login)"
+            raise MissingDependency(f"log_with {log_with} needs the Python package '{name}', which is not installed",
+                                    hint=f"install it with: {hint}, or set log_with: none")
+    return trackers
 
 
 def _shard(batches: list[Any], rank: int, world: int) -> list[Any]:

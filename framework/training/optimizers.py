@@ -22,6 +22,20 @@ if TYPE_CHECKING:
     from .settings import TrainSettings
 
 
+def check_available(settings: TrainSettings, device: torch.device) -> None:
+    """Raise a one-line error now if the optimizer cannot run here (not after the model
+    was loaded and the latents cached)."""
+    if settings.optimizer == "AdamW8bit":
+        if device.type != "cuda":
+            raise CharfwError(
+                f"optimizer AdamW8bit needs bitsandbytes on an NVIDIA GPU, and this run is on {device.type.upper()}",
+                hint="use optimizer: AdamW here (same training, 32-bit optimizer state)",
+            )
+        require_module("bitsandbytes", extra="cuda", purpose="optimizer AdamW8bit")
+    elif settings.optimizer == "Prodigy":
+        require_module("prodigyopt", extra="train", purpose="optimizer Prodigy")
+
+
 def make_optimizer(settings: TrainSettings, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
     import torch
 
@@ -32,16 +46,15 @@ def make_optimizer(settings: TrainSettings, groups: list[dict[str, Any]], device
         raise CharfwError("nothing to train: every learning rate is 0",
                           hint="set learning_rate (UNet) or text_encoder_lr above 0")
     if name == "AdamW":
+        # a LoRA is hundreds of small tensors: one fused kernel (CUDA) or one batched
+        # ("foreach") update for all of them instead of a loop over tensors
         if device.type == "cuda":
             args.setdefault("fused", True)
+        elif "fused" not in args:
+            args.setdefault("foreach", True)
         return torch.optim.AdamW(params, lr=settings.learning_rate, **args)
     if name == "AdamW8bit":
-        if device.type != "cuda":
-            raise CharfwError(
-                "optimizer AdamW8bit needs bitsandbytes on an NVIDIA GPU, and this run is on "
-                f"{device.type.upper()}",
-                hint="use optimizer: AdamW here (same training, 32-bit optimizer state)",
-            )
+        check_available(settings, device)
         bnb = require_module("bitsandbytes", extra="cuda", purpose="optimizer AdamW8bit")
         return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, **args)  # type: ignore[attr-defined]
     if name == "Adafactor":

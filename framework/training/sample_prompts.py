@@ -149,6 +149,7 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
     }
     cls_name, extra = table[name]
     base = {k: v for k, v in config.items() if not k.startswith("_")}
+    base.setdefault("clip_sample", False)  # SD's value; DDIM warns when a config lacks it
     return getattr(diffusers, cls_name).from_config({**base, **extra})
 
 

@@ -126,6 +126,10 @@ class TrainSettings(BaseModel):
     max_token_length: Literal[75, 150, 225] | None = Field(None, description="tokens per caption (75 by default)")
     resolution: int | None = Field(None, ge=64, description="train at this resolution instead of the dataset "
                                    "config's (quick runs on small models)")
+    channels_last: bool = Field(False, description="UNet activations in channels-last layout (faster convolutions "
+                                "on recent NVIDIA GPUs)")
+    torch_compile: bool = Field(False, description="compile the UNet with torch.compile (GPU; the first step "
+                                "takes minutes, later ones are faster)")
 
     # --- data --------------------------------------------------------------------------
     bad_images: Literal["skip", "stop"] = Field("skip", description="an unreadable image is left out (and "
@@ -242,7 +246,7 @@ class TrainSettings(BaseModel):
                    "save_state_every_minutes", "save_last_n_states", "training_comment", "sample_prompts",
                    "sample_every_n_steps", "sample_every_n_epochs", "sample_at_first", "sample_sampler",
                    "log_with", "log_prefix", "wandb_run_name", "cache_latents", "cache_text_encoder_outputs",
-                   "vae_batch_size", "bad_images"}
+                   "vae_batch_size", "bad_images", "channels_last", "torch_compile"}
         return self.model_dump(mode="json", exclude=ignored)
 
 

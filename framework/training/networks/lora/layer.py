@@ -49,12 +49,14 @@ class LoRAModule(NetworkModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.org_forward(x)
-        h = self.lora_down(self._match_input(x, self.lora_down.weight))
+        if x.dtype != self.lora_down.weight.dtype:
+            x = self._match_input(x, self.lora_down.weight)
+        h = self.lora_down(x)
         if self.dropout and self.training:
             h = nn.functional.dropout(h, p=self.dropout)
         # scaling the dim-wide hidden state is cheaper than scaling the layer-wide output
         h = self.lora_up(h * (self.multiplier * self.scale))
-        return out + h.to(out.dtype)
+        return out + h if h.dtype == out.dtype else out + h.to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         down = self.lora_down.weight.detach().float()
