@@ -209,9 +209,11 @@ def test_unsupported_dataset_settings_stop_with_a_reason(tmp_path: Path) -> None
         TrainingData.load(toml)
 
 
-def test_adamw8bit_without_a_gpu_is_a_clear_error(workspace: Path, run_cli) -> None:
+def test_adamw8bit_without_a_gpu_is_a_clear_error(workspace: Path, tiny_sd15: Path, run_cli) -> None:
+    """On a model that is not built in, the method's AdamW8bit applies: on a CPU the build
+    stops before any stage runs, saying what to write instead."""
     manifest = workspace / "characters" / "krnk.yaml"
-    manifest.write_text(manifest.read_text().replace("    optimizer: AdamW\n", ""))
+    manifest.write_text(manifest.read_text().replace("base: charfw:tiny-sd15", f"base: {tiny_sd15}"))
     code, _, err = run_cli("build", "krnk", "--dry-run", cwd=workspace)
     import torch
 
@@ -219,6 +221,19 @@ def test_adamw8bit_without_a_gpu_is_a_clear_error(workspace: Path, run_cli) -> N
         assert code in (0, 3)
     else:
         assert code == 3 and "AdamW8bit needs bitsandbytes on an NVIDIA GPU" in err and "optimizer: AdamW" in err
+    # on the built-in tiny model the tiny defaults apply (AdamW): the plan is fine
+    manifest.write_text(manifest.read_text().replace(f"base: {tiny_sd15}", "base: charfw:tiny-sd15"))
+    assert run_cli("build", "krnk", "--dry-run", cwd=workspace)[0] == 0
+
+
+def test_tiny_model_defaults_fill_only_unset_options() -> None:
+    from charfw_plugins.train.lora import LoraTrainerOptions
+
+    tiny = LoraTrainerOptions.model_validate({"max_train_steps": 5}).for_model("charfw:tiny-sd15")
+    assert (tiny.dim, tiny.optimizer, tiny.max_train_steps, tiny.resolution) == (8, "AdamW", 5, 128)
+    assert tiny.save_state_every_minutes == 10 and isinstance(tiny, LoraTrainerOptions)
+    real = LoraTrainerOptions().for_model("models/Defmix-v2.0.safetensors")
+    assert (real.dim, real.optimizer, real.max_train_steps, real.resolution) == (128, "AdamW8bit", 1200, None)
 
 
 def test_readme_training_examples_are_valid() -> None:

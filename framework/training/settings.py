@@ -240,6 +240,19 @@ class TrainSettings(BaseModel):
         label = network_type(self.network).label + alpha_label(self.alpha, self.dim)
         return ascii_file_name(f"{keyword}-{label}-{OPTIMIZER_LABELS[self.optimizer]}-{self.dim}-{lr_text}-{length}")
 
+    def for_model(self, base_model: str | None) -> TrainSettings:
+        """These settings with a built-in model's defaults for the options not set
+        explicitly (see ``BUILTIN_TRAIN_DEFAULTS``); unchanged for any other model."""
+        from .model_sources import BUILTIN_PREFIX, BUILTIN_TRAIN_DEFAULTS
+
+        if not base_model or not base_model.startswith(BUILTIN_PREFIX):
+            return self
+        defaults = BUILTIN_TRAIN_DEFAULTS.get(base_model[len(BUILTIN_PREFIX):], {})
+        unset = {k: v for k, v in defaults.items() if k not in self.model_fields_set}
+        if not unset:
+            return self
+        return type(self).model_validate({**self.model_dump(exclude_unset=True), **unset})
+
     def fingerprint_data(self) -> dict[str, Any]:
         """The settings that change the trained weights (not where or how often files go)."""
         ignored = {"output_name", "save_every_n_steps", "save_every_n_epochs", "save_last_n", "save_state",

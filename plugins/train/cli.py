@@ -90,7 +90,7 @@ def register_commands(cli):
             raise click.UsageError("two dataset configs given")
         if not config.is_file():
             raise CharfwError("dataset config not found", path=config)
-        settings = settings_from_options(values)
+        settings = settings_from_options(values).for_model(base_model)
         cache = cache_dir or default_cache_dir()
         fingerprint = ""
         if resume or settings.save_state or settings.save_state_every_minutes:

@@ -4,7 +4,9 @@ It trains on the dataset TOML the ``dataset`` stage wrote, with the manifest's b
 VAE and clip skip, and writes ``build/<target>/<part>/train/<name>.safetensors`` named as
 the method names LoRAs (``krnk-Lora3x3A50p-AdamW8-128-100-1200``). The manifest's
 ``train:`` block takes every :class:`~charfw.training.settings.TrainSettings` option;
-paths in it (``continue_from``, ``sample_prompts``) are relative to the workspace.
+paths in it (``continue_from``, ``sample_prompts``) are relative to the workspace. On the
+built-in tiny model, options the block leaves out take the tiny model's defaults (dim 8,
+AdamW, 128 px, 24 steps) instead of the method's.
 
 An interrupted build resumes: resumable state is saved under ``train/state/`` every
 ``save_state_every_minutes`` (10 by default in a build) and on Ctrl-C, tagged with the
@@ -69,13 +71,13 @@ class LoraTrainer(Trainer):
             from charfw.training.sample_prompts import read_prompts
 
             read_prompts(self._paths(options, ctx)["sample_prompts"])
-        if options.optimizer == "AdamW8bit":
+        if options.for_model(model.base).optimizer == "AdamW8bit":
             import torch
 
             if not torch.cuda.is_available():
                 raise CharfwError(
                     f"{ctx.part.label}: optimizer AdamW8bit needs bitsandbytes on an NVIDIA GPU, and this "
-                    "machine has none", hint="set train: {optimizer: AdamW} in the manifest")
+                    "machine has none", hint="add train: {plugin: lora, optimizer: AdamW} to the manifest's stages")
             require_module("bitsandbytes", extra="cuda", purpose="optimizer AdamW8bit")
 
     def cache_key(self, options: LoraTrainerOptions, ctx: Any) -> Any:
@@ -105,7 +107,7 @@ class LoraTrainer(Trainer):
 
         model = ctx.part.model
         paths = self._paths(options, ctx)
-        settings = options.model_copy(update={
+        settings = options.for_model(model.base).model_copy(update={
             **{k: str(v) for k, v in paths.items()},
             "bad_images": "stop" if ctx.strict else options.bad_images,
         })
