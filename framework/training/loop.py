@@ -49,6 +49,8 @@ class TrainResult:
     seconds_per_step: float | None = None
     #: ``time.perf_counter()`` at the end of each optimizer step of this run (benchmarks)
     step_times: list[float] = field(default_factory=list)
+    #: False in the other processes of a multi-GPU run (they write nothing)
+    main_process: bool = True
     metadata: dict[str, str] = field(default_factory=dict)
 
 
@@ -56,7 +58,7 @@ def train(job: TrainJob) -> TrainResult:
     """Train the LoRA ``job`` describes; returns where it is and what happened."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
     from diffusers import DDPMScheduler
 
     from . import lora_output, optimizers, train_state
@@ -89,8 +91,6 @@ def train(job: TrainJob) -> TrainResult:
 
     on_gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     mixed = s.mixed_precision if on_gpu else "no"
-    if mixed != s.mixed_precision:
-        log(f"mixed precision {s.mixed_precision} needs a GPU; training in float32 on this machine")
     trackers = _trackers(s.log_with)
     logging_dir = job.logging_dir or output_dir / "logs"
     train_te_lr = s.resolved_text_encoder_lr()
@@ -101,9 +101,16 @@ def train(job: TrainJob) -> TrainResult:
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
     )
     device = accelerator.device
+    main = accelerator.is_main_process
+    if not main:  # one voice: the other processes train silently
+        log, progress = (lambda message: None), (lambda total, what: console.progress(None, "", unit="it"))
+        warn = report = log
+    else:
+        warn, report = console.warn, job.report_problem or console.warn
+    if mixed != s.mixed_precision:
+        log(f"mixed precision {s.mixed_precision} needs a GPU; training in float32 on this machine")
     optimizers.check_available(s, device)  # before minutes of loading and caching
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
-    main = accelerator.is_main_process
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 leftovers (the VAE) on tensor cores
 
@@ -134,7 +141,7 @@ def train(job: TrainJob) -> TrainResult:
                              relative_to=job.relative_to)
     data.prior_loss_weight = s.prior_loss_weight
     for line in data.warnings:
-        console.warn(line)
+        warn(line)
     vae_identity = str(source_identity(vae_source or source, sha256)) + ("/vae" if vae_source else "/base")
     latent_cache = LatentCache(s.cache_latents, job.cache_dir, vae_identity)
     text_frozen = train_te_lr == 0 or s.train_unet_only
@@ -150,7 +157,7 @@ def train(job: TrainJob) -> TrainResult:
     data.drop(bad)
     skipped = [f"{p}: {why}" for p, why in sorted(bad.items())]
     for line in skipped:
-        (job.report_problem or console.warn)(f"{line} (left out of training)")
+        report(f"{line} (left out of training)")
     data.finalize()
     if text_cache is not None:
         inputs.cache_text(data, progress)
@@ -228,7 +235,7 @@ def train(job: TrainJob) -> TrainResult:
                 raise CharfwError("this state was saved by a run with other data, model or settings", path=folder,
                                   hint="resume with the settings it was saved with, or start without --resume")
             train_state.load_state(folder, network=network, optimizer=optimizer, scheduler=scheduler,
-                                   generator=generator, scaler=scaler)
+                                   generator=generator, scaler=scaler, rank=accelerator.process_index)
             global_step, epoch, skip_batches, resumed_from = info.step, info.epoch, info.batch, info.step
             log(f"resumed from {folder.name} (step {global_step} of {total_steps})")
         elif job.resume != "auto":
@@ -260,9 +267,12 @@ def train(job: TrainJob) -> TrainResult:
                 device=device, autocast=autocast)
 
     def save_state(step: int, epoch_: int, batch: int) -> None:
+        # every process's generators, so that each resumes its own noise
+        rng = gather_object([train_state.rng_state(generator)]) if accelerator.num_processes > 1 else \
+            [train_state.rng_state(generator)]
         if main:
             train_state.save_state(state_root, train_state.StateInfo(step, epoch_, batch, job.fingerprint, name),
-                                   network=network, optimizer=optimizer, scheduler=scheduler, generator=generator,
+                                   network=network, optimizer=optimizer, scheduler=scheduler, rng=rng,
                                    scaler=scaler, keep=s.save_last_n_states)
         accelerator.wait_for_everyone()
 
@@ -403,8 +413,6 @@ def train(job: TrainJob) -> TrainResult:
         raise
     finally:
         inputs.close()
-        if trackers and main:
-            accelerator.end_training()
         if hash_cache is not None:
             hash_cache.save()
 
@@ -422,8 +430,11 @@ def train(job: TrainJob) -> TrainResult:
     if job.after_training is not None:
         job.after_training(model, network)
     network.remove()
+    # closes the trackers and, under accelerate launch, the process group: every process, last
+    accelerator.end_training()
     result.seconds = time.perf_counter() - started
     result.step_times = step_times
+    result.main_process = main
     if len(step_times) > 3:
         result.seconds_per_step = (step_times[-1] - step_times[1]) / (len(step_times) - 2)
     result.summary = [f"{name}.safetensors: {global_step} steps, {s.network} dim {s.dim}"

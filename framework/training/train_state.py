@@ -1,8 +1,8 @@
 """Resumable training state: everything needed to continue a run as if it never stopped.
 
 A state folder ``step-00000120/`` holds the network's weights in float32, the optimizer's
-and the schedule's state, the random generators (the noise generator, torch's global ones,
-Python's), the gradient scaler's (fp16) and ``state.json`` (step, epoch, batch position,
+and the schedule's state, the random generators of every process (the noise generator,
+torch's global ones, Python's), the gradient scaler's (fp16) and ``state.json`` (step, epoch, batch position,
 the run's fingerprint). It is written under a temporary name and renamed, so a run killed
 while saving leaves the previous state intact; only the newest ``keep`` states are kept.
 
@@ -62,8 +62,9 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
 
 
 def save_state(root: Path, info: StateInfo, *, network: torch.nn.Module, optimizer: Any, scheduler: Any,
-               generator: torch.Generator, scaler: Any = None, keep: int = 1) -> Path:
-    """Write a state folder atomically and drop older ones beyond ``keep``."""
+               rng: list[dict[str, Any]], scaler: Any = None, keep: int = 1) -> Path:
+    """Write a state folder atomically and drop older ones beyond ``keep``. ``rng`` holds
+    every process's random generators (:func:`rng_state`), in rank order."""
     from safetensors.torch import save_file
 
     dest = root / f"{STATE_PREFIX}{info.step:08d}"
@@ -73,7 +74,7 @@ def save_state(root: Path, info: StateInfo, *, network: torch.nn.Module, optimiz
         save_file(weights, str(tmp / "network.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(generator), tmp / "rng.pt")
+        torch.save(rng, tmp / "rng.pt")
         if scaler is not None:
             torch.save(scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(info), indent=1), "utf-8")
@@ -114,14 +115,15 @@ def find_state(root: Path, fingerprint: str) -> Path | None:
 
 
 def load_state(folder: Path, *, network: torch.nn.Module, optimizer: Any, scheduler: Any,
-               generator: torch.Generator, scaler: Any = None) -> StateInfo:
+               generator: torch.Generator, scaler: Any = None, rank: int = 0) -> StateInfo:
     from safetensors.torch import load_file
 
     info = read_info(folder)
     network.load_kohya_state_dict(load_file(str(folder / "network.safetensors")), source=str(folder))  # type: ignore[operator]
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", map_location="cpu", weights_only=True))
-    restore_rng(torch.load(folder / "rng.pt", map_location="cpu", weights_only=True), generator)
+    states = torch.load(folder / "rng.pt", map_location="cpu", weights_only=True)
+    restore_rng(states[rank] if rank < len(states) else states[0], generator)
     if scaler is not None and (folder / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(folder / "scaler.pt", map_location="cpu", weights_only=True))
     return info

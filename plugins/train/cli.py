@@ -108,6 +108,8 @@ def register_commands(cli):
                        keyword=keyword or default_keyword(config), state_dir=state_dir, logging_dir=logging_dir,
                        resume=resume, fingerprint=fingerprint)
         result = train(job)
+        if not result.main_process:
+            return
         for line in result.summary:
             console.out.print(line, markup=False)
         console.out.print(f"wrote {display_path(result.lora)}", markup=False)
