@@ -92,7 +92,7 @@ class TrainSettings(BaseModel):
     # --- learning ----------------------------------------------------------------------
     learning_rate: float = Field(1e-4, ge=0, description="the UNet's learning rate (the seed's 100 = 100e-6)")
     text_encoder_lr: float | None = Field(None, ge=0, description="default: 44 % of learning_rate, rounded down to "
-                                          "whole 1e-6; 0 freezes the text encoder")
+                                          "whole 1e-6 (Prodigy: the same); 0 freezes the text encoder")
     optimizer: str = Field("AdamW8bit", description=f"{', '.join(OPTIMIZERS)} (AdamW8bit needs an NVIDIA GPU)")
     optimizer_args: dict[str, Any] = Field(default_factory=dict, description="extra optimizer arguments, "
                                            "e.g. {weight_decay: 0.01}")
@@ -208,6 +208,9 @@ class TrainSettings(BaseModel):
             raise ValueError("save_last_n needs save_every_n_steps or save_every_n_epochs")
         if self.sample_prompts is None and (self.sample_every_n_steps or self.sample_every_n_epochs or self.sample_at_first):
             raise ValueError("sampling needs sample_prompts (a prompt file)")
+        if self.optimizer == "Prodigy" and self.text_encoder_lr not in (None, 0, self.learning_rate):
+            raise ValueError("Prodigy needs the same learning rate for the UNet and the text encoder (or 0 for "
+                             "one of them); leave text_encoder_lr out")
         return self
 
     # --- resolved values -----------------------------------------------------------------
@@ -228,7 +231,11 @@ class TrainSettings(BaseModel):
     def resolved_text_encoder_lr(self) -> float:
         if self.train_unet_only:
             return 0.0
-        return text_encoder_lr_for(self.learning_rate) if self.text_encoder_lr is None else self.text_encoder_lr
+        if self.text_encoder_lr is not None:
+            return self.text_encoder_lr
+        # Prodigy estimates its own step size; its "learning rate" is one multiplier that
+        # must be the same for every trained group
+        return self.learning_rate if self.optimizer == "Prodigy" else text_encoder_lr_for(self.learning_rate)
 
     def method_name(self, keyword: str) -> str:
         """``<keyword>-<Network><Alpha>-<Optimizer>-<dim>-<lr in 1e-6>-<steps>``."""
