@@ -199,12 +199,13 @@ def test_continue_from_an_existing_lora(trained: dict[str, Any], tiny_sd15: Path
     {"optimizer": "Prodigy", "learning_rate": 1.0, "lr_scheduler": "cosine", "lr_warmup_steps": 0.5,
      "max_token_length": 150},
     {"optimizer": "AdamW", "lr_scheduler": "polynomial", "gradient_accumulation_steps": 2, "max_train_epochs": 2,
-     "save_every_n_epochs": 1, "save_last_n": 1},
+     "save_every_n_epochs": 1, "save_last_n": 1, "images": 3},
 ], ids=["adafactor-ckpt-minsnr-offset", "prodigy-cosine-warmup-longprompt", "adamw-accumulate-epochs"])
 def test_optimizers_schedules_and_options_run(tiny_sd15: Path, tmp_path: Path, options: dict[str, Any]) -> None:
     from safetensors import safe_open
 
-    dataset = write_dataset(tmp_path / "data", count=2, repeats=2)
+    options = dict(options)
+    dataset = write_dataset(tmp_path / "data", count=options.pop("images", 2), repeats=2)
     job = make_job(tiny_sd15, dataset, tmp_path / "out", tmp_path / "cache", **{"max_train_steps": 2, **options})
     result = train(job)
     with safe_open(str(result.lora), "pt") as fh:
@@ -214,8 +215,9 @@ def test_optimizers_schedules_and_options_run(tiny_sd15: Path, tmp_path: Path, o
     assert meta["ss_optimizer"].split(".")[-1].split("(")[0] == {"Adafactor": "Adafactor", "Prodigy": "Prodigy",
                                                                   "AdamW": "AdamW"}[options["optimizer"]]
     if "max_train_epochs" in options:
-        # 4 samples in batches of 2, two batches per step: one step per epoch, two epochs
-        assert (result.steps, result.epochs, meta["ss_epoch"]) == (2, 2, "2")
+        # 6 samples in batches of 2, two batches per step: steps of 2 and 1 batches, so two
+        # steps per epoch, four in two epochs
+        assert (result.steps, result.epochs, meta["ss_epoch"], meta["ss_steps"]) == (4, 2, "2", "4")
         # the epoch-1 file was saved, and kept as the last one (the end writes the final file)
         assert sorted(p.name for p in (tmp_path / "out").glob("*.safetensors")) == [
             f"{result.name}-000001.safetensors", f"{result.name}.safetensors"]

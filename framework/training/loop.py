@@ -15,6 +15,7 @@ process writes files.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import deque
@@ -96,8 +97,7 @@ def train(job: TrainJob) -> TrainResult:
     train_te_lr = s.resolved_text_encoder_lr()
     ddp = DistributedDataParallelKwargs(find_unused_parameters=train_te_lr > 0 and job.clip_skip > 1)
     accelerator = Accelerator(
-        mixed_precision=mixed, gradient_accumulation_steps=s.gradient_accumulation_steps,
-        log_with=trackers or None, kwargs_handlers=[ddp], dynamo_backend="inductor" if s.torch_compile else None,
+        mixed_precision=mixed, log_with=trackers or None, kwargs_handlers=[ddp], dynamo_backend="inductor" if s.torch_compile else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
     )
     device = accelerator.device
@@ -188,9 +188,9 @@ def train(job: TrainJob) -> TrainResult:
         ranks = ranks_from_state(continue_state, kind)
     network = create_network(kind, s.network_config(), roots, ranks=ranks)
     if continue_state is not None:
-        report = network.load_kohya_state_dict(continue_state, source=str(s.continue_from))
-        log(f"continuing from {s.continue_from} ({len(report.loaded)} modules"
-            + (f", {len(report.missing)} new" if report.missing else "") + ")")
+        loaded = network.load_kohya_state_dict(continue_state, source=str(s.continue_from))
+        log(f"continuing from {s.continue_from} ({len(loaded.loaded)} modules"
+            + (f", {len(loaded.missing)} new" if loaded.missing else "") + ")")
     network.to(device)
     if s.channels_last:
         model.unet.to(memory_format=torch.channels_last)
@@ -289,6 +289,7 @@ def train(job: TrainJob) -> TrainResult:
     # wait for the GPU every step. A NaN or infinite loss stops the run naming the images
     # of its batch; files are only written after the pending loss was checked.
     pending: tuple[Any, Any, int] | None = None
+    accumulate = s.gradient_accumulation_steps
     #: where the next batch is: a state saved now resumes there
     position = (epoch, skip_batches)
     losses: deque[float] = deque(maxlen=50)
@@ -326,7 +327,15 @@ def train(job: TrainJob) -> TrainResult:
                     batch = batches[index]
                     if index + 1 < len(batches):
                         inputs.prefetch(batches[index + 1], index + 1)
-                    with accelerator.accumulate(*trained_models):
+                    # gradients add up over gradient_accumulation_steps batches (the last group
+                    # of an epoch may be shorter); processes synchronise them once per group
+                    group_start = index - index % accumulate
+                    group_size = min(accumulate, len(batches) - group_start)
+                    sync = index + 1 == group_start + group_size
+                    with contextlib.ExitStack() as no_sync:
+                        if not sync:
+                            for trained in trained_models:
+                                no_sync.enter_context(accelerator.no_sync(trained))
                         # latents and conditioning: cached, or encoded now
                         latents = inputs.latents(batch, index)
                         conditioning = inputs.conditioning(batch, text_encoders, grad="text_encoder" in trained_roots)
@@ -354,14 +363,14 @@ def train(job: TrainJob) -> TrainResult:
                             divisor = snr if model.prediction_type == "epsilon" else snr + 1
                             weights = weights * torch.clamp(snr, max=s.min_snr_gamma) / divisor
                         loss = (loss * weights).mean()
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and s.max_grad_norm:
-                            accelerator.clip_grad_norm_(params, s.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                    if not accelerator.sync_gradients:
+                        accelerator.backward(loss / group_size)
+                    if not sync:
                         continue
-                    # one optimizer step done
+                    # the optimizer step
+                    if s.max_grad_norm:
+                        accelerator.clip_grad_norm_(params, s.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
                     global_step += 1
                     position = (epoch, index + 1)
