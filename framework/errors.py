@@ -105,6 +105,26 @@ class BuildIncomplete(CharfwError):
     exit_code = ExitCode.INCOMPLETE
 
 
+def _missing(module: str, extra: str, purpose: str, why: str) -> MissingDependency:
+    return MissingDependency(
+        f"{purpose} needs the Python package '{module.split('.')[0]}', which is not installed ({why})",
+        hint=f"install it with: pip install 'charfw[{extra}]'",
+    )
+
+
+def check_module(module: str, *, extra: str, purpose: str) -> None:
+    """Like :func:`require_module`, without importing: for checks before a build, which must
+    stay fast when the stage that needs a heavy library is up to date."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError) as exc:
+        raise _missing(module, extra, purpose, str(exc)) from None
+    if not found:
+        raise _missing(module, extra, purpose, f"No module named '{module}'")
+
+
 def require_module(module: str, *, extra: str, purpose: str) -> object:
     """Import an optional dependency, or raise a :class:`MissingDependency` with an install hint."""
     import importlib
@@ -112,8 +132,4 @@ def require_module(module: str, *, extra: str, purpose: str) -> object:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise MissingDependency(
-            f"{purpose} needs the Python package '{module.split('.')[0]}', which is not installed "
-            f"({exc})",
-            hint=f"install it with: pip install 'charfw[{extra}]'",
-        ) from None
+        raise _missing(module, extra, purpose, str(exc)) from None

@@ -90,6 +90,22 @@ def test_build_summary_lists_every_lora(built: Path, run_cli) -> None:
         assert "is not installed" in out and "stopped" in out
 
 
+def test_a_no_op_rebuild_imports_no_model_library(built: Path) -> None:
+    """Up-to-date train, merge and compress stages are checked without torch or diffusers
+    (their import alone takes seconds; the no-op rebuild has 1.5 s in all)."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "charfw", "-C", str(built), "build"],
+                            capture_output=True, text=True, env={**os.environ, "CHARFW_QUIET": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Nothing to do" in result.stdout
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
+    heavy = {"torch", "diffusers", "transformers", "onnxruntime", "rembg", "accelerate", "peft", "safetensors"}
+    assert not imported & heavy, f"a no-op rebuild imports {sorted(imported & heavy)}"
+
+
 def test_an_interrupted_build_resumes_its_training(built: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C during training saves resumable state; the next build continues from it."""
     from charfw.training import batch_inputs

@@ -63,9 +63,12 @@ class RembgRemover(BackgroundRemover):
     Options = RembgOptions
 
     def check(self, options: RembgOptions, ctx: Any) -> None:
-        from charfw.rembg_cutout import import_rembg
+        from charfw.errors import check_module
 
-        import_rembg()
+        # without importing: rembg's import is slow, and a rebuild whose background stage
+        # is up to date must not pay it (the stage's run imports it, with a clear error)
+        check_module("onnxruntime", extra="prep", purpose="background removal with rembg")
+        check_module("rembg", extra="prep", purpose="background removal")
 
     def cache_key(self, options: RembgOptions, ctx: Any) -> Any:
         from charfw.errors import CharfwError
@@ -76,10 +79,52 @@ class RembgRemover(BackgroundRemover):
         except CharfwError:
             path = None
         if path is None:
+            path = self._remembered_model_path(options.model, ctx.cache_dir)
+        if path is None:
             cls = session_classes().get(options.model)
             found = [p for p in model_locations(cls) if p.is_file()] if cls is not None else []
             path = found[0] if found else None
+            if path is not None:
+                self._remember_model_path(options.model, path, ctx.cache_dir)
         return ctx.sha256(path) if path is not None else "not downloaded yet"
+
+    # Where rembg keeps a built-in model's file is known only after importing rembg (about
+    # 2 s). The path found last time is kept under build/.cache, keyed by the environment
+    # variables rembg reads, so a rebuild whose background stage is up to date stays fast.
+
+    @staticmethod
+    def _memo_key(model: str) -> str:
+        import os
+
+        env = [os.environ.get(k, "") for k in ("U2NET_HOME", "XDG_DATA_HOME", "HOME")]
+        return "\0".join([model, *env])
+
+    def _remembered_model_path(self, model: str, cache_dir: Path) -> Path | None:
+        import json
+
+        try:
+            memo = json.loads((cache_dir / "rembg-models.json").read_text(encoding="utf-8"))
+            path = Path(memo[self._memo_key(model)])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return path if path.is_file() else None
+
+    def _remember_model_path(self, model: str, path: Path, cache_dir: Path) -> None:
+        import contextlib
+        import json
+
+        from charfw.atomic import write_json
+
+        file = cache_dir / "rembg-models.json"
+        try:
+            memo = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            memo = {}
+        if not isinstance(memo, dict):
+            memo = {}
+        memo[self._memo_key(model)] = str(path)
+        with contextlib.suppress(OSError):  # only a speed-up
+            write_json(file, memo)
 
     def cutout(self, image, item, options, ctx):
         if options.keep_transparency and image.mode == "RGBA":

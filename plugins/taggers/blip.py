@@ -62,10 +62,10 @@ class BlipTagger(Tagger):
                                  patterns=DOWNLOAD_PATTERNS)
 
     def check(self, options: BlipOptions, ctx: Any) -> None:
-        from charfw.errors import require_module
+        from charfw.errors import check_module
         from charfw.model_files import HF_ID, local_path, offline
 
-        require_module("transformers", extra="prep", purpose="BLIP captions")
+        check_module("transformers", extra="prep", purpose="BLIP captions")
         try:
             self._folder(options, ctx, download=False)
         except CharfwError:

@@ -184,9 +184,9 @@ class WD14Tagger(Tagger):
     # --- engine hooks ------------------------------------------------------------------
 
     def check(self, options: WD14Options, ctx: Any) -> None:
-        from charfw.onnx_runtime import import_onnxruntime
+        from charfw.errors import check_module
 
-        import_onnxruntime("the wd14 tagger")
+        check_module("onnxruntime", extra="prep", purpose="the wd14 tagger")
         try:
             self._model_dir(options, ctx, download=False)
         except CharfwError:

@@ -25,7 +25,7 @@ from pydantic import Field
 
 import charfw
 from charfw.components import Options, Trainer
-from charfw.errors import CharfwError, require_module
+from charfw.errors import CharfwError, check_module
 from charfw.training.settings import TrainSettings
 
 
@@ -52,8 +52,8 @@ class LoraTrainer(Trainer):
         return out
 
     def check(self, options: LoraTrainerOptions, ctx: Any) -> None:
-        require_module("torch", extra="train", purpose="training")
-        require_module("diffusers", extra="train", purpose="training")
+        check_module("torch", extra="train", purpose="training")
+        check_module("diffusers", extra="train", purpose="training")
         from charfw.training.model_sources import resolve_source
 
         model = ctx.part.model
@@ -78,7 +78,7 @@ class LoraTrainer(Trainer):
                 raise CharfwError(
                     f"{ctx.part.label}: optimizer AdamW8bit needs bitsandbytes on an NVIDIA GPU, and this "
                     "machine has none", hint="add train: {plugin: lora, optimizer: AdamW} to the manifest's stages")
-            require_module("bitsandbytes", extra="cuda", purpose="optimizer AdamW8bit")
+            check_module("bitsandbytes", extra="cuda", purpose="optimizer AdamW8bit")
 
     def cache_key(self, options: LoraTrainerOptions, ctx: Any) -> Any:
         """What the engine cannot see: the base model's and VAE's content, the files the

@@ -180,5 +180,11 @@ def test_build_uses_one_session_for_every_part(workspace: Path, rembg_home: Path
     assert len(rembg_remover.MODELS) == 0  # released when the build finished
     face = sorted((workspace / "build" / "krnk" / "face" / "background").glob("*.png"))
     assert len(face) == 30 and any("-white." in p.name for p in face) and any("-black." in p.name for p in face)
+    # the rebuild finds the model file without asking rembg (whose import takes seconds) ...
+    monkeypatch.setattr(rc, "session_classes", lambda: pytest.fail("rembg was asked where its models are"))
     code, out, _ = run_cli("-C", workspace, "build", "krnk", "--until", "background")
     assert "Nothing to do" in out and made == ["u2net"]
+    # ... and still sees a new model file
+    (rembg_home / "u2net.onnx").write_bytes((rembg_home / "u2net.onnx").read_bytes() + b"\0")
+    code, out, _ = run_cli("-C", workspace, "build", "krnk", "--until", "background", "--dry-run")
+    assert "Nothing to do" not in out and "background" in out
