@@ -54,7 +54,7 @@ def caption_folders(ws: Any, folders: Sequence[Path], chain: list[tuple[Any, Any
             if c.status in ("new", "changed"):
                 console.out.print(f"{c.status:9} {display_path(c.path)}: {c.text}", markup=False)
     else:
-        write_captions(changes, overwrite=overwrite or append)
+        write_captions(changes, overwrite=overwrite or append, jobs=jobs_default())
     counts = {s: sum(1 for c in changes if c.status == s) for s in ("new", "changed", "unchanged", "kept")}
     verb = "would write" if dry_run else "wrote"
     written = counts["new"] + (counts["changed"] if (overwrite or append or dry_run) else 0)

@@ -273,19 +273,24 @@ def tag(ctx: click.Context, folders: tuple[Path, ...], taggers: tuple[str, ...],
     Tags come from the folder name (keyword, class tokens, extra tags) and each file's
     angle code. Images are never touched. Several folders, or a parent folder such as
     4_krnk, can be given at once."""
-    from .folders import expand_folders, plan_captions, write_captions
+    from .folders import CaptionWriter, expand_folders, plan_captions, write_captions
     from .stages import jobs_default
 
     ws = workspace_from(ctx)
     chain = _tagger_chain(ws, taggers)
     dirs = expand_folders(list(folders))
-    changes, problems = plan_captions(ws, dirs, chain, strict=strict, jobs=jobs_default())
-    if dry_run:
-        for c in changes:
-            if c.status in ("new", "changed"):
-                console.out.print(f"{c.status:9} {display_path(c.path)}: {c.text}", markup=False)
-    else:
-        write_captions(changes, overwrite=overwrite)
+    if dry_run or strict:  # plan everything first: --strict writes nothing when a file is unusable
+        changes, problems = plan_captions(ws, dirs, chain, strict=strict, jobs=jobs_default())
+        if dry_run:
+            for c in changes:
+                if c.status in ("new", "changed"):
+                    console.out.print(f"{c.status:9} {display_path(c.path)}: {c.text}", markup=False)
+        else:
+            write_captions(changes, overwrite=overwrite, jobs=jobs_default())
+    else:  # each folder is written while the next one is planned
+        with CaptionWriter(overwrite=overwrite, jobs=jobs_default()) as writer:
+            changes, problems = plan_captions(ws, dirs, chain, strict=False, jobs=jobs_default(),
+                                              on_folder=writer.submit)
     counts = {s: sum(1 for c in changes if c.status == s) for s in ("new", "changed", "unchanged", "kept")}
     verb = "would write" if dry_run else "wrote"
     written = counts["new"] + (counts["changed"] if (overwrite or dry_run) else 0)
@@ -328,7 +333,10 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
     except ValidationError as exc:
         raise CharfwError(f"--batch-sizes: {exc.errors()[0]['msg']}") from None
     dirs = expand_folders(list(folders))
-    spec, problems = dataset_spec_for_folders(dirs, relative_to=Path.cwd() if relative else None, jobs=1)
+    from .stages import jobs_default
+
+    spec, problems = dataset_spec_for_folders(dirs, relative_to=Path.cwd() if relative else None,
+                                              jobs=jobs_default())
     for line in problems:
         console.warn(line)
     if not spec.subsets:  # type: ignore[attr-defined]
@@ -421,4 +429,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(ExitCode.INTERRUPTED)
     except BrokenPipeError:
         sys.exit(ExitCode.OK)
+    except OSError as exc:  # the file system refused: a full disk, a folder where a file goes, ...
+        console.error(os_error_line(exc))
+        sys.exit(ExitCode.INPUT_ERROR)
     sys.exit(int(rv or 0))
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a file-system error: the file (the destination of a rename), the reason,
+    and what to do. Outputs are written atomically, so nothing half-written is left."""
+    from .errors import display_path
+
+    target = exc.filename2 if exc.filename2 is not None else exc.filename
+    where = f"{display_path(target)}: " if target is not None else ""
+    return (f"{where}{exc.strerror or exc} (nothing half-written was left); "
+            "free the path or the disk space, then run the same command again")

@@ -102,6 +102,16 @@ def test_tag_reports_bad_names_and_clashing_captions(seed_tree: Path, run_cli) -
     assert "skipped 2 file(s)" in out
 
 
+def test_tag_that_cannot_write_a_caption_says_which_in_one_line(seed_tree: Path, run_cli) -> None:
+    blocked = seed_tree / "krnk girl_f1024" / "b00.txt"
+    blocked.mkdir()  # a folder where the caption goes
+    code, _out, err = run_cli("tag", seed_tree, "--overwrite")
+    assert code == 3 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "b00.txt: Is a directory" in err
+    assert (seed_tree / "krnk girl_f0512" / "f00.txt").is_file()  # the other folders were written
+    assert not [p for p in blocked.parent.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
 def test_tag_strict_stops_before_writing_anything(seed_tree: Path, run_cli) -> None:
     img(seed_tree / "krnk girl_f1024" / "portrait.png", (64, 64))
     code, _out, err = run_cli("tag", seed_tree, "--strict")
@@ -150,6 +160,37 @@ def test_toml_reads_sizes_from_headers_and_reports_bad_files(seed_tree: Path, ru
     assert code == 0
     assert "f02.png: empty file (0 bytes)" in err
     assert "f03.png: truncated or corrupt image data" in err
+
+
+def test_toml_reads_large_sets_in_worker_processes_with_the_same_result(seed_tree: Path, run_cli,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above PARALLEL_SIZES_FROM images the headers are read by forked processes in chunks;
+    the config and the reported problems are those of the sequential reading, in order."""
+    from charfw import folders
+
+    folder = seed_tree / "krnk girl_f0512"
+    (folder / "f02.png").write_bytes(b"")
+    (folder / "f03.png").write_bytes((folder / "f00.png").read_bytes()[:20])
+    code, sequential, err_seq = run_cli("toml", seed_tree, "--dry-run")
+    import concurrent.futures
+
+    pools = []
+
+    class CountingPool(concurrent.futures.ProcessPoolExecutor):
+        def map(self, fn, *iterables, **kwargs):
+            chunks = list(iterables[0])
+            pools.append([len(c) for c in chunks])
+            return super().map(fn, chunks, **kwargs)
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)
+    monkeypatch.setattr(folders, "PARALLEL_SIZES_FROM", 0)
+    monkeypatch.setattr(folders, "CHUNK", 2)
+    monkeypatch.setattr("charfw.stages.jobs_default", lambda: 2)
+    code_par, parallel, err_par = run_cli("toml", seed_tree, "--dry-run")
+    assert code == code_par == 0
+    assert parallel == sequential and "resolution = [1024, 1024]" in parallel
+    assert err_par == err_seq and "f02.png: empty file (0 bytes)" in err_par
+    assert pools == [[2, 2, 2, 2]]  # 8 images (6 readable), in chunks of 2, in worker processes
 
 
 def test_toml_unknown_batch_table(seed_tree: Path, run_cli) -> None:
