@@ -39,6 +39,13 @@ def find_images(paths: Sequence[Path], *, recursive: bool = False,
                             key=lambda f: natural_key(str(f.relative_to(p))))
         else:
             raise CharfwError("no such file or folder", path=p)
+    if not found:
+        nested = not recursive and any(
+            f.is_file() and is_image_name(f.name, suffixes) for p in paths if p.is_dir() for f in p.rglob("*"))
+        where = ", ".join(str(p) for p in paths)
+        raise CharfwError(f"no images in {where}",
+                          hint="add -r to look in sub-folders" if nested else
+                          f"give image files or folders that hold them ({', '.join(sorted(suffixes))})")
     seen: set[Path] = set()
     out = []
     for f in found:

@@ -127,6 +127,19 @@ def test_command_keeps_the_best_copy_and_never_touches_sources(collected: Path, 
     assert code == 3 and "source folder" in err
 
 
+def test_no_images_is_an_error_that_suggests_sub_folders(tmp_path: Path, run_cli) -> None:
+    nested = tmp_path / "4_krnk" / "krnk girl_f512"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(nested / "f00.png")
+    code, _, err = run_cli("dedup", tmp_path / "4_krnk")
+    assert code == 3 and err.strip() == f"error: no images in {tmp_path / '4_krnk'}; add -r to look in sub-folders"
+    code, out, _ = run_cli("dedup", tmp_path / "4_krnk", "-r")
+    assert code == 0 and "1 image(s)" in out
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli("cutout", tmp_path / "empty", "-o", tmp_path / "out")
+    assert code == 3 and "no images in" in err and ".png" in err and "Traceback" not in err
+
+
 def test_filter_stage_in_a_build(workspace: Path, run_cli) -> None:
     face = workspace / "characters" / "krnk" / "face"
     shutil.copy(face / "f00.png", face / "f00-copy.png")  # the same picture twice
