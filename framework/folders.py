@@ -270,40 +270,45 @@ PARALLEL_SIZES_FROM = 2000
 CHUNK = 250
 
 
-def _sizes_in_chunks(files: list[Path], jobs: int, on_chunk) -> list[tuple[int, int] | str]:
+def _sizes_in_chunks(files: list[Path], jobs: int, description: str) -> list[tuple[int, int] | str]:
     """Header reads are Python work in Pillow (the GIL makes threads useless), so large
-    sets are read by forked worker processes, in chunks, in order."""
+    sets are read by forked worker processes, in chunks, in order. The workers are forked
+    before the progress bar starts its thread (a fork copies no running thread)."""
+    import contextlib
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from . import console
+
     chunks = [files[i:i + CHUNK] for i in range(0, len(files), CHUNK)]
-    fork = "fork" in multiprocessing.get_all_start_methods()
-    if jobs < 2 or len(files) < PARALLEL_SIZES_FROM or not fork:
-        results = []
-        for chunk in chunks:
-            results.extend(_image_sizes(chunk))
-            on_chunk(len(chunk))
-        return results
-    results = []
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-        for chunk, sizes in zip(chunks, pool.map(_image_sizes, chunks), strict=True):
-            results.extend(sizes)
-            on_chunk(len(chunk))
+    parallel = (jobs > 1 and len(files) >= PARALLEL_SIZES_FROM
+                and "fork" in multiprocessing.get_all_start_methods())
+    results: list[tuple[int, int] | str] = []
+    with contextlib.ExitStack() as stack:
+        if parallel:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=jobs,
+                                                           mp_context=multiprocessing.get_context("fork")))
+            pool.submit(int).result()  # forks every worker now
+            sizes = pool.map(_image_sizes, chunks)
+        else:
+            sizes = map(_image_sizes, chunks)
+        bar = stack.enter_context(console.progress(len(files), description, unit="img"))
+        for chunk, chunk_sizes in zip(chunks, sizes, strict=True):
+            results.extend(chunk_sizes)
+            bar.advance(len(chunk))
     return results
 
 
 def dataset_spec_for_folders(folders: list[Path], *, relative_to: Path | None, jobs: int) -> tuple[object, list[str]]:
     """A :class:`~charfw.components.DatasetSpec` for image folders, reading image sizes
     from headers only. Returns (spec, problems: unreadable images, left out)."""
-    from . import console
     from .components import DatasetSpec, SubsetSpec
     from .items import list_images
 
     problems: list[str] = []
     listed = [(folder, parse_folder(folder), list_images(folder, KOHYA_IMAGE_SUFFIXES)) for folder in folders]
     every = [path for _, _, files in listed for path in files]
-    with console.progress(len(every), "reading image sizes", unit="img") as bar:
-        results = iter(_sizes_in_chunks(every, jobs, bar.advance))
+    results = iter(_sizes_in_chunks(every, jobs, "reading image sizes"))
     subsets = []
     for folder, info, files in listed:
         sizes = []
