@@ -107,3 +107,42 @@ def test_model_references(tmp_path: Path) -> None:
         resolve_source("models/missing.safetensors", cache_dir=tmp_path)
     with pytest.raises(CharfwError, match="unknown built-in"):
         resolve_source("charfw:huge", cache_dir=tmp_path)
+
+
+def test_a_hugging_face_id_trains_from_the_hub_cache(tiny_sd15: Path, tmp_path: Path) -> None:
+    """``--base-model org/name`` goes through diffusers' and transformers' hub loading: here
+    from a Hugging Face cache laid out as a download leaves it, offline (no test reaches
+    the network); the file records the id as kohya does."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from train_support import write_dataset
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--charfw-test--tiny-sd15"
+    shutil.copytree(tiny_sd15, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    dataset = write_dataset(tmp_path / "data", count=2)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "CHARFW_QUIET": "1",
+           "CHARFW_PLUGINS": "", "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "charfw", "train", str(dataset), "--base-model", "charfw-test/tiny-sd15",
+            "--network", "lora", "--dim", "4", "--optimizer", "AdamW", "--max-train-steps", "1",
+            "--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--log-with", "none"]
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (lora,) = (tmp_path / "out").glob("*.safetensors")
+    with safe_open(str(lora), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_sd_model_name"] == "charfw-test/tiny-sd15" and meta["ss_network_module"] == "networks.lora"
+    assert json.loads(meta["ss_tag_frequency"])
+    # an id that is not in the cache, offline: one line that says what to do
+    args[args.index("charfw-test/tiny-sd15")] = "charfw-test/missing"
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert "cannot load the base model 'charfw-test/missing'" in result.stderr
+    assert "check the id and your network" in result.stderr
