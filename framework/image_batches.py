@@ -10,7 +10,8 @@ few threads, since Pillow releases the GIL while it decodes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,21 @@ from .items import natural_key
 
 if TYPE_CHECKING:
     from PIL import Image
+
+
+def for_each_index(fn: Callable[[int], None], n: int, workers: int | None = None) -> None:
+    """``fn(0) … fn(n - 1)`` on up to ``workers`` threads (default: up to 4, one per core).
+
+    For the per-image pre- and post-processing of a batch (resizing, padding, hashing),
+    which is numpy and Pillow work that releases the GIL; each call writes its own slot
+    of a preallocated array, so the order does not matter."""
+    workers = max(1, min(n, workers if workers is not None else min(4, os.cpu_count() or 1)))
+    if workers == 1:
+        for i in range(n):
+            fn(i)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(fn, range(n)))
 
 
 def find_images(paths: Sequence[Path], *, recursive: bool = False,

@@ -24,12 +24,12 @@ compared each new image with every kept one in a Python loop; here:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .image_batches import for_each_index
 
 if TYPE_CHECKING:
     import numpy as np
@@ -93,14 +93,7 @@ def phashes(images: Sequence[Image.Image], *, exact: bool = False, workers: int 
     def one(i: int) -> None:
         stack[i] = small_gray(images[i])
 
-    n = len(images)
-    workers = max(1, min(n, workers if workers is not None else min(4, os.cpu_count() or 1)))
-    if workers <= 1:
-        for i in range(n):
-            one(i)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(one, range(n)))
+    for_each_index(one, len(images), workers)
     return phash_from_arrays(stack)
 
 

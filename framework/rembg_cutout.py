@@ -35,13 +35,13 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import console
 from .errors import CharfwError, MissingDependency
+from .image_batches import for_each_index
 from .model_files import offline
 from .onnx_runtime import batch_dimension, import_onnxruntime, warn_if_fell_back
 
@@ -300,19 +300,6 @@ def _inside(path: Path, root: Path) -> bool:
 # --- the vectorised pre/post-processing ----------------------------------------------------
 
 
-def _workers(workers: int | None, n: int) -> int:
-    return max(1, min(n, workers if workers is not None else min(4, os.cpu_count() or 1)))
-
-
-def _map(fn: Any, n: int, workers: int) -> None:
-    if workers <= 1:
-        for i in range(n):
-            fn(i)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(fn, range(n)))
-
-
 def preprocess(images: Sequence[Image.Image], params: SessionParameters, *,
                workers: int | None = None) -> np.ndarray:
     """rembg's ``normalize`` for a batch: NCHW float32, written into one array
@@ -333,7 +320,7 @@ def preprocess(images: Sequence[Image.Image], params: SessionParameters, *,
         np.multiply(arr, (1.0 / (top * std)).astype(np.float32), out=batch[i])
         batch[i] -= mean / std
 
-    _map(one, len(images), _workers(workers, len(images)))
+    for_each_index(one, len(images), workers)
     return batch
 
 
@@ -355,7 +342,7 @@ def postprocess(output: np.ndarray, images: Sequence[Image.Image], params: Sessi
         m = ((pred - lo) / (hi - lo) * 255).astype(np.uint8)
         masks[i] = Image.fromarray(m, mode="L").resize(images[i].size, Image.Resampling.BILINEAR)
 
-    _map(one, len(images), _workers(workers, len(images)))
+    for_each_index(one, len(images), workers)
     return masks
 
 

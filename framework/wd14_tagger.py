@@ -25,14 +25,13 @@ fixed at 1 (most v2 exports) get one per image.
 from __future__ import annotations
 
 import csv
-import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import CharfwError
+from .image_batches import for_each_index
 from .onnx_runtime import batch_dimension, describe_signature, open_session
 
 if TYPE_CHECKING:
@@ -129,13 +128,7 @@ def preprocess_batch(images: Sequence[Image.Image], size: int, *, workers: int |
         rgb = np.asarray(prepare_image(images[i], size))
         batch[i] = rgb[:, :, ::-1]  # RGB → BGR and uint8 → float32 in the same copy
 
-    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    if workers <= 1 or n <= 1:
-        for i in range(n):
-            one(i)
-    else:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(one, range(n)))
+    for_each_index(one, n, workers)
     return batch
 
 
