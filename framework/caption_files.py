@@ -34,33 +34,44 @@ JAPANESE_SUFFIX = "_jp.txt"
 
 
 def caption_folders(ws: Any, folders: Sequence[Path], chain: list[tuple[Any, Any]], *, overwrite: bool,
-                    append: bool, dry_run: bool, strict: bool) -> list[Any]:
-    """Run a tagger chain over image folders and write ``.txt`` captions beside the images,
-    the way ``charfw tag`` does (new captions written, differing ones kept unless
-    ``overwrite``; ``append`` adds the new tags after the existing ones)."""
-    from .folders import expand_folders, plan_captions, write_captions
+                    append: bool = False, dry_run: bool = False, strict: bool = False,
+                    kept_hint: str = "use --overwrite or --append") -> list[Any]:
+    """Run a tagger chain over image folders and write ``.txt`` captions beside the images
+    (``charfw tag``, ``charfw wd14``, ``charfw caption``): new captions are written,
+    differing ones kept unless ``overwrite``; ``append`` adds the new tags after the
+    existing ones. Each folder is written while the next one is planned, except with
+    ``strict`` (nothing is written when a file is unusable) or ``dry_run``."""
+    from .folders import CaptionWriter, expand_folders, plan_captions, write_captions
     from .stages import jobs_default
 
-    dirs = expand_folders(list(folders))
-    changes, problems = plan_captions(ws, dirs, chain, strict=strict, jobs=jobs_default())
-    if append:
-        for change in changes:
+    def appended(changes: list[Any]) -> list[Any]:
+        for change in changes if append else []:
             if change.old is not None and change.status == "changed":
                 merged = join_caption(unique_tags([*split_caption(change.old), *split_caption(change.text)]))
                 change.text = merged
                 change.status = "unchanged" if merged == change.old.strip() else "changed"
-    if dry_run:
-        for c in changes:
-            if c.status in ("new", "changed"):
-                console.out.print(f"{c.status:9} {display_path(c.path)}: {c.text}", markup=False)
+        return changes
+
+    dirs = expand_folders(list(folders))
+    if dry_run or strict:
+        changes, problems = plan_captions(ws, dirs, chain, strict=strict, jobs=jobs_default())
+        appended(changes)
+        if dry_run:
+            for c in changes:
+                if c.status in ("new", "changed"):
+                    console.out.print(f"{c.status:9} {display_path(c.path)}: {c.text}", markup=False)
+        else:
+            write_captions(changes, overwrite=overwrite or append, jobs=jobs_default())
     else:
-        write_captions(changes, overwrite=overwrite or append, jobs=jobs_default())
+        with CaptionWriter(overwrite=overwrite or append, jobs=jobs_default()) as writer:
+            changes, problems = plan_captions(ws, dirs, chain, strict=False, jobs=jobs_default(),
+                                              on_folder=lambda folder: writer.submit(appended(folder)))
     counts = {s: sum(1 for c in changes if c.status == s) for s in ("new", "changed", "unchanged", "kept")}
     verb = "would write" if dry_run else "wrote"
     written = counts["new"] + (counts["changed"] if (overwrite or append or dry_run) else 0)
     msg = f"{verb} {written} caption(s) in {len(dirs)} folder(s); {counts['unchanged']} unchanged"
     if counts["kept"]:
-        msg += f"; kept {counts['kept']} that differ (use --overwrite or --append)"
+        msg += f"; kept {counts['kept']} that differ ({kept_hint})"
     if problems:
         msg += f"; skipped {len(problems)} file(s)"
     console.out.print(msg, markup=False)

@@ -273,33 +273,11 @@ def tag(ctx: click.Context, folders: tuple[Path, ...], taggers: tuple[str, ...],
     Tags come from the folder name (keyword, class tokens, extra tags) and each file's
     angle code. Images are never touched. Several folders, or a parent folder such as
     4_krnk, can be given at once."""
-    from .folders import CaptionWriter, expand_folders, plan_captions, write_captions
-    from .stages import jobs_default
+    from .caption_files import caption_folders
 
     ws = workspace_from(ctx)
-    chain = _tagger_chain(ws, taggers)
-    dirs = expand_folders(list(folders))
-    if dry_run or strict:  # plan everything first: --strict writes nothing when a file is unusable
-        changes, problems = plan_captions(ws, dirs, chain, strict=strict, jobs=jobs_default())
-        if dry_run:
-            for c in changes:
-                if c.status in ("new", "changed"):
-                    console.out.print(f"{c.status:9} {display_path(c.path)}: {c.text}", markup=False)
-        else:
-            write_captions(changes, overwrite=overwrite, jobs=jobs_default())
-    else:  # each folder is written while the next one is planned
-        with CaptionWriter(overwrite=overwrite, jobs=jobs_default()) as writer:
-            changes, problems = plan_captions(ws, dirs, chain, strict=False, jobs=jobs_default(),
-                                              on_folder=writer.submit)
-    counts = {s: sum(1 for c in changes if c.status == s) for s in ("new", "changed", "unchanged", "kept")}
-    verb = "would write" if dry_run else "wrote"
-    written = counts["new"] + (counts["changed"] if (overwrite or dry_run) else 0)
-    msg = f"{verb} {written} caption(s) in {len(dirs)} folder(s); {counts['unchanged']} unchanged"
-    if counts["kept"]:
-        msg += f"; kept {counts['kept']} that differ (use --overwrite to replace them)"
-    if problems:
-        msg += f"; skipped {len(problems)} file(s)"
-    console.out.print(msg, markup=False)
+    caption_folders(ws, list(folders), _tagger_chain(ws, taggers), overwrite=overwrite, dry_run=dry_run,
+                    strict=strict, kept_hint="use --overwrite to replace them")
 
 
 # --- toml --------------------------------------------------------------------------------
