@@ -15,7 +15,8 @@ The text encoder keeps the ``text_model.`` level of transformers 4 even where tr
 dropped it from ``CLIPTextModel`` (``encoder.layers.0…``): A1111 and ComfyUI only recognise
 ``lora_te_text_model_encoder_layers_N_…``.
 
-The trainer uses this to name what it trains; the tests and the benchmark use it to make
+The walk itself is the trainer's (:mod:`charfw.training.networks.targets`); this module
+describes its targets by path and weight shape, for the tests and the benchmark that make
 files with the real inventory (SD 1.5 with conv: 72 + 192 + 22 + 14 + 50 = 350 modules).
 """
 
@@ -24,14 +25,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-UNET_TARGETS = ("Transformer2DModel",)
-UNET_CONV_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-TE_TARGETS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+from ..training.networks.targets import (
+    TEXT_ENCODER_TARGETS,
+    UNET_ATTENTION_TARGETS,
+    find_targets,
+    text_model_prefix,
+)
+
+#: the classes that join the targets with conv_dim
+CONV_ONLY_TARGETS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 
 
 @dataclass(frozen=True)
 class Target:
-    """One layer a LoRA module changes."""
+    """One layer a LoRA module changes, described without the layer itself."""
 
     #: kohya's module name (the key prefix), e.g. ``lora_unet_mid_block_attentions_0_proj_in``
     name: str
@@ -51,45 +58,27 @@ class Target:
         return self.is_conv and self.shape[2:] != (1, 1)
 
 
-def _walk(root: Any, classes: tuple[str, ...], prefix: str, model: str, *, conv3: bool,
-          rename: Any = None) -> list[Target]:
-    out: list[Target] = []
-    seen: set[str] = set()
-    for name, module in root.named_modules():
-        if type(module).__name__ not in classes:
-            continue
-        for child_name, child in module.named_modules():
-            kind = type(child).__name__
-            if kind not in ("Linear", "Conv2d"):
-                continue
-            shape = tuple(int(s) for s in child.weight.shape)
-            if kind == "Conv2d" and shape[2:] != (1, 1) and not conv3:
-                continue
-            path = f"{name}.{child_name}" if child_name else name
-            kohya_path = rename(path) if rename else path
-            key = f"{prefix}_{kohya_path.replace('.', '_')}"
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append(Target(key, path, model, shape))
-    return out
+def _described(model: Any, root: str, **walk: Any) -> list[Target]:
+    """The trainer's own target walk (:func:`~charfw.training.networks.targets.find_targets`),
+    with each layer's path and weight shape instead of the layer."""
+    paths = {id(m): p for p, m in model.named_modules()}
+    return [Target(t.name, paths[id(t.layer)], root, tuple(int(n) for n in t.layer.weight.shape))
+            for t in find_targets(model, root=root, **walk)]
 
 
 def unet_targets(unet: Any, *, conv: bool = True) -> list[Target]:
-    """kohya's targets in a diffusers SD 1.x/2.x UNet; ``conv`` adds the resnets and samplers."""
-    targets = _walk(unet, UNET_TARGETS, "lora_unet", "unet", conv3=False)
+    """kohya's targets in a diffusers SD 1.x/2.x UNet; ``conv`` adds the resnets and samplers
+    (listed after the attention layers)."""
+    targets = _described(unet, "unet", prefix="lora_unet", classes=UNET_ATTENTION_TARGETS, conv3x3=False)
     if conv:
-        targets += _walk(unet, UNET_CONV_TARGETS, "lora_unet", "unet", conv3=True)
+        targets += _described(unet, "unet", prefix="lora_unet", classes=CONV_ONLY_TARGETS, conv3x3=True)
     return targets
 
 
 def text_encoder_targets(text_encoder: Any, *, prefix: str = "lora_te") -> list[Target]:
     """kohya's targets in a transformers CLIP text model (``text_model.`` level restored)."""
-
-    def rename(path: str) -> str:
-        return path if path.startswith("text_model.") else f"text_model.{path}"
-
-    return _walk(text_encoder, TE_TARGETS, prefix, "text_encoder", conv3=False, rename=rename)
+    return _described(text_encoder, "text_encoder", prefix=prefix, classes=TEXT_ENCODER_TARGETS,
+                      path_prefix=text_model_prefix(text_encoder), conv3x3=False)
 
 
 def sd15_targets(*, conv: bool = True) -> list[Target]:
