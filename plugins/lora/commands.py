@@ -276,11 +276,7 @@ def register_commands(cli):
             new, report = resize_lora(lora, rule, precision=parse_precision(precision), threads=threads,
                                       progress=bar.advance)
         saved = new.save(dest)
-        if verbose:
-            for m in report.modules:
-                console.out.print(m.line(rule.method != "rank"), markup=False, highlight=False)
-        for line in report.lines():
-            console.out.print(line, markup=False, highlight=False)
+        _print_svd_report(report, rule, verbose)
         console.out.print(f"wrote {display_path(saved.path)} ({_human(saved.size)}, was {_human(file.stat().st_size)}) "
                           f"in {report.seconds:.1f} s", markup=False)
 
@@ -331,11 +327,7 @@ def register_commands(cli):
             merged, report = merge_loras(inputs, rule, precision=parse_precision(precision), clamp_quantile=clamp_quantile,
                                          other=other_value, threads=threads, progress=bar.advance)
         saved = merged.save(output)
-        if verbose:
-            for m in report.modules:
-                console.out.print(m.line(rule.method != "rank"), markup=False, highlight=False)
-        for line in report.lines():
-            console.out.print(line, markup=False, highlight=False)
+        _print_svd_report(report, rule, verbose)
         console.out.print(f"wrote {display_path(saved.path)} ({_human(saved.size)})", markup=False)
 
     @lora_group.command("presets")
@@ -351,6 +343,17 @@ def register_commands(cli):
                 label = {"sd1": "SD1", "sdxl": "SDXL"}[fam]
                 console.out.print(f"{name:<10} {label:<4} {len(values):>2}: {','.join(f'{v:g}' for v in values)}",
                                   markup=False, highlight=False)
+
+
+def _print_svd_report(report: Any, rule: Any, verbose: bool) -> None:
+    """The per-module lines (with ``--verbose``) and the summary of a resize or merge."""
+    from charfw import console
+
+    if verbose:
+        for m in report.modules:
+            console.out.print(m.line(rule.method != "rank"), markup=False, highlight=False)
+    for line in report.lines():
+        console.out.print(line, markup=False, highlight=False)
 
 
 def _float(text: str, what: str) -> float:
