@@ -408,17 +408,10 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         sys.exit(ExitCode.OK)
     except OSError as exc:  # the file system refused: a full disk, a folder where a file goes, ...
-        console.error(os_error_line(exc))
-        sys.exit(ExitCode.INPUT_ERROR)
+        error = CharfwError(f"{exc.strerror or exc} (nothing half-written was left)",
+                            path=exc.filename2 if exc.filename2 is not None else exc.filename,
+                            hint="free the path or the disk space, then run the same command again")
+        console.error(str(error))
+        sys.exit(error.exit_code)
     sys.exit(int(rv or 0))
 
-
-def os_error_line(exc: OSError) -> str:
-    """One line for a file-system error: the file (the destination of a rename), the reason,
-    and what to do. Outputs are written atomically, so nothing half-written is left."""
-    from .errors import display_path
-
-    target = exc.filename2 if exc.filename2 is not None else exc.filename
-    where = f"{display_path(target)}: " if target is not None else ""
-    return (f"{where}{exc.strerror or exc} (nothing half-written was left); "
-            "free the path or the disk space, then run the same command again")
