@@ -414,4 +414,3 @@ def main(argv: list[str] | None = None) -> None:
         console.error(str(error))
         sys.exit(error.exit_code)
     sys.exit(int(rv or 0))
-

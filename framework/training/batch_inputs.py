@@ -46,12 +46,12 @@ class BatchInputs:
         self.vae_batch_size = vae_batch_size
         self.digests: dict[Path, str] = {}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="charfw-pixels")
-        idle_cores = device.type == "cpu" and torch.get_num_threads() < (os.cpu_count() or 1)
-        self._encode_in_worker = idle_cores
+        #: a CPU with cores torch leaves idle: the worker encodes the next batch there too
+        self._encode_in_worker = device.type == "cpu" and torch.get_num_threads() < (os.cpu_count() or 1)
         # On a CPU whose every core runs the step, a second thread's decoding and tensor work
         # only competes with it (a second OpenMP team on the same cores: measured 12 % slower
         # per step on 2 cores); there the next batch is made when it is needed.
-        self._prefetch = device.type != "cpu" or idle_cores
+        self._prefetch = device.type != "cpu" or self._encode_in_worker
         self._pending: dict[int, Future[tuple[bool, dict[int, torch.Tensor]]]] = {}
 
     # --- before training -----------------------------------------------------------------
