@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,7 +95,3 @@ def progress(total: int | None, description: str, *, unit: str = "img", postfix:
     with Progress(*columns, console=err, transient=False) as bar:
         task = bar.add_task(description, total=total, postfix=postfix)
         yield Bar(bar, task)
-
-
-def is_interactive() -> bool:
-    return sys.stdin.isatty() and err.is_terminal

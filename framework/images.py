@@ -56,10 +56,6 @@ class ImageInfo:
     def pixels(self) -> int:
         return self.width * self.height
 
-    @property
-    def has_alpha(self) -> bool:
-        return self.mode in ("RGBA", "LA", "PA", "RGBa", "La") or self.mode == "P-transparent"
-
 
 def _reason(exc: BaseException) -> str:
     text = str(exc)

@@ -239,9 +239,6 @@ class PluginSystem:
                     f"plugin {info.name} ({info.source}) failed in {hook}: {type(exc).__name__}: {exc}"
                 ) from exc
 
-    def plugin_info(self, name: str) -> PluginInfo:
-        return self.infos[name]
-
 
 def _import_file(path: Path) -> ModuleType:
     mod_name = f"charfw_workspace_plugins.{path.stem}"

@@ -52,9 +52,6 @@ class TagTable:
     names: tuple[str, ...]
     categories: tuple[int, ...]
 
-    def indices(self, category: int) -> list[int]:
-        return [i for i, c in enumerate(self.categories) if c == category]
-
 
 def read_tag_table(path: Path) -> TagTable:
     """Read ``selected_tags.csv``; a missing or malformed file is a one-line error."""

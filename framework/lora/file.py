@@ -113,10 +113,6 @@ _CONV1_NAME = re.compile(r"^lora_unet_.*_(?:conv_shortcut|skip_connection)$")
 _PROJ_NAME = re.compile(r"^lora_unet_.*_(?:proj_in|proj_out)$")
 
 
-def is_text_encoder(name: str) -> bool:
-    return name.startswith(TE_PREFIXES)
-
-
 def conv_kernel_from_name(name: str, family: str) -> int | None:
     """The kernel size of the layer a kohya module name points at: 3, 1, or None (Linear).
 

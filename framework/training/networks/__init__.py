@@ -10,8 +10,8 @@ loha       LyCORIS LoHa          as lora3x3 (conv_dim 0: as lora)             Lo
 
 One folder per method (``lora/``, ``loha/``) holds its ``config.py`` and ``layer.py``;
 :mod:`.targets` selects layers and names them as kohya does, :mod:`.network` holds the
-adapters. :func:`create_network` builds a network for a model, :func:`network_from_file`
-builds the one a kohya file describes (the loader charfw's tests and sampler use).
+adapters. :func:`create_network` builds a network for a model, and :func:`detect_file_type` tells
+which type a kohya file holds (for continuing from it).
 """
 
 from __future__ import annotations
@@ -117,28 +117,3 @@ def detect_file_type(state: Mapping[str, torch.Tensor]) -> NetworkType:
     kinds = sorted({s.split(".")[0] for s in suffixes})[:4]
     raise CharfwError(f"not a kohya LoRA or LoHa file (its modules hold {', '.join(kinds)})",
                       hint="charfw reads lora_down/lora_up (LoRA, LoCon) and hada_* (LoHa) files")
-
-
-def network_from_file(state: Mapping[str, torch.Tensor], roots: list[NetworkRoot], *,
-                      multiplier: float = 1.0) -> Network:
-    """The network a kohya file describes, with its weights, for the given model (only
-    the modules the file names, each at its own rank, as kohya's file loader does)."""
-    from .network import Network, ranks_from_state
-    from .targets import enumerate_targets
-
-    kind = detect_file_type(state)
-    ranks = ranks_from_state(state, kind)
-    all_targets = enumerate_targets(roots, conv3x3=True)
-    names = {t.name for t in all_targets}
-    unknown = sorted(set(ranks) - names)
-    if unknown:
-        raise CharfwError(f"the file has {len(unknown)} module(s) this model does not have (e.g. {unknown[0]})",
-                          hint="is it a LoRA for another model family?")
-    targets = [t for t in all_targets if t.name in ranks]
-    first = next(iter(ranks.values()))
-    config = kind.config_factory(dim=first[0], alpha=first[1], conv_dim=first[0] if kind.allows_conv else None,
-                                 conv_alpha=first[1])
-    network = Network.create(kind, config, targets, ranks=ranks)
-    network.load_kohya_state_dict(state)
-    network.set_multiplier(multiplier)
-    return network
