@@ -41,7 +41,7 @@ from .workspace import Workspace
 from .yaml_lines import Loc
 
 #: bump when the engine's record layout or generic stage behaviour changes
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"
 RECORD_NAME = "record.json"
 
 
@@ -439,8 +439,55 @@ def read_record(stage_dir: Path) -> StageRecord | None:
         return None
 
 
-def _output_fingerprint(output: StageOutput) -> str:
-    return fingerprint(output.model_dump(mode="json", exclude={"summary"}))
+def chain_records(chain: list[ResolvedPick], ctx: StageContext) -> list[dict[str, Any]]:
+    """What each component of a stage's chain contributes to its fingerprint, by name.
+
+    ``plugin_version`` is the installed distribution's version for an entry-point plugin
+    and ``file-<sha256>`` of the source for a workspace plugin file, so editing a plugin
+    re-runs its stages even when the component's ``version`` was not bumped. Each
+    component's ``cache_key()`` is called here, once per stage run."""
+    return [
+        {
+            "component": r.component.name,
+            "version": r.component.version,
+            "plugin": r.plugin.name,
+            "plugin_version": "" if r.plugin.source == "built-in" else r.plugin.version,
+            "options": r.options.model_dump(mode="json"),
+            "cache_key": r.component.cache_key(r.options, ctx),
+        }
+        for r in chain
+    ]
+
+
+def stage_key(ps: PlannedStage, ctx: StageContext, root: Path) -> dict[str, Any]:
+    """Everything a stage's output depends on except its upstream outputs: the stage, its
+    chain (plugins, versions, options, cache keys) and the part fields it reads. The engine
+    adds the inputs' fingerprints; per-image caches key on this plus each image."""
+    key: dict[str, Any] = {
+        "stage": ps.spec.name,
+        "chain": chain_records(ps.chain, ctx),
+        "part": _part_key(ps.spec, ps.part, root),
+    }
+    if ps.spec.absolute_paths:
+        key["location"] = ps.dir.as_posix()
+    return key
+
+
+def output_fingerprint(output: StageOutput, root: Path, hash_cache: HashCache) -> str:
+    """The fingerprint later stages depend on: the output record (items carry their
+    content hashes and tags) plus the content of every file and folder it names, so that
+    a changed caption or image in a dataset folder re-runs training."""
+    contents: dict[str, Any] = {}
+    for path in [*output.files.values(), *output.folders.values()]:
+        full = Path(path) if os.path.isabs(path) else root / path
+        if full.is_dir():
+            contents[path] = [
+                [f.relative_to(full).as_posix(), hash_cache.sha256(f)]
+                for f in sorted(full.rglob("*")) if f.is_file()
+            ]
+        elif full.is_file():
+            contents[path] = hash_cache.sha256(full)
+    return fingerprint(output.model_dump(mode="json", exclude={"summary"}), contents)
 
 
 def _intact(ws_root: Path, output: StageOutput) -> bool:
@@ -469,32 +516,38 @@ def _part_key(spec: StageSpec, part: PartInfo, root: Path) -> dict[str, Any]:
 
 def _what_changed(old: StageRecord, key: dict[str, Any]) -> str:
     """A short reason for re-running, from the differences between two fingerprints."""
-    old_key = old.key
     if old.engine != ENGINE_VERSION:
         return "charfw's engine changed"
-    old_chain, new_chain = old_key.get("chain", []), key.get("chain", [])
-    if [c[:3] for c in old_chain] != [c[:3] for c in new_chain]:
+    old_chain, new_chain = old.key.get("chain", []), key.get("chain", [])
+
+    def column(chain: list[dict[str, Any]], *names: str) -> list[Any]:
+        return [[c.get(n) for n in names] for c in chain]
+
+    if column(old_chain, "component", "version", "plugin") != column(new_chain, "component", "version", "plugin"):
         return "plugin or plugin version changed"
-    if [c[3] for c in old_chain] != [c[3] for c in new_chain]:
+    if column(old_chain, "plugin_version") != column(new_chain, "plugin_version"):
+        return "plugin code changed"
+    if column(old_chain, "options") != column(new_chain, "options"):
         return "options changed"
-    if [c[4] for c in old_chain] != [c[4] for c in new_chain]:
+    if column(old_chain, "cache_key") != column(new_chain, "cache_key"):
         changed = _changed_files(old_chain, new_chain)
         return f"inputs changed ({changed})" if changed else "inputs changed"
-    if old_key.get("part") != key.get("part"):
-        fields = sorted(k for k in key.get("part", {}) if old_key.get("part", {}).get(k) != key["part"].get(k))
+    if old.key.get("part") != key.get("part"):
+        old_part, new_part = old.key.get("part", {}), key.get("part", {})
+        fields = sorted(k for k in new_part if old_part.get(k) != new_part.get(k))
         return f"manifest changed ({', '.join(fields)})"
-    if old_key.get("inputs") != key.get("inputs"):
+    if old.key.get("inputs") != key.get("inputs"):
         return "upstream output changed"
-    if old_key.get("location") != key.get("location"):
+    if old.key.get("location") != key.get("location"):
         return "the workspace moved"
     return "changed"
 
 
-def _changed_files(old_chain: list[Any], new_chain: list[Any]) -> str:
+def _changed_files(old_chain: list[dict[str, Any]], new_chain: list[dict[str, Any]]) -> str:
     """Names of files whose hashes differ, when a cache key is a list of [name, sha256]."""
     names: list[str] = []
     for old, new in zip(old_chain, new_chain, strict=False):
-        a, b = old[4], new[4]
+        a, b = old.get("cache_key"), new.get("cache_key")
         if isinstance(a, list) and isinstance(b, list):
             try:
                 da, db = dict(map(tuple, a)), dict(map(tuple, b))
@@ -503,8 +556,7 @@ def _changed_files(old_chain: list[Any], new_chain: list[Any]) -> str:
             names += [n for n in sorted(set(da) | set(db)) if da.get(n) != db.get(n)]
     if not names:
         return ""
-    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return shown
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 # --- running -----------------------------------------------------------------------------
@@ -707,19 +759,8 @@ def _run_stage(
         inputs[key] = outputs[dep.key]
 
     ctx = _make_context(ws, ps, opts, hash_cache, inputs)
-    key = {
-        "stage": spec.name,
-        "chain": [
-            [r.component.name, r.component.version,
-             r.plugin.version if r.plugin.source != "built-in" else "",
-             r.options.model_dump(mode="json"), r.component.cache_key(r.options, ctx)]
-            for r in ps.chain
-        ],
-        "part": _part_key(spec, ps.part, ws.root),
-        "inputs": {k: fingerprints[d.key] for k, d in ps.deps.items()},
-    }
-    if spec.absolute_paths:
-        key["location"] = ps.dir.as_posix()
+    ctx.stage_key = stage_key(ps, ctx, ws.root)
+    key = {**ctx.stage_key, "inputs": {k: fingerprints[d.key] for k, d in ps.deps.items()}}
     fp = fingerprint(ENGINE_VERSION, key)
     ctx.fingerprint = fp
     up_to_date = (
@@ -757,7 +798,7 @@ def _run_stage(
         _remove_empty_dirs(ps.dir, ws.build_dir)
         raise
     seconds = time.perf_counter() - t0
-    out_fp = _output_fingerprint(output)
+    out_fp = output_fingerprint(output, ws.root, hash_cache)
     rec = StageRecord(
         engine=ENGINE_VERSION,
         charfw=__version__,

@@ -96,6 +96,10 @@ class StageContext:
     #: the stage's fingerprint (inputs, plugins, options): a trainer can tag resumable
     #: state with it so that state from other settings is never resumed
     fingerprint: str = ""
+    #: what the stage's output depends on besides its inputs (its chain of plugins with
+    #: versions, options and cache keys, and the part fields it reads), as named records;
+    #: set by the engine, and the key under which per-image results are cached
+    stage_key: dict[str, Any] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # --- paths -------------------------------------------------------------------------

@@ -72,14 +72,18 @@ class StageSpec:
 class ItemMemo:
     """Per-image results of a stage, kept under ``<stage>/.memo/<key>.json``.
 
-    The key covers the component chain, its options and the input image, so a re-run
-    after a change (or after an interruption) only redoes the images that need it.
+    The key covers the stage's key (the component chain with plugin versions, options and
+    cache keys, and the part fields the stage reads: a part's tags, keyword or class tokens
+    for the tag stage) and the input image, so a re-run after a change (or after an
+    interruption) only redoes the images that need it, and always redoes those.
     """
 
-    def __init__(self, ctx: StageContext, static: Any) -> None:
+    def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.dir = ctx.stage_dir / MEMO_DIR
-        self.static = fingerprint(static)
+        if not ctx.stage_key:
+            raise RuntimeError("per-image caching needs the stage key the engine puts on the context")
+        self.static = fingerprint(ctx.stage_key)
         self.used: set[str] = set()
 
     def key(self, item: ImageItem, *extra: Any) -> str:
@@ -164,13 +168,6 @@ def _write_png(ctx: StageContext, image: Any, item: ImageItem, new_id: str, key:
     )
 
 
-def _chain_key(chain: Chain, ctx: StageContext) -> list[Any]:
-    return [
-        [c.name, c.version, o.model_dump(mode="json") if hasattr(o, "model_dump") else o, c.cache_key(o, ctx)]
-        for c, o in chain
-    ]
-
-
 # --- runners -----------------------------------------------------------------------------
 
 
@@ -211,7 +208,7 @@ def _per_image(
 ) -> list[ImageItem]:
     """Decode each input image and ``transform`` it (image, item, memo key → new items),
     in worker threads, reusing per-image results of earlier runs."""
-    memo = ItemMemo(ctx, _chain_key(chain, ctx))
+    memo = ItemMemo(ctx)
 
     def work(item: ImageItem) -> list[ImageItem]:
         key = memo.key(item)
@@ -326,7 +323,7 @@ def caption_text(tags: list[str]) -> str:
 
 
 def run_tag(ctx: StageContext, chain: Chain) -> StageOutput:
-    memo = ItemMemo(ctx, _chain_key(chain, ctx))
+    memo = ItemMemo(ctx)
     items = ctx.input_items()
     keys = [memo.key(item) for item in items]
     results: dict[int, ImageItem | None] = {}

@@ -275,8 +275,8 @@ def test_records_say_what_a_stage_depended_on(built: Path) -> None:
     record = json.loads((built / "build/krnk/face/ingest/record.json").read_text())
     assert record["stage"] == "ingest" and record["part"] == "krnk/face"
     chain = record["key"]["chain"][0]
-    assert chain[0] == "folder" and chain[3]["require_codes"] is True
-    hashes = dict(chain[4])
+    assert chain["component"] == "folder" and chain["options"]["require_codes"] is True
+    hashes = dict(chain["cache_key"])
     assert hashes["f00.png"] == hashlib.sha256((built / "characters/krnk/face/f00.png").read_bytes()).hexdigest()
     assert record["plugins"][0]["plugin"] == "charfw.sources.folder" and record["seconds"] >= 0
     assert record["key"]["part"]["images_dir"] == "characters/krnk/face"
