@@ -12,6 +12,7 @@ shows and trusts them unchecked).
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from datetime import datetime
@@ -26,6 +27,18 @@ if TYPE_CHECKING:
     from .families import LoadedModel
     from .networks.network import Network
     from .settings import TrainJob
+
+
+def clock() -> float:
+    """Now, for the file header's times; ``SOURCE_DATE_EPOCH`` (the reproducible-builds
+    convention) fixes it, so that two builds of the same workspace give identical bytes."""
+    fixed = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    if fixed:
+        try:
+            return float(fixed)
+        except ValueError:
+            pass
+    return time.time()
 
 
 def _s(value: Any) -> str:
@@ -138,8 +151,8 @@ def save_lora(path: Path, network: Network, *, precision: str, metadata: dict[st
     from ..lora.file import write_safetensors
 
     header = {**metadata, "ss_steps": str(step), "ss_epoch": str(epoch),
-              "ss_training_finished_at": str(time.time()),
-              "modelspec.date": datetime.now().astimezone().isoformat(timespec="seconds")}
+              "ss_training_finished_at": str(clock()),
+              "modelspec.date": datetime.fromtimestamp(clock()).astimezone().isoformat(timespec="seconds")}
     dtype = {"fp16": "fp16", "bf16": "bf16", "float": "fp32"}[precision]
     return write_safetensors(path, network.kohya_state_dict(), header, dtype=dtype)
 
