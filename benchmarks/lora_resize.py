@@ -45,9 +45,9 @@ DEFAULT_FILE = Path(tempfile.gettempdir()) / "charfw-bench" / "sd15-Lora3x3-128-
 def generate(dest: Path, *, dim: int = 128, conv_dim: int = 128, alpha: float = 64, seed: int = 0) -> None:
     """Write the benchmark file (fp16, kohya names and metadata)."""
     import torch
+    from kohya_names import sd15_targets
 
     from charfw.lora.file import write_safetensors
-    from charfw.lora.kohya_names import sd15_targets
 
     gen = torch.Generator().manual_seed(seed)
     tensors = {}

@@ -130,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import rembg
+    from tiny_prep_models import build_mask_model, build_wd14_tagger
 
-    from charfw.near_duplicates import phashes
-    from charfw.rembg_cutout import Segmenter
-    from charfw.tiny_prep_models import build_mask_model, build_wd14_tagger
-    from charfw.wd14_tagger import Thresholds, WD14Model
+    from charfw.prep.dedup import phashes
+    from charfw.prep.rembg import Segmenter
+    from charfw.prep.wd14 import Thresholds, WD14Model
 
     images = test_images(args.images)
     results: dict[str, dict[str, list[float]]] = {}

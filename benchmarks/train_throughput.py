@@ -281,7 +281,7 @@ def main() -> None:
     if model_name == "sd15":
         model = build_random_sd15(work / "sd15-random", torch.float16)
     else:
-        from charfw.tiny_sd import build_tiny_sd15
+        from charfw.training.tiny_sd import build_tiny_sd15
 
         model = work / "tiny-sd15"
         if not (model / "model_index.json").is_file():

@@ -38,9 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .items import ImageItem
+    from charfw.build.items import ImageItem
+    from charfw.build.template_library import TemplateLibrary
+
     from .stage_context import StageContext, StageOutput
-    from .template_library import TemplateLibrary
 
 
 class Options(BaseModel):

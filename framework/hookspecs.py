@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
     import click
 
+    from charfw.build.plan import Plan
+    from charfw.build.run import BuildSummary, StageReport
+
     from .components import (
         BackgroundRemover,
         BlockMerger,
@@ -35,7 +38,6 @@ if TYPE_CHECKING:
         Tagger,
         Trainer,
     )
-    from .engine import BuildSummary, Plan, StageReport
 
 hookspec = pluggy.HookspecMarker("charfw")
 hookimpl = pluggy.HookimplMarker("charfw")

@@ -2,7 +2,7 @@
 
 Plugins come from three places, loaded in this order:
 
-1. the built-in plugins: every module in the ``charfw_plugins`` package (the repository's
+1. the built-in plugins: every module in the ``charfw.default_plugins`` package (the repository's
    ``plugins/`` folder) whose name does not start with ``_``;
 2. installed packages with an entry point in the ``charfw`` group;
 3. single ``*.py`` files in the workspace's plugins folder (``<workspace>/plugins/``, or
@@ -37,7 +37,7 @@ from .components import KINDS, Component
 from .errors import CharfwError, PluginError, display_path
 
 ENTRY_POINT_GROUP = "charfw"
-BUILTIN_PACKAGE = "charfw_plugins"
+BUILTIN_PACKAGE = "charfw.default_plugins"
 
 
 @dataclass
@@ -203,9 +203,6 @@ class PluginSystem:
         folder = self.plugins_dir
         if folder is None or not folder.is_dir():
             return
-        builtin = Path(importlib.import_module(BUILTIN_PACKAGE).__file__ or "").parent
-        if folder.resolve() == builtin.resolve():
-            return  # the repository itself is the workspace: its plugins/ are the built-ins
         allowed = _allowed()
         for path in sorted(folder.glob("*.py")):
             if path.name.startswith("_") or (allowed is not None and path.stem not in allowed):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Hashable
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,11 +12,39 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from charfw.build.hashing import HashCache
+from charfw.build.items import ImageItem, from_record_path, to_record_path
+from charfw.build.template_library import TemplateLibrary
+
 from . import console
 from .errors import CharfwError, ImageError, display_path
-from .hashing import HashCache
-from .items import ImageItem, from_record_path, to_record_path
-from .template_library import TemplateLibrary
+
+
+class ModelCache:
+    """Models loaded for the length of one build (or one command), then released.
+
+    Loading a tagger or a segmentation model takes seconds and hundreds of megabytes, and
+    a build runs the same stage for the face and every body. Model-backed components get
+    their models with ``ctx.models.get(key, load)``: one load per key per build, created
+    once under a lock (stages call in from worker threads). The engine clears the cache
+    when the build ends, and a command clears its own when it ends."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._models: dict[Hashable, Any] = {}
+
+    def get(self, key: Hashable, factory: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key not in self._models:
+                self._models[key] = factory()
+            return self._models[key]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
 
 
 @dataclass(frozen=True)
@@ -100,6 +129,8 @@ class StageContext:
     #: versions, options and cache keys, and the part fields it reads), as named records;
     #: set by the engine, and the key under which per-image results are cached
     stage_key: dict[str, Any] = field(default_factory=dict)
+    #: models loaded in this build, shared by its stages; cleared when the build ends
+    models: ModelCache = field(default_factory=ModelCache)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # --- paths -------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def run_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch)
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny SD 1.5 diffusers folder, built once per test session."""
-    from charfw.tiny_sd import build_tiny_sd15
+    from charfw.training.tiny_sd import build_tiny_sd15
 
     return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")
 

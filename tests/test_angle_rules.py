@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from charfw.angles import AngleCode, parse_code
-from charfw.hashing import HashCache
-from charfw.items import ImageItem
+from charfw.build.angles import AngleCode, parse_code
+from charfw.build.hashing import HashCache
+from charfw.build.items import ImageItem
+from charfw.build.stages import tag_items
+from charfw.build.template_library import TemplateLibrary
 from charfw.stage_context import PartInfo, StageContext
-from charfw.stages import tag_items
-from charfw.template_library import TemplateLibrary
 
 METHOD_F00 = (
     "krnk, white background, black background, simple background, from horizontal, "

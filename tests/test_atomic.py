@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from charfw import atomic
+from charfw.build import atomic
 
 
 def test_write_replaces_in_one_step(tmp_path: Path) -> None:

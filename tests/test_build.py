@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from charfw import kohya_config
+from charfw.folders import kohya_config
 
 UNTIL = ("--until", "dataset")
 
@@ -78,11 +78,11 @@ def test_build_makes_datasets_and_reports_them(workspace: Path, run_cli) -> None
 
 def test_a_second_build_does_nothing(built: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
     records = {p: p.stat().st_mtime_ns for p in built.glob("build/**/record.json")}
-    import charfw.hashing
+    import charfw.build.hashing
 
     reads = []
-    real = charfw.hashing.sha256_file
-    monkeypatch.setattr(charfw.hashing, "sha256_file", lambda p: reads.append(p) or real(p))
+    real = charfw.build.hashing.sha256_file
+    monkeypatch.setattr(charfw.build.hashing, "sha256_file", lambda p: reads.append(p) or real(p))
     code, out, _ = run_cli("build", "krnk", *UNTIL, cwd=built)
     assert code == 0
     assert "Nothing to do: all 10 stages are up to date" in out
@@ -238,7 +238,7 @@ def test_missing_images_folder(workspace: Path, run_cli) -> None:
 
 
 def test_an_interrupted_build_resumes_where_it_stopped(workspace: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    from charfw_plugins.prepare.square import SquarePreparer
+    from charfw.default_plugins.prepare.square import SquarePreparer
 
     real = SquarePreparer.prepare
     calls: list[str] = []

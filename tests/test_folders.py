@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from charfw import kohya_config
 from charfw.errors import CharfwError
-from charfw.folders import expand_folders, parse_folder
+from charfw.folders import kohya_config
+from charfw.folders.convention import expand_folders, parse_folder
 
 
 def img(path: Path, size: tuple[int, int], mode: str = "RGB") -> Path:
@@ -166,7 +166,7 @@ def test_toml_reads_large_sets_in_worker_processes_with_the_same_result(seed_tre
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """Above PARALLEL_SIZES_FROM images the headers are read by forked processes in chunks;
     the config and the reported problems are those of the sequential reading, in order."""
-    from charfw import folders
+    from charfw.folders import convention as folders
 
     folder = seed_tree / "krnk girl_f0512"
     (folder / "f02.png").write_bytes(b"")
@@ -185,7 +185,7 @@ def test_toml_reads_large_sets_in_worker_processes_with_the_same_result(seed_tre
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", CountingPool)
     monkeypatch.setattr(folders, "PARALLEL_SIZES_FROM", 0)
     monkeypatch.setattr(folders, "CHUNK", 2)
-    monkeypatch.setattr("charfw.stages.jobs_default", lambda: 2)
+    monkeypatch.setattr("charfw.build.stages.jobs_default", lambda: 2)
     code_par, parallel, err_par = run_cli("toml", seed_tree, "--dry-run")
     assert code == code_par == 0
     assert parallel == sequential and "resolution = [1024, 1024]" in parallel

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from charfw import images
+from charfw.build import images
 from charfw.errors import ImageError
 
 
@@ -109,7 +109,7 @@ def test_composite_and_border_colour() -> None:
 
 
 def prepare(image: Image.Image, background=None, **options) -> Image.Image:
-    from charfw.items import ImageItem
+    from charfw.build.items import ImageItem
     from charfw.plugins import load_plugins
 
     prep = load_plugins(None).registry.get("preparer", "square")

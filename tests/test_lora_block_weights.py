@@ -21,6 +21,7 @@ from lora_support import (
     save,
 )
 
+from charfw.build.template_library import TemplateLibrary
 from charfw.errors import CharfwError
 from charfw.lora.block_weights import (
     BLOCKS17,
@@ -32,7 +33,6 @@ from charfw.lora.block_weights import (
     resolve_weights,
 )
 from charfw.lora.file import read_lora
-from charfw.template_library import TemplateLibrary
 
 PRESETS = load_presets()
 
@@ -94,7 +94,7 @@ def test_module_to_block(name: str, block: str | None) -> None:
 
 
 def test_the_sd15_inventory_fills_the_blocks_as_lbw_expects() -> None:
-    from charfw.lora.kohya_names import sd15_targets
+    from kohya_names import sd15_targets
 
     counts: dict[str | None, int] = {}
     for t in sd15_targets(conv=True):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kohya_names import text_encoder_targets, unet_targets
 from lora_support import one_torch_thread, reference_delta
 
 from charfw.lora.block_weights import (
@@ -19,7 +20,6 @@ from charfw.lora.block_weights import (
     resolve_weights,
 )
 from charfw.lora.file import read_lora, write_safetensors
-from charfw.lora.kohya_names import text_encoder_targets, unet_targets
 from charfw.lora.svd import RankRule, resize_lora
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)

@@ -109,7 +109,7 @@ def test_manifest_weights_and_options_override_the_defaults(ws: Path, run_cli) -
 
 @pytest.mark.parametrize(("kind", "preset"), [("face", "FACE"), ("body", "BODY"), ("group", "BODY")])
 def test_default_weights_by_part_kind(kind: str, preset: str) -> None:
-    from charfw_plugins.lora.block_weights import BlockWeightOptions, weights_spec
+    from charfw.default_plugins.lora.block_weights import BlockWeightOptions, weights_spec
 
     assert weights_spec(BlockWeightOptions(), kind) == preset
     assert weights_spec(BlockWeightOptions(weights="OUTD"), kind) == "OUTD"

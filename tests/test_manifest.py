@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from charfw.build.workspace import Workspace
 from charfw.errors import ManifestError
-from charfw.workspace import Workspace
 
 GOOD = """\
 name: mia
@@ -48,7 +48,7 @@ def problems(ws: Path, name: str = "mia") -> list[str]:
 
 
 def plan_problems(ws: Path, name: str = "mia") -> list[str]:
-    from charfw.engine import make_plan
+    from charfw.build.plan import make_plan
 
     with pytest.raises(ManifestError) as info:
         make_plan(Workspace(ws), [name])
@@ -173,7 +173,7 @@ def test_stage_option_values_are_validated(tmp_path: Path) -> None:
 
 
 def test_part_stage_options_merge_over_the_character_block(tmp_path: Path) -> None:
-    from charfw.engine import make_plan
+    from charfw.build.plan import make_plan
 
     tmp_path = tmp_path / "ws"
     text = GOOD.replace("    tags: [hoodie, jeans]\n",

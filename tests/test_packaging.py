@@ -7,7 +7,7 @@ import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MAPPING = {"framework": "charfw", "templates": "charfw.templates", "plugins": "charfw_plugins"}
+MAPPING = {"framework": "charfw", "templates": "charfw.templates", "plugins": "charfw.default_plugins"}
 
 
 def test_every_package_folder_is_listed() -> None:

@@ -221,10 +221,10 @@ from pathlib import Path
 from PIL import Image
 
 import charfw
-from charfw import atomic
+from charfw.build import atomic
 from charfw.components import (BackgroundRemover, BlockMerger, Compressor, DatasetWriter, ImageFilter,
                                ImagePreparer, Options, Sampler, Source, Trainer)
-from charfw.items import ImageItem
+from charfw.build.items import ImageItem
 from charfw.stage_context import StageOutput
 
 CALLS = Path(__file__).parent.parent / "calls.jsonl"

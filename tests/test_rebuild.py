@@ -86,7 +86,7 @@ def repaint_one_image(ws: Path) -> None:
 
 
 def add_caption_rule(ws: Path) -> None:
-    from charfw.template_library import TemplateLibrary
+    from charfw.build.template_library import TemplateLibrary
 
     rules = TemplateLibrary(None).find("tags/angle-rules.yaml").read_text("utf-8")
     dest = ws / "templates/tags/angle-rules.yaml"
@@ -152,7 +152,7 @@ INTERRUPTS = {
 def test_ctrl_c_in_a_stage_then_rebuild_equals_an_uninterrupted_build(
     stage: str, quick_ws: Path, run_cli
 ) -> None:
-    from charfw import atomic
+    from charfw.build import atomic
 
     reference = clean_build(quick_ws, run_cli)
     clean_build_dir(quick_ws)

@@ -227,7 +227,7 @@ def test_adamw8bit_without_a_gpu_is_a_clear_error(workspace: Path, tiny_sd15: Pa
 
 
 def test_tiny_model_defaults_fill_only_unset_options() -> None:
-    from charfw_plugins.train.lora import LoraTrainerOptions
+    from charfw.default_plugins.train.lora import LoraTrainerOptions
 
     tiny = LoraTrainerOptions.model_validate({"max_train_steps": 5}).for_model("charfw:tiny-sd15")
     assert (tiny.dim, tiny.optimizer, tiny.max_train_steps, tiny.resolution) == (8, "AdamW", 5, 128)
@@ -243,7 +243,7 @@ def test_readme_training_examples_are_valid() -> None:
 
     import yaml
 
-    from charfw_plugins.train.lora import LoraTrainerOptions
+    from charfw.default_plugins.train.lora import LoraTrainerOptions
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
     section = readme[readme.index("## Training"):readme.index("## Plugins")]

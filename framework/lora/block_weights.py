@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CharfwError
 
 if TYPE_CHECKING:
-    from ..template_library import TemplateLibrary
+    from charfw.build.template_library import TemplateLibrary
+
     from .file import LoraFile, LoraModule
 
 PRESETS_FILE = "block-weights/presets.yaml"
@@ -187,7 +188,7 @@ def _preset_entry(name: str, value: Any, source: str) -> Preset:
 def read_presets_file(path: Path) -> dict[str, Preset]:
     """Presets from a YAML file (``presets: {NAME: vector}``) or an LBW ``lbwpresets.txt``
     (``NAME:v1,v2,…`` lines; lines with ``#`` are ignored, as LBW does)."""
-    from ..template_library import read_yaml_file
+    from charfw.build.template_library import read_yaml_file
 
     source = str(path)
     if path.suffix.lower() == ".txt":
@@ -219,7 +220,7 @@ def load_presets(templates: TemplateLibrary | None = None, extra: Iterable[Path]
     """charfw's presets, then the workspace's ``templates/block-weights/presets.yaml``, then
     ``extra`` files; a later preset replaces an earlier one of the same name."""
     if templates is None:
-        from ..template_library import TemplateLibrary
+        from charfw.build.template_library import TemplateLibrary
 
         templates = TemplateLibrary(None)
     presets: dict[str, Preset] = {}

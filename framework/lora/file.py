@@ -51,7 +51,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from ..atomic import atomic_path
+from charfw.build.atomic import atomic_path
+
 from ..errors import CharfwError
 
 # --- dtypes ------------------------------------------------------------------------------

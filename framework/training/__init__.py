@@ -17,6 +17,7 @@ module                     what it holds
 :mod:`.batch_inputs`       a batch's latents and conditioning, image checks before training
 :mod:`.optimizers`         optimizers and learning-rate schedules by kohya's names
 :mod:`.train_state`        resumable state (step, optimizer, schedule, random generators)
+:mod:`.interrupts`         Ctrl-C acted on at the next step boundary, where state is consistent
 :mod:`.sample_prompts`     kohya's sample-prompt syntax and sampling during training
 :mod:`.lora_output`        the file's ``ss_*`` metadata and saving
 :mod:`.lora_loader`        applying a trained file to a diffusers pipeline (baked ΔW)

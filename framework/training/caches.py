@@ -20,7 +20,7 @@ import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import atomic
+from charfw.build import atomic
 
 if TYPE_CHECKING:
     import torch

@@ -14,7 +14,7 @@ import gzip
 import json
 from pathlib import Path
 
-from .. import atomic
+from charfw.build import atomic
 
 MERGES_GZ = Path(__file__).parent / "model_configs" / "sd15" / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
 VOCAB_SIZE = 49408

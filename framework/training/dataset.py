@@ -1,6 +1,6 @@
 """Training data from a kohya dataset config: images, captions, buckets, and each epoch's batches.
 
-The TOML is read with :mod:`charfw.kohya_config` (sd-scripts' schema and its
+The TOML is read with :mod:`charfw.folders.kohya_config` (sd-scripts' schema and its
 subset → dataset → general → default precedence), so ``charfw train`` accepts exactly the
 files ``train_network.py --dataset_config`` accepts, and understands them the same way:
 
@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import kohya_config
+from charfw.build.images import KOHYA_IMAGE_SUFFIXES
+from charfw.build.items import list_images
+from charfw.folders import kohya_config
+
 from ..errors import CharfwError, ImageError
-from ..images import KOHYA_IMAGE_SUFFIXES
-from ..items import list_images
 from .buckets import BucketSettings, Size, choose_bucket, resize_for_bucket
 
 if TYPE_CHECKING:
@@ -161,7 +162,7 @@ class TrainingData:
     def load(cls, config_path: Path, *, resolution: int | None = None, default_resolution: int = 512,
              relative_to: Path | None = None) -> TrainingData:
         """Read the TOML, list every subset's images and probe their sizes (headers only)."""
-        from .. import images
+        from charfw.build import images
 
         config = kohya_config.load(config_path)
         subsets = kohya_config.resolve_subsets(config)
@@ -469,7 +470,7 @@ def make_caption(entry: ImageEntry, rng: random.Random, epoch: int) -> str:
 
 def load_image(entry: ImageEntry) -> Image.Image:
     """The image as 8-bit RGB (transparency dropped as sd-scripts drops it); raises ImageError."""
-    from .. import images
+    from charfw.build import images
 
     image = images.to_rgb_or_rgba(images.load(entry.path))
     return image.convert("RGB") if image.mode != "RGB" else image

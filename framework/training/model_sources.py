@@ -85,7 +85,7 @@ def ensure_builtin(source: ModelSource) -> Path:
     """Build a built-in model on first use (atomically: a half-built model never appears)."""
     assert source.kind == "builtin" and source.path is not None
     if not (source.path / "model_index.json").is_file():
-        from ..tiny_sd import build_tiny_sd15
+        from charfw.training.tiny_sd import build_tiny_sd15
 
         build_tiny_sd15(source.path)
     return source.path

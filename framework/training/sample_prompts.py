@@ -161,7 +161,7 @@ def generate_samples(model: LoadedModel, prompts: list[SamplePrompt], *, out_dir
     The training's random generators are left untouched (sampling has its own)."""
     import torch
 
-    from .. import atomic
+    from charfw.build import atomic
 
     family = model.family
     written = []

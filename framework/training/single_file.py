@@ -176,7 +176,7 @@ def save_checkpoint(dest: str | Path, unet: Any, vae: Any, text_encoder: Any, *,
     """Write diffusers/transformers models as one LDM-layout ``.safetensors`` file."""
     from safetensors.torch import save_file
 
-    from ..atomic import atomic_path
+    from charfw.build.atomic import atomic_path
 
     state = to_ldm(unet.state_dict(), unet.config, vae.state_dict(), vae.config, text_encoder.state_dict())
     if dtype is not None:

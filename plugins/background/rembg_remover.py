@@ -8,7 +8,7 @@ engine puts each cut-out on the manifest's colour(s), like the ``flat`` remover.
 Images that already have transparency keep it (``keep_transparency``): an illustrator
 who exported a clean alpha channel knows better than a model. One session per model
 serves every part of a build; it is released when the build ends. Model files are
-never downloaded silently (see :mod:`charfw.rembg_cutout`).
+never downloaded silently (see :mod:`charfw.prep.rembg`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pydantic import Field
 
 import charfw
 from charfw.components import BackgroundOptions, BackgroundRemover
-from charfw.model_cache import ModelCache
+from charfw.stage_context import ModelCache
 
 MODELS = ModelCache()
 
@@ -47,8 +47,8 @@ class RembgOptions(BackgroundOptions):
 
 def segmenter(options: RembgOptions, bases: list[Path]) -> Any:
     """The session for these options, shared for the length of the build or command."""
-    from charfw.onnx_runtime import choose_providers
-    from charfw.rembg_cutout import Segmenter
+    from charfw.prep.onnx_runtime import choose_providers
+    from charfw.prep.rembg import Segmenter
 
     providers = choose_providers(options.providers, auto_order=("cuda", "cpu"), purpose="rembg")
     key = (options.model, options.model_type, tuple(providers), tuple(str(b) for b in bases))
@@ -72,7 +72,7 @@ class RembgRemover(BackgroundRemover):
 
     def cache_key(self, options: RembgOptions, ctx: Any) -> Any:
         from charfw.errors import CharfwError
-        from charfw.rembg_cutout import custom_model_path, model_locations, session_classes
+        from charfw.prep.rembg import custom_model_path, model_locations, session_classes
 
         try:
             path = custom_model_path(options.model, [ctx.workspace_root, Path.cwd()])
@@ -113,7 +113,7 @@ class RembgRemover(BackgroundRemover):
         import contextlib
         import json
 
-        from charfw.atomic import write_json
+        from charfw.build.atomic import write_json
 
         file = cache_dir / "rembg-models.json"
         try:
@@ -177,11 +177,16 @@ def register_commands(cli):
         Sources are only read. Results that exist are skipped, so an interrupted run
         resumes; --overwrite redoes them."""
         from charfw import console
+        from charfw.build.images import composite, has_transparency, save_png
+        from charfw.build.items import safe_file_stem
         from charfw.components import color_name, parse_color
         from charfw.errors import CharfwError, display_path
-        from charfw.image_batches import Problems, check_output_folder, find_images, iter_batches
-        from charfw.images import composite, has_transparency, save_png
-        from charfw.items import safe_file_stem
+        from charfw.prep.image_batches import (
+            Problems,
+            check_output_folder,
+            find_images,
+            iter_batches,
+        )
 
         try:
             rgbs = [parse_color(c) for c in colors]

@@ -105,9 +105,9 @@ def register_commands(cli):
         from pydantic import ValidationError
 
         from charfw import console
-        from charfw.caption_files import add_common_tags, caption_paths
         from charfw.cli import workspace_from
         from charfw.errors import CharfwError
+        from charfw.folders.caption_files import add_common_tags, caption_paths
 
         try:
             tags = CommonTagOptions(tags=list(tags)).tags
@@ -133,8 +133,8 @@ def register_commands(cli):
         Tags not in the dictionary stay in English; the most frequent of them are listed
         so that they can be added to templates/tags/ja.yaml in the workspace."""
         from charfw import console
-        from charfw.caption_files import caption_paths, load_dictionary, write_japanese
         from charfw.cli import workspace_from
+        from charfw.folders.caption_files import caption_paths, load_dictionary, write_japanese
 
         ws = workspace_from(ctx)
         dictionary = load_dictionary(ws.templates, dictionaries)
@@ -154,9 +154,10 @@ def register_commands(cli):
     @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file.")
     def report(folders, fmt, top, output):
         """Count how many captions hold each tag."""
-        from charfw import atomic, console
-        from charfw.caption_files import caption_paths, frequency_report, tag_frequencies
+        from charfw import console
+        from charfw.build import atomic
         from charfw.errors import display_path
+        from charfw.folders.caption_files import caption_paths, frequency_report, tag_frequencies
 
         paths = caption_paths(folders)
         text = frequency_report(tag_frequencies(paths), len(paths), fmt=fmt, top=top)

@@ -2,7 +2,7 @@
 
 The seed's options are accepted under their old spellings too (``--max_num``,
 ``--out_dir``). A run can be interrupted and repeated: URLs and image contents already
-seen are skipped (see :mod:`charfw.image_collector`). Next steps for the images are
+seen are skipped (see :mod:`charfw.prep.bing`). Next steps for the images are
 usually ``charfw dedup`` and ``charfw rembg``.
 """
 
@@ -17,7 +17,7 @@ import charfw
 
 @charfw.hookimpl
 def register_commands(cli):
-    from charfw.image_collector import BING_ENDPOINT, COLOR_FILTERS, TYPE_FILTERS
+    from charfw.prep.bing import BING_ENDPOINT, COLOR_FILTERS, TYPE_FILTERS
 
     @cli.command("collect")
     @click.option("-q", "--query", required=True, help='What to search for, e.g. "猫 かわいい イラスト".')
@@ -43,7 +43,7 @@ def register_commands(cli):
         skipped. A record of every URL is kept in OUT/.charfw-collect.json."""
         from charfw import console
         from charfw.errors import display_path
-        from charfw.image_collector import CollectState, collect
+        from charfw.prep.bing import CollectState, collect
 
         before = CollectState.load(out).saved(query) if out.is_dir() else 0
         todo = max(0, max_num - before)

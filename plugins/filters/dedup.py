@@ -41,10 +41,10 @@ class DedupOptions(Options):
 
 def _hash_items(items: list[Any], options: DedupOptions, ctx: Any) -> dict[str, tuple[int, int | None]]:
     """pHash (and mirror hash) per item id, cached by content hash across builds."""
-    from charfw import atomic
+    from charfw.build import atomic
+    from charfw.build.images import load, to_rgb_or_rgba
     from charfw.errors import CharfwError
-    from charfw.images import load, to_rgb_or_rgba
-    from charfw.near_duplicates import flipped, phashes
+    from charfw.prep.dedup import flipped, phashes
 
     cache_path = ctx.cache_dir / CACHE_NAME
     try:
@@ -87,8 +87,8 @@ class DedupFilter(ImageFilter):
     Options = DedupOptions
 
     def select(self, items, options, ctx):
-        from charfw import atomic
-        from charfw.near_duplicates import Candidate, find_groups, report_data
+        from charfw.build import atomic
+        from charfw.prep.dedup import Candidate, find_groups, report_data
 
         hashes = _hash_items(items, options, ctx)
         candidates = [
@@ -132,10 +132,16 @@ def register_commands(cli):
 
         Nothing is deleted or moved: with --out, the kept images are copied there (with
         their caption files); the report lists every group and distance."""
-        from charfw import atomic, console
+        from charfw import console
+        from charfw.build import atomic
         from charfw.errors import display_path
-        from charfw.image_batches import Problems, check_output_folder, find_images, iter_batches
-        from charfw.near_duplicates import Candidate, find_groups, flipped, phashes, report_data
+        from charfw.prep.dedup import Candidate, find_groups, flipped, phashes, report_data
+        from charfw.prep.image_batches import (
+            Problems,
+            check_output_folder,
+            find_images,
+            iter_batches,
+        )
 
         files = find_images(list(inputs), recursive=recursive)
         if out is not None:

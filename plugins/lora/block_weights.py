@@ -98,7 +98,7 @@ class BlockWeightMerger(BlockMerger):
                                   hint=f"presets: {', '.join(presets)}")
 
     def run(self, ctx: StageContext, options: BlockWeightOptions) -> StageOutput:
-        from charfw.items import safe_file_stem
+        from charfw.build.items import safe_file_stem
         from charfw.lora.block_weights import apply_block_weights, load_presets, resolve_weights
         from charfw.lora.file import read_lora
 

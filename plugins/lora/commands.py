@@ -16,10 +16,9 @@ from typing import Any
 import click
 
 import charfw
+from charfw.default_plugins.lora.block_weights import ascii_stem, output_suffix
+from charfw.default_plugins.lora.svd import rule_suffix
 from charfw.errors import CharfwError
-
-from .block_weights import ascii_stem, output_suffix
-from .svd import rule_suffix
 
 PRECISION = click.Choice(["fp16", "bf16", "fp32"])
 

@@ -13,9 +13,8 @@ from pydantic import Field, model_validator
 
 import charfw
 from charfw.components import Compressor, Options
+from charfw.default_plugins.lora.block_weights import ascii_stem, remove_other_outputs
 from charfw.stage_context import StageContext, StageOutput
-
-from .block_weights import ascii_stem, remove_other_outputs
 
 
 class SvdOptions(Options):
@@ -70,8 +69,8 @@ class SvdCompressor(Compressor):
     Options = SvdOptions
 
     def run(self, ctx: StageContext, options: SvdOptions) -> StageOutput:
-        from charfw import atomic
-        from charfw.items import safe_file_stem
+        from charfw.build import atomic
+        from charfw.build.items import safe_file_stem
         from charfw.lora.file import read_lora
         from charfw.lora.svd import resize_lora
 

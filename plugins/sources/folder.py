@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pydantic import Field
 
 import charfw
-from charfw.angles import parse_code
+from charfw.build.angles import parse_code
+from charfw.build.images import DEFAULT_MAX_PIXELS, SOURCE_IMAGE_SUFFIXES, load
+from charfw.build.items import ImageItem, list_images, safe_file_stem
 from charfw.components import Options, Source
 from charfw.errors import CharfwError, ImageError
-from charfw.images import DEFAULT_MAX_PIXELS, SOURCE_IMAGE_SUFFIXES, load
-from charfw.items import ImageItem, list_images, safe_file_stem
 
 
 class FolderOptions(Options):

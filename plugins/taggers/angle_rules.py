@@ -15,10 +15,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import charfw
+from charfw.build.hashing import sha256_file
+from charfw.build.template_library import read_yaml_file
 from charfw.components import Options, Tagger
 from charfw.errors import CharfwError
-from charfw.hashing import sha256_file
-from charfw.template_library import read_yaml_file
 
 
 class Condition(BaseModel):

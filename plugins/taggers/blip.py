@@ -19,13 +19,13 @@ from pydantic import Field
 import charfw
 from charfw.components import Options, Tagger
 from charfw.errors import CharfwError
-from charfw.model_cache import ModelCache
+from charfw.stage_context import ModelCache
 
 MODELS = ModelCache()
 
 
 def _default_model() -> str:
-    from charfw.blip_captions import default_model
+    from charfw.prep.blip import default_model
 
     return default_model()
 
@@ -54,8 +54,8 @@ class BlipTagger(Tagger):
         return options.batch_size
 
     def _folder(self, options: BlipOptions, ctx: Any, *, download: bool) -> Path:
-        from charfw.blip_captions import DOWNLOAD_PATTERNS
-        from charfw.model_files import resolve_model_dir
+        from charfw.prep.blip import DOWNLOAD_PATTERNS
+        from charfw.prep.model_files import resolve_model_dir
 
         return resolve_model_dir(options.model, files=["config.json"], what="BLIP captioner",
                                  bases=[ctx.workspace_root, Path.cwd()], download=download,
@@ -63,7 +63,7 @@ class BlipTagger(Tagger):
 
     def check(self, options: BlipOptions, ctx: Any) -> None:
         from charfw.errors import check_module
-        from charfw.model_files import HF_ID, local_path, offline
+        from charfw.prep.model_files import HF_ID, local_path, offline
 
         check_module("transformers", extra="prep", purpose="BLIP captions")
         try:
@@ -83,13 +83,13 @@ class BlipTagger(Tagger):
         return [ctx.sha256(p) for p in [folder / "config.json", *weights]]
 
     def captioner(self, options: BlipOptions, ctx: Any) -> Any:
-        from charfw.blip_captions import BlipCaptioner
+        from charfw.prep.blip import BlipCaptioner
 
         folder = self._folder(options, ctx, download=options.download)
         return MODELS.get((str(folder), options.device), lambda: BlipCaptioner(folder, device=options.device))
 
     def tag(self, items, images, tags_so_far, options, ctx):
-        from charfw.blip_captions import caption_as_tag
+        from charfw.prep.blip import caption_as_tag
 
         captions = self.captioner(options, ctx).caption(
             images, prompt=options.prompt, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams)
@@ -134,8 +134,8 @@ def register_commands(cli):
 
         Images are never touched. A caption that differs from the new one is kept unless
         --overwrite or --append is given."""
-        from charfw.caption_files import caption_folders
         from charfw.cli import workspace_from
+        from charfw.folders.caption_files import caption_folders
 
         ws = workspace_from(ctx)
         raw: dict[str, Any] = {"prompt": prompt, "batch_size": batch_size, "max_new_tokens": max_new_tokens,

@@ -31,19 +31,19 @@ import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import charfw
+from charfw.build.hashing import sha256_file
+from charfw.build.template_library import read_yaml_file
 from charfw.components import Options, Tagger
 from charfw.errors import CharfwError
-from charfw.hashing import sha256_file
-from charfw.model_cache import ModelCache
-from charfw.onnx_runtime import ProviderChoice
-from charfw.tag_text import danbooru_to_caption, escape_a1111, tag_key
-from charfw.template_library import read_yaml_file
+from charfw.folders.tag_text import danbooru_to_caption, escape_a1111, tag_key
+from charfw.stage_context import ModelCache
+from charfw.prep.onnx_runtime import ProviderChoice
 
 MODELS = ModelCache()
 
 
 def default_model() -> str:
-    from charfw.wd14_tagger import DEFAULT_MODEL
+    from charfw.prep.wd14 import DEFAULT_MODEL
 
     return os.environ.get("CHARFW_WD14_MODEL") or DEFAULT_MODEL
 
@@ -108,7 +108,7 @@ def combine(wd14_tags: list[Any], so_far: list[str], own: list[str], policy: Pol
     """The WD14 tags to append to a caption that already holds ``so_far``.
 
     ``policy`` None means ``policy: all`` (only repeats and ``own`` are left out)."""
-    from charfw.wd14_tagger import CHARACTER
+    from charfw.prep.wd14 import CHARACTER
 
     present = {tag_key(t) for t in so_far}
     blocked = {tag_key(t) for t in own}
@@ -148,16 +148,16 @@ class WD14Tagger(Tagger):
         return [ctx.workspace_root, Path.cwd()]
 
     def _model_dir(self, options: WD14Options, ctx: Any, *, download: bool) -> Path:
-        from charfw.model_files import resolve_model_dir
-        from charfw.wd14_tagger import MODEL_FILE, TAGS_FILE
+        from charfw.prep.model_files import resolve_model_dir
+        from charfw.prep.wd14 import MODEL_FILE, TAGS_FILE
 
         files = [MODEL_FILE] if options.tags_file else [MODEL_FILE, TAGS_FILE]
         return resolve_model_dir(options.model, files=files, what="WD14 tagger",
                                  bases=self._bases(ctx), download=download)
 
     def _tags_file(self, options: WD14Options, ctx: Any, folder: Path) -> Path:
-        from charfw.model_files import local_path
-        from charfw.wd14_tagger import TAGS_FILE
+        from charfw.prep.model_files import local_path
+        from charfw.prep.wd14 import TAGS_FILE
 
         if options.tags_file is None:
             return folder / TAGS_FILE
@@ -190,7 +190,7 @@ class WD14Tagger(Tagger):
         try:
             self._model_dir(options, ctx, download=False)
         except CharfwError:
-            from charfw.model_files import HF_ID, local_path, offline
+            from charfw.prep.model_files import HF_ID, local_path, offline
 
             downloadable = (options.download and not offline() and HF_ID.match(options.model)
                             and local_path(options.model, self._bases(ctx)) is None)
@@ -205,14 +205,14 @@ class WD14Tagger(Tagger):
             folder = self._model_dir(options, ctx, download=False)
         except CharfwError:
             return [options.model, "not downloaded yet", policy]  # re-runs once after the download
-        from charfw.wd14_tagger import MODEL_FILE
+        from charfw.prep.wd14 import MODEL_FILE
 
         return [ctx.sha256(folder / MODEL_FILE), ctx.sha256(self._tags_file(options, ctx, folder)), policy]
 
     def model(self, options: WD14Options, ctx: Any) -> Any:
         """The loaded model (shared by every stage of the build)."""
-        from charfw.onnx_runtime import choose_providers
-        from charfw.wd14_tagger import WD14Model
+        from charfw.prep.onnx_runtime import choose_providers
+        from charfw.prep.wd14 import WD14Model
 
         folder = self._model_dir(options, ctx, download=options.download)
         tags = self._tags_file(options, ctx, folder)
@@ -222,7 +222,7 @@ class WD14Tagger(Tagger):
         return MODELS.get(key, lambda: WD14Model(folder, providers=providers, tags_file=tags))
 
     def tag(self, items, images, tags_so_far, options, ctx):
-        from charfw.wd14_tagger import Thresholds
+        from charfw.prep.wd14 import Thresholds
 
         model = self.model(options, ctx)
         thresholds = Thresholds(
@@ -285,8 +285,8 @@ def register_commands(cli):
 
         Images are never touched. A caption that differs from the new one is kept unless
         --overwrite or --append is given."""
-        from charfw.caption_files import caption_folders
         from charfw.cli import workspace_from
+        from charfw.folders.caption_files import caption_folders
 
         ws = workspace_from(ctx)
         raw: dict[str, Any] = {

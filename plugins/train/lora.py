@@ -9,8 +9,10 @@ built-in tiny model, options the block leaves out take the tiny model's defaults
 AdamW, 128 px, 24 steps) instead of the method's.
 
 An interrupted build resumes: resumable state is saved under ``train/state/`` every
-``save_state_every_minutes`` (10 by default in a build) and on Ctrl-C, tagged with the
-stage's fingerprint, and the next ``charfw build`` continues from it if nothing changed.
+``save_state_every_minutes`` (10 by default in a build) and on Ctrl-C (once the step in
+progress is done; a second Ctrl-C stops at once without saving), tagged with the stage's
+fingerprint, and the next ``charfw build`` continues from it if nothing changed, to the
+same weights an uninterrupted build gives.
 The state is removed once the LoRA is written. ``--strict`` builds stop before training
 when an image cannot be read.
 """
@@ -83,7 +85,7 @@ class LoraTrainer(Trainer):
     def cache_key(self, options: LoraTrainerOptions, ctx: Any) -> Any:
         """What the engine cannot see: the base model's and VAE's content, the files the
         options name. As [name, hash] pairs, so a rebuild says which one changed."""
-        from charfw.hashing import fingerprint
+        from charfw.build.hashing import fingerprint
         from charfw.training.model_sources import resolve_source, source_identity
 
         model = ctx.part.model

@@ -71,7 +71,7 @@ def no_internet(monkeypatch: pytest.MonkeyPatch) -> None:
 def standins(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of stand-ins: wd14-v3/, wd14-v2/ (model.onnx + selected_tags.csv),
     u2net.onnx (320), isnet-anime.onnx (1024), mask-dynamic.onnx (320, any batch)."""
-    from charfw.tiny_prep_models import build_mask_model, build_wd14_tagger
+    from tiny_prep_models import build_mask_model, build_wd14_tagger
 
     root = tmp_path_factory.mktemp("standins")
     build_wd14_tagger(root / "wd14-v3", version="v3")

@@ -10,7 +10,7 @@ from PIL import Image
 
 @pytest.fixture(scope="session")
 def tiny_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from charfw.tiny_prep_models import build_tiny_blip
+    from tiny_prep_models import build_tiny_blip
 
     return build_tiny_blip(tmp_path_factory.mktemp("blip") / "tiny-blip")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from charfw.tag_text import (
+from charfw.folders.tag_text import (
     danbooru_to_caption,
     escape_a1111,
     split_caption,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from charfw.image_collector import parse_results, search_url
+from charfw.prep.bing import parse_results, search_url
 
 QUERY = "猫 かわいい イラスト"
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from charfw.near_duplicates import close_pairs, group_labels, phashes, to_hex
+from charfw.prep.dedup import close_pairs, group_labels, phashes, to_hex
 
 
 def picture(seed: int, w: int = 400, h: int = 300) -> Image.Image:

@@ -26,7 +26,7 @@ def figure(w: int = 300, h: int = 200, color=(200, 30, 30), shift: int = 0) -> I
 def test_fast_path_matches_rembg_own_predict(rembg_home: Path, model: str) -> None:
     import rembg
 
-    from charfw.rembg_cutout import Segmenter
+    from charfw.prep.rembg import Segmenter
 
     if model == "birefnet-general":  # the 1024 stand-in under BiRefNet's name (logits → sigmoid)
         shutil.copy(rembg_home / "isnet-anime.onnx", rembg_home / "birefnet-general.onnx")
@@ -52,7 +52,7 @@ def test_fast_path_matches_rembg_own_predict(rembg_home: Path, model: str) -> No
 
 
 def test_dynamic_batch_runs_once_per_batch(rembg_home: Path, standins: Path) -> None:
-    from charfw.rembg_cutout import Segmenter
+    from charfw.prep.rembg import Segmenter
 
     shutil.copy(standins / "mask-dynamic.onnx", rembg_home / "seg.onnx")
     seg = Segmenter(str(rembg_home / "seg.onnx"), model_type="u2net", providers=CPU)
@@ -76,7 +76,7 @@ def test_dynamic_batch_runs_once_per_batch(rembg_home: Path, standins: Path) -> 
 
 def test_custom_model_outside_the_models_folder_is_one_line(rembg_home: Path, standins: Path,
                                                             tmp_path: Path) -> None:
-    from charfw.rembg_cutout import Segmenter
+    from charfw.prep.rembg import Segmenter
 
     outside = tmp_path / "elsewhere" / "seg.onnx"
     outside.parent.mkdir()
@@ -91,7 +91,7 @@ def test_custom_model_outside_the_models_folder_is_one_line(rembg_home: Path, st
 
 def test_missing_model_is_never_downloaded_silently(rembg_home: Path, monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    from charfw.rembg_cutout import Segmenter
+    from charfw.prep.rembg import Segmenter
 
     (rembg_home / "u2net.onnx").unlink()
     with pytest.raises(CharfwError) as err:
@@ -112,7 +112,7 @@ def test_missing_model_is_never_downloaded_silently(rembg_home: Path, monkeypatc
 
 
 def test_import_guard_turns_exits_into_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from charfw.rembg_cutout import import_rembg
+    from charfw.prep.rembg import import_rembg
 
     for name in [m for m in sys.modules if m == "rembg" or m.startswith("rembg.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -160,8 +160,8 @@ REMBG_STAGE = "  background: {plugin: rembg, model: u2net, colors: [white, black
 
 def test_build_uses_one_session_for_every_part(workspace: Path, rembg_home: Path, run_cli,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import charfw.rembg_cutout as rc
-    from charfw_plugins.background import rembg_remover
+    import charfw.prep.rembg as rc
+    from charfw.default_plugins.background import rembg_remover
 
     manifest = workspace / "characters" / "krnk.yaml"
     text = manifest.read_text("utf-8").replace("  background: {plugin: flat, colors: [black]}\n", REMBG_STAGE)

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from charfw.errors import CharfwError
-from charfw.tag_text import escape_a1111, tag_key
-from charfw.wd14_tagger import (
+from charfw.folders.tag_text import escape_a1111, tag_key
+from charfw.prep.wd14 import (
     Thresholds,
     WD14Model,
     mcut_threshold,
@@ -101,7 +101,7 @@ MISTAKES = {
 @pytest.mark.parametrize("mistake", list(MISTAKES))
 def test_the_stand_in_catches_preprocessing_mistakes(standins: Path, mistake: str,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    import charfw.wd14_tagger as wd14
+    import charfw.prep.wd14 as wd14
 
     model = WD14Model(standins / "wd14-v3", providers=CPU)
     good = names(model.tag([red()], Thresholds())[0])
@@ -179,7 +179,7 @@ def test_bad_images_are_skipped_not_fatal(tmp_path: Path, standins: Path, run_cl
     for key in ("16bit", "cmyk", "tiny"):
         assert files[key].with_suffix(".txt").is_file(), key
     assert not files["gif"].with_suffix(".txt").exists()  # kohya reads no .gif: not captioned
-    from charfw.images import load, to_rgb_or_rgba
+    from charfw.build.images import load, to_rgb_or_rgba
 
     first_frame = to_rgb_or_rgba(load(files["gif"]))
     assert WD14Model(standins / "wd14-v3", providers=CPU).tag([first_frame], Thresholds())[0]
@@ -223,7 +223,7 @@ def test_model_file_problems_are_one_line(tmp_path: Path, standins: Path, run_cl
 
 
 def test_csv_that_does_not_match_the_model(tmp_path: Path, standins: Path) -> None:
-    from charfw.tiny_prep_models import WD14_TAGS, write_selected_tags
+    from tiny_prep_models import WD14_TAGS, write_selected_tags
 
     folder = tmp_path / "m"
     shutil.copytree(standins / "wd14-v3", folder)
@@ -239,7 +239,7 @@ def test_provider_fallback_warns_instead_of_failing(standins: Path, monkeypatch:
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     import onnxruntime as ort
 
-    from charfw.onnx_runtime import choose_providers, open_session
+    from charfw.prep.onnx_runtime import choose_providers, open_session
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     assert choose_providers("cuda", purpose="WD14 tagger") == CPU  # not in this build: warn, CPU

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import CharfwError
+from charfw.errors import CharfwError
 
 Loc = tuple[str | int, ...]
 

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from . import console
-from .errors import CharfwError, require_module
+from charfw import console
+from charfw.errors import CharfwError, require_module
 
 CPU = "CPUExecutionProvider"
 

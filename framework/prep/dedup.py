@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .image_batches import for_each_index
+from charfw.prep.image_batches import for_each_index
 
 if TYPE_CHECKING:
     import numpy as np
@@ -182,7 +182,7 @@ class Candidate:
 
 def keep_rank(c: Candidate) -> tuple[Any, ...]:
     """Sort key: the best copy first (largest, lossless, larger file, first by name)."""
-    from .items import natural_key
+    from charfw.build.items import natural_key
 
     try:
         size = c.path.stat().st_size

@@ -38,8 +38,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from . import atomic
-from .errors import CharfwError
+from charfw.build import atomic
+from charfw.errors import CharfwError
 
 BING_ENDPOINT = "https://www.bing.com/images/async"
 USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..training.networks.targets import (
+from charfw.training.networks.targets import (
     TEXT_ENCODER_TARGETS,
     UNET_ATTENTION_TARGETS,
     find_targets,

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CharfwError
-from .image_batches import for_each_index
-from .onnx_runtime import batch_dimension, describe_signature, open_session
+from charfw.errors import CharfwError
+from charfw.prep.image_batches import for_each_index
+from charfw.prep.onnx_runtime import batch_dimension, describe_signature, open_session
 
 if TYPE_CHECKING:
     import numpy as np

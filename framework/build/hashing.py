@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from . import atomic
+from charfw.build import atomic
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

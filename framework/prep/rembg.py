@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import console
-from .errors import CharfwError, MissingDependency
-from .image_batches import for_each_index
-from .model_files import offline
-from .onnx_runtime import batch_dimension, import_onnxruntime, warn_if_fell_back
+from charfw import console
+from charfw.errors import CharfwError, MissingDependency
+from charfw.prep.image_batches import for_each_index
+from charfw.prep.model_files import offline
+from charfw.prep.onnx_runtime import batch_dimension, import_onnxruntime, warn_if_fell_back
 
 if TYPE_CHECKING:
     import numpy as np

@@ -9,7 +9,7 @@ file, the YAML path and the line::
     characters/krnk.yaml:14 face.template: unknown template 'fcae'; known: body, face
 
 Stage blocks (``stages:``) are kept raw here; the engine validates each one with the
-``Options`` model of the plugin it picks (see :mod:`charfw.engine`).
+``Options`` model of the plugin it picks (see :mod:`charfw.build.engine`).
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from pydantic import (
     model_validator,
 )
 
-from .angles import AngleSet, parse_code
-from .errors import ManifestError, display_path
-from .stages import STAGE_NAMES
-from .yaml_lines import LineMap, Loc, format_loc, load_with_lines
+from charfw.build.angles import AngleSet, parse_code
+from charfw.build.stages import STAGE_NAMES
+from charfw.build.yaml_lines import LineMap, Loc, format_loc, load_with_lines
+from charfw.errors import ManifestError, display_path
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 NAME_HINT = "use ASCII letters, digits, '.', '-' and '_' (it becomes a folder and file name)"

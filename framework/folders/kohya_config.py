@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import CharfwError
+from charfw.errors import CharfwError
 
 Number = StrictFloat | StrictInt
 Resolution = StrictInt | tuple[StrictInt, StrictInt]

@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CharfwError
-from .images import KOHYA_IMAGE_SUFFIXES, is_image_name
+from charfw.build.images import KOHYA_IMAGE_SUFFIXES, is_image_name
+from charfw.errors import CharfwError
 
 REPEATS_RE = re.compile(r"^(\d+)_(.+)$")
 
@@ -111,11 +111,11 @@ def plan_captions(ws, folders: list[Path], chain: list, *, strict: bool, jobs: i
     written here, but ``on_folder`` is called with each folder's changes as soon as they are
     known (for a :class:`CaptionWriter` to write them while the next folder is planned).
     Returns (changes, problems)."""
-    from .angles import parse_code
-    from .hashing import HashCache
-    from .items import ImageItem, list_images
-    from .stage_context import PartInfo, StageContext
-    from .stages import caption_text, tag_items
+    from charfw.build.angles import parse_code
+    from charfw.build.hashing import HashCache
+    from charfw.build.items import ImageItem, list_images
+    from charfw.build.stages import caption_text, tag_items
+    from charfw.stage_context import PartInfo, StageContext
 
     changes: list[CaptionChange] = []
     problems: list[str] = []
@@ -203,7 +203,7 @@ class CaptionWriter:
         return self
 
     def _write(self, group: list[CaptionChange]) -> None:
-        from . import atomic
+        from charfw.build import atomic
 
         for change in group:
             atomic.write_text(change.path, change.text)
@@ -215,7 +215,7 @@ class CaptionWriter:
         if not todo:
             return
         if self._bar is None:
-            from . import console
+            from charfw import console
 
             self._bar = self._stack.enter_context(console.progress(None, "writing captions", unit="file"))
         self._todo += len(todo)
@@ -251,8 +251,8 @@ def write_captions(changes: list[CaptionChange], *, overwrite: bool, jobs: int =
 
 def _image_sizes(files: list[Path]) -> list[tuple[int, int] | str]:
     """(width, height) from each file's header, or the one-line reason it is unusable."""
-    from .errors import ImageError
-    from .images import probe
+    from charfw.build.images import probe
+    from charfw.errors import ImageError
 
     out: list[tuple[int, int] | str] = []
     for path in files:
@@ -278,7 +278,7 @@ def _sizes_in_chunks(files: list[Path], jobs: int, description: str) -> list[tup
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from . import console
+    from charfw import console
 
     chunks = [files[i:i + CHUNK] for i in range(0, len(files), CHUNK)]
     parallel = (jobs > 1 and len(files) >= PARALLEL_SIZES_FROM
@@ -302,8 +302,8 @@ def _sizes_in_chunks(files: list[Path], jobs: int, description: str) -> list[tup
 def dataset_spec_for_folders(folders: list[Path], *, relative_to: Path | None, jobs: int) -> tuple[object, list[str]]:
     """A :class:`~charfw.components.DatasetSpec` for image folders, reading image sizes
     from headers only. Returns (spec, problems: unreadable images, left out)."""
-    from .components import DatasetSpec, SubsetSpec
-    from .items import list_images
+    from charfw.build.items import list_images
+    from charfw.components import DatasetSpec, SubsetSpec
 
     problems: list[str] = []
     listed = [(folder, parse_folder(folder), list_images(folder, KOHYA_IMAGE_SUFFIXES)) for folder in folders]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import atomic
+from charfw.build import atomic
 
 #: widths: SD 1.5 uses (320, 640, 1280, 1280) for the UNet and (128, 256, 512, 512) for the VAE
 UNET_CHANNELS = (32, 32, 64, 64)

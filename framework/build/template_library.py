@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .angles import AngleSet
-from .errors import CharfwError
+from charfw.build.angles import AngleSet
+from charfw.errors import CharfwError
 
 
 def builtin_dir() -> Path:
@@ -97,7 +97,7 @@ class TemplateLibrary:
             lstrip_blocks=True,
             autoescape=False,
         )
-        from .toml_format import toml_value
+        from charfw.folders.toml_format import toml_value
 
         env.filters["toml"] = toml_value
         return env

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import atomic, console
-from .errors import CharfwError, display_path
-from .tag_text import join_caption, split_caption, tag_key, unique_tags
+from charfw import console
+from charfw.build import atomic
+from charfw.errors import CharfwError, display_path
+from charfw.folders.tag_text import join_caption, split_caption, tag_key, unique_tags
 
 CAPTION_SUFFIX = ".txt"
 JAPANESE_SUFFIX = "_jp.txt"
@@ -41,8 +42,13 @@ def caption_folders(ws: Any, folders: Sequence[Path], chain: list[tuple[Any, Any
     differing ones kept unless ``overwrite``; ``append`` adds the new tags after the
     existing ones. Each folder is written while the next one is planned, except with
     ``strict`` (nothing is written when a file is unusable) or ``dry_run``."""
-    from .folders import CaptionWriter, expand_folders, plan_captions, write_captions
-    from .stages import jobs_default
+    from charfw.build.stages import jobs_default
+    from charfw.folders.convention import (
+        CaptionWriter,
+        expand_folders,
+        plan_captions,
+        write_captions,
+    )
 
     def appended(changes: list[Any]) -> list[Any]:
         for change in changes if append else []:
@@ -146,7 +152,7 @@ def load_dictionary(templates: Any, extra: Sequence[Path] = ()) -> dict[str, str
     """The tag → Japanese dictionary: charfw's ``templates/tags/ja.yaml``, then the
     workspace's file of the same name merged over it (so it only needs the entries it
     adds or changes), then any files given; later entries win."""
-    from .template_library import read_yaml_file
+    from charfw.build.template_library import read_yaml_file
 
     paths = [d / "tags" / "ja.yaml" for d in reversed(templates.dirs) if (d / "tags" / "ja.yaml").is_file()]
     merged: dict[str, str] = {}

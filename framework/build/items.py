@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from .angles import AngleCode, parse_code
+from charfw.build.angles import AngleCode, parse_code
 
 
 class ImageItem(BaseModel):
@@ -74,7 +74,7 @@ def natural_key(name: str) -> list[Any]:
 
 def list_images(folder: Path, suffixes: frozenset[str]) -> list[Path]:
     """Image files directly in ``folder`` (not recursive), in natural order."""
-    from .images import is_image_name
+    from charfw.build.images import is_image_name
 
     with os.scandir(folder) as it:
         names = [e.name for e in it if e.is_file() and is_image_name(e.name, suffixes)]

@@ -16,9 +16,9 @@ import functools
 import os
 from pathlib import Path
 
-from .errors import CharfwError, ManifestError, display_path
-from .manifest import LoadedManifest, load_manifest
-from .template_library import TemplateLibrary
+from charfw.build.manifest import LoadedManifest, load_manifest
+from charfw.build.template_library import TemplateLibrary
+from charfw.errors import CharfwError, ManifestError, display_path
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 
@@ -45,7 +45,7 @@ class Workspace:
 
     @functools.cached_property
     def plugins(self):  # -> PluginSystem (imported lazily: plugin loading is the slow part)
-        from .plugins import load_plugins
+        from charfw.plugins import load_plugins
 
         return load_plugins(self.plugins_dir)
 

@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import atomic, console, images
-from .components import Component, DatasetSpec, SubsetSpec, color_name
-from .errors import CharfwError
-from .hashing import fingerprint
-from .items import ImageItem, safe_file_stem
-from .stage_context import PartInfo, StageContext, StageOutput
+from charfw import console
+from charfw.build import atomic, images
+from charfw.build.hashing import fingerprint
+from charfw.build.items import ImageItem, safe_file_stem
+from charfw.components import Component, DatasetSpec, SubsetSpec, color_name
+from charfw.errors import CharfwError
+from charfw.stage_context import PartInfo, StageContext, StageOutput
 
 Chain = list[tuple[Component, Any]]
 

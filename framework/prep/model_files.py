@@ -16,8 +16,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import console
-from .errors import CharfwError, require_module
+from charfw import console
+from charfw.errors import CharfwError, require_module
 
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import console
-from .errors import CharfwError, ImageError
-from .images import SOURCE_IMAGE_SUFFIXES, is_image_name, load, to_rgb_or_rgba
-from .items import natural_key
+from charfw import console
+from charfw.build.images import SOURCE_IMAGE_SUFFIXES, is_image_name, load, to_rgb_or_rgba
+from charfw.build.items import natural_key
+from charfw.errors import CharfwError, ImageError
 
 if TYPE_CHECKING:
     from PIL import Image

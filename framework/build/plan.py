@@ -1,0 +1,421 @@
+"""Planning: manifests → the parts of each character and group → the stages each part goes
+through, each with the plugin chain the manifest picks.
+
+A character becomes parts (its face, then each body); a group becomes one part that
+depends on its members' images. Each part gets the stages of
+:data:`charfw.build.stages.STAGES` that apply to it, each carried out by the plugin chain
+the manifest picks (a part's choice overrides the character's, which overrides the
+stage's default), with options validated by that plugin's ``Options`` model. Stages are
+linked to the upstream stages they read from; :class:`Planner` orders them so that every
+stage comes after what it depends on (bodies after their face, groups after their
+members' image stages).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from charfw.build.manifest import (
+    CharacterManifest,
+    GroupManifest,
+    LoadedManifest,
+    pydantic_messages,
+)
+from charfw.build.stages import IMAGE_PARTS, STAGES, StageSpec, dataset_parts
+from charfw.build.workspace import Workspace
+from charfw.build.yaml_lines import Loc
+from charfw.components import KINDS, Component
+from charfw.errors import CharfwError, ManifestError
+from charfw.plugins import PluginInfo, PluginSystem
+from charfw.stage_context import ModelRefs, PartInfo
+
+# --- parts -------------------------------------------------------------------------------
+
+
+def _model_refs(lm: LoadedManifest, section: Any) -> ModelRefs:
+    def resolve(value: str | None) -> str | None:
+        if value is None:
+            return None
+        candidate = Path(value).expanduser()
+        if not candidate.is_absolute():
+            candidate = lm.base_dir / candidate
+        return str(candidate.resolve()) if candidate.exists() else value
+
+    return ModelRefs(resolve(section.base), resolve(section.vae), section.clip_skip, section.family)
+
+
+def character_parts(ws: Workspace, lm: LoadedManifest) -> list[PartInfo]:
+    m: CharacterManifest = lm.manifest  # type: ignore[assignment]
+    model = _model_refs(lm, m.model)
+    sets = ws.templates.angle_sets
+
+    def angles(part: Any) -> tuple[str, ...]:
+        codes = part.angles if part.angles is not None else sets[part.template].codes(m.symmetric)
+        return tuple(c for c in codes if c not in set(part.exclude))
+
+    face = PartInfo(
+        target=m.name,
+        name="face",
+        kind="face",
+        keyword=m.face.keyword or m.keyword,
+        class_tokens=m.face.class_tokens or m.class_tokens or m.face.keyword or m.keyword,
+        tags=tuple(m.face.tags),
+        repeats=m.face.repeats or m.repeats,
+        symmetric=m.symmetric,
+        template=m.face.template,
+        angles=angles(m.face),
+        images_dir=(lm.base_dir / m.face.images).resolve(),
+        model=model,
+    )
+    parts = [face]
+    for name, body in m.bodies.items():
+        parts.append(
+            PartInfo(
+                target=m.name,
+                name=name,
+                kind="body",
+                keyword=body.keyword,
+                class_tokens=body.class_tokens or body.keyword,
+                tags=tuple(body.tags),
+                repeats=body.repeats or m.repeats,
+                symmetric=m.symmetric,
+                template=body.template,
+                angles=angles(body),
+                images_dir=(lm.base_dir / body.images).resolve(),
+                model=model,
+                members=(face,),
+            )
+        )
+    return parts
+
+
+# --- stage choices -----------------------------------------------------------------------
+
+
+@dataclass
+class Pick:
+    """One plugin a manifest picks for a stage, with its raw options and their locations."""
+
+    name: str
+    options: dict[str, Any]
+    #: where each option key (and "" for the block itself) is written
+    locs: dict[str, Loc]
+
+
+@dataclass
+class ResolvedPick:
+    component: Component
+    options: Any
+    plugin: PluginInfo
+
+
+def _parse_block(lm: LoadedManifest, spec: StageSpec, raw: Any, loc: Loc) -> list[Pick] | None:
+    """A stage block → picks; None when the block switches the stage off."""
+
+    def one(item: Any, where: Loc, allow_bare: bool) -> Pick:
+        if isinstance(item, str):
+            return Pick(item.strip(), {}, {"": where})
+        if isinstance(item, dict):
+            opts = dict(item)
+            name = opts.pop("plugin", None)
+            if name is not None and not isinstance(name, str):
+                raise lm.error((*where, "plugin"), "expected a plugin name")
+            if name is None and not allow_bare:
+                raise lm.error(where, "each entry of a chain needs 'plugin: <name>'")
+            locs = {k: (*where, k) for k in opts}
+            locs[""] = (*where, "plugin") if name is not None else where
+            return Pick(name or "", opts, locs)
+        raise lm.error(where, "expected a plugin name, a mapping with 'plugin:' and options, or off")
+
+    if raw is False or (isinstance(raw, str) and raw.strip().lower() in ("off", "none", "false")):
+        if not spec.can_disable:
+            raise lm.error(loc, f"the {spec.name} stage cannot be switched off")
+        return None
+    if raw is None or raw is True:
+        raise lm.error(loc, "give a plugin name, a mapping with 'plugin:' and options, or off")
+    if isinstance(raw, list):
+        if not spec.chainable:
+            raise lm.error(loc, f"the {spec.name} stage takes one plugin, not a list")
+        if not raw:
+            raise lm.error(loc, "an empty list; give at least one plugin")
+        return [one(item, (*loc, i), False) for i, item in enumerate(raw)]
+    return [one(raw, loc, True)]
+
+
+def _combine(base: list[Pick] | None, over: list[Pick] | str | None) -> list[Pick] | None:
+    """A part's block over its character's: options of the same plugin merge, else replace."""
+    if over == "unset":
+        return base
+    if over is None or base is None:
+        return over if over is not None else None  # type: ignore[return-value]
+    assert isinstance(over, list)
+    if len(over) == 1 and len(base) == 1 and over[0].name in ("", base[0].name):
+        merged = {**base[0].options, **over[0].options}
+        locs = {**base[0].locs, **{k: v for k, v in over[0].locs.items() if k}}
+        return [Pick(base[0].name, merged, locs)]
+    return over
+
+
+def _picks_for(lm: LoadedManifest, spec: StageSpec, part_loc: Loc | None) -> list[Pick] | None:
+    m = lm.manifest
+    default = [Pick(spec.default, {}, {"": ()})] if spec.default else None
+    picks: list[Pick] | str | None = "unset"
+    if spec.name in m.stages:
+        picks = _parse_block(lm, spec, m.stages[spec.name], ("stages", spec.name))
+    current = _combine(default, picks)
+    if part_loc is not None:
+        part_stages = _part_stages(lm, part_loc)
+        if part_stages is not None and spec.name in part_stages:
+            over = _parse_block(lm, spec, part_stages[spec.name], (*part_loc, "stages", spec.name))
+            current = _combine(current, over)
+    if current is not None:
+        for p in current:
+            if not p.name:
+                raise lm.error(p.locs[""], f"no plugin named for the {spec.name} stage and it has no default")
+    return current
+
+
+def _part_stages(lm: LoadedManifest, part_loc: Loc) -> dict[str, Any] | None:
+    m: Any = lm.manifest
+    if part_loc == ("face",):
+        return m.face.stages
+    if part_loc[0] == "bodies":
+        return m.bodies[part_loc[1]].stages
+    return None
+
+
+def resolve_picks(
+    lm: LoadedManifest, spec: StageSpec, picks: list[Pick], plugins: PluginSystem
+) -> tuple[list[ResolvedPick], str | None]:
+    """Look plugins up and validate their options. Returns (resolved, missing-message).
+
+    A name close to a registered one is treated as a typo (a manifest error); a name that
+    is not installed at all stops the build at this stage instead."""
+    registry = plugins.registry
+    noun = KINDS[spec.kind][2]
+    resolved: list[ResolvedPick] = []
+    problems: list[str] = []
+    for pick in picks:
+        reg = registry.find(spec.kind, pick.name)
+        if reg is None:
+            close = registry.suggestion(spec.kind, pick.name)
+            if close is not None:
+                problems.append(lm.problem(pick.locs[""], registry.unknown_message(spec.kind, pick.name)))
+                continue
+            if not pick.locs[""]:  # nothing in the manifest: the stage's default
+                return [], f"the {noun} '{pick.name}' (the {spec.name} stage's default) is not installed"
+            return [], lm.problem(pick.locs[""], f"the {noun} '{pick.name}' is not installed")
+        try:
+            options = reg.component.Options.model_validate(pick.options)
+        except ValidationError as exc:
+            for loc, msg in pydantic_messages(exc, reg.component.Options):
+                key = str(loc[0]) if loc else ""
+                base = pick.locs.get(key) or pick.locs[""]
+                full = (*base, *loc[1:]) if key in pick.locs else (*base, *loc)
+                problems.append(lm.problem(full, msg))
+            continue
+        resolved.append(ResolvedPick(reg.component, options, reg.plugin))
+    if problems:
+        raise ManifestError(problems)
+    return resolved, None
+
+
+# --- the plan ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class PlannedStage:
+    spec: StageSpec
+    part: PartInfo
+    dir: Path
+    chain: list[ResolvedPick] = field(default_factory=list)
+    #: why the stage cannot run (its plugin is not installed)
+    missing: str | None = None
+    #: off in the manifest: later stages read from the stage before it
+    off: bool = False
+    #: upstream stages by the key the stage's context knows them under
+    deps: dict[str, PlannedStage] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.part.label}:{self.spec.name}"
+
+    #: the plugin names the manifest asks for (shown even when one is missing)
+    wanted: list[str] = field(default_factory=list)
+
+    @property
+    def plugin_names(self) -> str:
+        if self.off:
+            return "off"
+        return " + ".join(self.wanted) or "-"
+
+
+@dataclass
+class Plan:
+    workspace: Workspace
+    targets: list[str]
+    stages: list[PlannedStage]
+
+    def parts(self) -> list[PartInfo]:
+        seen: list[PartInfo] = []
+        for s in self.stages:
+            if s.part not in seen:
+                seen.append(s.part)
+        return seen
+
+
+class Planner:
+    """Builds a :class:`Plan`: parts, their stages and plugin chains, links, order.
+
+    Each part is planned once (a character's parts are shared by the groups it is in);
+    manifest problems are collected across all manifests and raised together."""
+
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.plugins = ws.plugins
+        #: each part's stages, by part label
+        self.stages_of: dict[str, list[PlannedStage]] = {}
+        #: each character's parts, by character name
+        self.parts_of: dict[str, list[PartInfo]] = {}
+        self.ordered: list[PlannedStage] = []
+        self.problems: list[str] = []
+
+    def plan(self, names: list[str] | None = None) -> Plan:
+        loaded = [self.ws.load(n) for n in names] if names else self.ws.load_all()
+        if not loaded:
+            raise CharfwError(
+                f"no manifests in {self.ws.characters_dir}", hint="create one with `charfw init NAME`"
+            )
+        for lm in loaded:
+            if isinstance(lm.manifest, CharacterManifest):
+                for part in self.character(lm):
+                    self.add(self.stages_of[part.label])
+        for lm in loaded:
+            if isinstance(lm.manifest, GroupManifest):
+                self.group(lm)
+        if self.problems:
+            raise ManifestError(self.problems)
+        return Plan(self.ws, [lm.name for lm in loaded], self.ordered)
+
+    # --- characters and groups -----------------------------------------------------------
+
+    def character(self, lm: LoadedManifest) -> list[PartInfo]:
+        """A character's parts, planned and linked (once)."""
+        if lm.name in self.parts_of:
+            return self.parts_of[lm.name]
+        parts = character_parts(self.ws, lm)
+        for part in parts:
+            self.part(lm, part, ("face",) if part.kind == "face" else ("bodies", part.name))
+        for part in parts:
+            self.link(self.stages_of[part.label], self.dataset_inputs(part))
+        self.parts_of[lm.name] = parts
+        return parts
+
+    def group(self, lm: LoadedManifest) -> None:
+        g: GroupManifest = lm.manifest  # type: ignore[assignment]
+        members = [m for i, ref in enumerate(g.members) if (m := self.member(lm, i, ref)) is not None]
+        if self.problems:
+            return
+        first = members[0]
+        model = _model_refs(lm, g.model) if g.model is not None else first.model
+        part = PartInfo(target=g.name, name="group", kind="group", keyword=g.name, class_tokens=g.name,
+                        repeats=1, symmetric=all(m.symmetric for m in members), model=model,
+                        members=tuple(members))
+        stages = self.part(lm, part, None)
+        self.link(stages, self.dataset_inputs(part))
+        # the group needs its members' image stages, not their training
+        for member in self.dataset_inputs(part).values():
+            self.add(_closure(member))
+        self.add(stages)
+
+    def member(self, lm: LoadedManifest, index: int, ref: str) -> PartInfo | None:
+        """The body part a group's ``members[index]`` (``character/body``) names."""
+        char_name, body = ref.split("/")
+        try:
+            member_lm = self.ws.load(char_name)
+        except CharfwError as exc:
+            self.problems.append(lm.problem(("members", index), str(exc)))
+            return None
+        if not isinstance(member_lm.manifest, CharacterManifest):
+            self.problems.append(lm.problem(("members", index), f"'{char_name}' is a group, not a character"))
+            return None
+        parts = self.character(member_lm)
+        found = [p for p in parts if p.kind == "body" and p.name == body]
+        if not found:
+            bodies = [p.name for p in parts if p.kind == "body"]
+            self.problems.append(lm.problem(("members", index), f"character '{char_name}' has no body '{body}'; "
+                                            f"its bodies: {', '.join(bodies) or 'none'}"))
+            return None
+        return found[0]
+
+    # --- one part ------------------------------------------------------------------------
+
+    def part(self, lm: LoadedManifest, part: PartInfo, part_loc: Loc | None) -> list[PlannedStage]:
+        """The stages of one part with their resolved plugin chains (once per part)."""
+        if part.label in self.stages_of:
+            return self.stages_of[part.label]
+        stages: list[PlannedStage] = []
+        for spec in STAGES:
+            if part.kind not in spec.parts:
+                continue
+            ps = PlannedStage(spec, part, self.ws.build_dir / part.target / part.name / spec.name)
+            try:
+                picks = _picks_for(lm, spec, part_loc)
+                if picks is None:
+                    ps.off = True
+                else:
+                    ps.wanted = [p.name for p in picks]
+                    ps.chain, ps.missing = resolve_picks(lm, spec, picks, self.plugins)
+            except ManifestError as exc:
+                self.problems.extend(p for p in exc.problems if p not in self.problems)
+            stages.append(ps)
+        self.stages_of[part.label] = stages
+        return stages
+
+    @staticmethod
+    def link(stages: list[PlannedStage], dataset_inputs: dict[str, PlannedStage]) -> None:
+        """Each stage reads from the stage before it that is on; the dataset stage reads the
+        last image stage of every part its dataset holds."""
+        previous: PlannedStage | None = None
+        for ps in stages:
+            if ps.spec.name == "dataset":
+                ps.deps = dict(dataset_inputs)
+            elif previous is not None:
+                ps.deps = {previous.key: previous}
+            if not ps.off:
+                previous = ps
+
+    def dataset_inputs(self, part: PartInfo) -> dict[str, PlannedStage]:
+        return {p.label: self.last_image_stage(p.label) for p in dataset_parts(part)} \
+            if part.label in self.stages_of else {}
+
+    def last_image_stage(self, label: str) -> PlannedStage:
+        image_stages = [s for s in self.stages_of[label] if s.spec.parts == IMAGE_PARTS]
+        return [s for s in image_stages if not s.off][-1]
+
+    def add(self, stages: list[PlannedStage]) -> None:
+        for ps in stages:
+            if ps not in self.ordered:
+                self.ordered.append(ps)
+
+
+def make_plan(ws: Workspace, names: list[str] | None = None) -> Plan:
+    """Plan the build of the named characters and groups (all manifests when None)."""
+    return Planner(ws).plan(names)
+
+
+def _closure(stage: PlannedStage) -> list[PlannedStage]:
+    out: list[PlannedStage] = []
+
+    def visit(s: PlannedStage) -> None:
+        for dep in s.deps.values():
+            visit(dep)
+        if s not in out:
+            out.append(s)
+
+    visit(stage)
+    return out
