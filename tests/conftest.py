@@ -69,3 +69,54 @@ def charfw_exe() -> str:
     """The installed ``charfw`` console script of this interpreter's environment."""
     exe = Path(sys.executable).with_name("charfw")
     return str(exe) if exe.exists() else "charfw"
+
+
+# --- the hook meta-test's recorder --------------------------------------------------------
+
+#: test name → the hooks called while it ran (only for tests named test_hook_<hook>)
+HOOK_CALLS: dict[str, list[str]] = {}
+
+
+def _recorder(calls: list[str]) -> object:
+    """A plugin that implements every hook and only notes that it was called."""
+    import charfw
+    from charfw import hookspecs
+
+    class Recorder:
+        pass
+
+    def make(name: str):
+        def impl(self) -> None:  # an implementation may take none of the hook's arguments
+            calls.append(name)
+
+        impl.__name__ = name
+        return charfw.hookimpl(impl)
+
+    for name in hookspecs.HOOK_NAMES:
+        setattr(Recorder, name, make(name))
+    return Recorder()
+
+
+@pytest.fixture(autouse=True)
+def record_hook_calls(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests named ``test_hook_<hook>``: load a recording plugin next to the built-ins, so
+    that the meta-test can check the test really called its hook."""
+    name = request.node.originalname
+    if not name.startswith("test_hook_"):
+        return
+    from charfw.plugins import PluginInfo, PluginSystem
+
+    calls = HOOK_CALLS.setdefault(name, [])
+    original = PluginSystem._load_builtins
+
+    def load_builtins(self: PluginSystem) -> None:
+        original(self)
+        self._register(_recorder(calls), "test-recorder", PluginInfo("test-recorder", "test", "0"))
+
+    monkeypatch.setattr(PluginSystem, "_load_builtins", load_builtins)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The hook meta-test reads what the hook tests recorded: it runs after them."""
+    last = [i for i in items if i.originalname == "test_every_hook_test_calls_its_hook"]  # type: ignore[attr-defined]
+    items[:] = [i for i in items if i not in last] + last

@@ -27,7 +27,7 @@ def test_every_hook_is_documented(name: str) -> None:
 
 def _test_functions() -> set[str]:
     names = set()
-    for path in (REPO / "tests").glob("test_*.py"):
+    for path in (REPO / "tests").rglob("test_*.py"):
         tree = ast.parse(path.read_text())
         names |= {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
     return names
@@ -36,6 +36,18 @@ def _test_functions() -> set[str]:
 @pytest.mark.parametrize("name", hookspecs.HOOK_NAMES)
 def test_every_hook_has_a_test(name: str) -> None:
     assert f"test_hook_{name}" in _test_functions(), f"add a test named test_hook_{name}"
+
+
+@pytest.mark.parametrize("name", hookspecs.HOOK_NAMES)
+def test_every_hook_test_calls_its_hook(name: str) -> None:
+    """Each ``test_hook_<hook>`` ran with a recording plugin loaded (tests/conftest.py):
+    the hook must have been called during it, not just named in it. Runs after them."""
+    from conftest import HOOK_CALLS
+
+    test = f"test_hook_{name}"
+    if test not in HOOK_CALLS:
+        pytest.skip(f"{test} did not run in this session")
+    assert name in HOOK_CALLS[test], f"{test} never called the {name} hook; it called {sorted(set(HOOK_CALLS[test]))}"
 
 
 def test_registration_hooks_cover_every_component_kind() -> None:

@@ -477,9 +477,11 @@ def test_hook_register_samplers(plugged: Path, run_cli) -> None:
     assert (plugged / "build/krnk/face/sample/sample.png").is_file() and "1 sample" in out
 
 
-def test_hook_register_commands(plugged: Path) -> None:
+def test_hook_register_commands(plugged: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
     result = cli(plugged, "hello", "world", env={"CHARFW_PLUGINS": "everything"})
     assert result.returncode == 0 and result.stdout == "hello world\n"
+    monkeypatch.setenv("CHARFW_PLUGINS", "everything")  # the same in-process, where the recorder sees it
+    assert run_cli("hello", "world", cwd=plugged)[:2] == (0, "hello world\n")
     assert "Say hello" in cli(plugged, "--help", env={"CHARFW_PLUGINS": "everything"}).stdout
 
 
