@@ -47,7 +47,7 @@ def generate(dest: Path, *, dim: int = 128, conv_dim: int = 128, alpha: float = 
     import torch
     from kohya_names import sd15_targets
 
-    from charfw.lora.file import write_safetensors
+    from charfw.lora.safetensors_io import write_safetensors
 
     gen = torch.Generator().manual_seed(seed)
     tensors = {}

@@ -3,7 +3,7 @@
 The reference ΔW here never calls charfw: LoRA/LoCon/Tucker are checked by running the
 factors as the layers they are (``F.linear``/``F.conv2d`` one after the other) against the
 dense weight, LoHa by summing rank-one outer products, LoKr by assembling the Kronecker
-blocks one by one. So a formula error in :mod:`charfw.lora.file` cannot hide in both.
+blocks one by one. So a formula error in :mod:`charfw.lora.delta` cannot hide in both.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def spectrum_factors(out: int, cols: int, sigmas: list[float], *, seed: int = 0)
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     """Tiny models run fastest on one thread, and OpenMP stalls when the CPUs are shared."""
-    from charfw.lora.file import torch_threads
+    from charfw.lora.delta import torch_threads
 
     with torch_threads(1):
         yield

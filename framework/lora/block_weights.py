@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CharfwError
+from .names import TE_PREFIXES
 
 if TYPE_CHECKING:
     from charfw.build.template_library import TemplateLibrary
@@ -87,7 +88,6 @@ _UP = re.compile(r"^lora_unet_up_blocks_(\d+)_(?:resnets|attentions)_(\d+)_")
 _UPSAMPLE = re.compile(r"^lora_unet_up_blocks_(\d+)_upsamplers_")
 _SGM_IN = re.compile(r"^lora_unet_input_blocks_(\d+)_")
 _SGM_OUT = re.compile(r"^lora_unet_output_blocks_(\d+)_")
-TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
 
 
 def block_of(name: str) -> str | None:

@@ -51,7 +51,8 @@ import torch
 
 from ..errors import CharfwError
 from .block_weights import BlockWeights, module_ratio
-from .file import LoraFile, LoraModule, check_module_finite, torch_threads, tucker_down
+from .delta import torch_threads, tucker_down
+from .file import LoraFile, LoraModule, check_module_finite
 
 MIN_SV = 1e-6
 #: directions whose singular value is below this fraction of the largest are written as zeros

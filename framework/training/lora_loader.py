@@ -1,7 +1,7 @@
 """Applying a kohya-format LoRA file to a diffusers pipeline by baking it into the weights.
 
 ``W += multiplier · ΔW`` for every module of the file, with ΔW computed by
-:func:`charfw.lora.file.module_delta` (LoRA, LoCon, LoHa, LoKr): the way A1111 and
+:func:`charfw.lora.delta.module_delta` (LoRA, LoCon, LoHa, LoKr): the way A1111 and
 ComfyUI apply a LoRA, and an independent check of the trainer's forward pass, which adds
 the adapters' outputs instead. diffusers' own ``load_lora_weights`` reads kohya LoRA
 files but not LoHa; this loader reads both.
@@ -24,7 +24,8 @@ def bake_lora(unet: Any, text_encoders: list[Any], path: str | Path, *, multipli
               family: str = "sd1") -> list[str]:
     """Add a LoRA file's ΔW to the weights of ``unet`` and ``text_encoders``; returns the
     names of the modules applied."""
-    from ..lora.file import module_delta, read_lora
+    from ..lora.delta import module_delta
+    from ..lora.file import read_lora
     from .families import get_family
     from .networks.targets import enumerate_targets
 

@@ -4,7 +4,7 @@
 as strings: ``str()`` of numbers and booleans, JSON for nested data, ``"None"`` for
 unset), the dataset description (``ss_datasets``, ``ss_tag_frequency``,
 ``ss_dataset_dirs``), the base model's name and hashes, and the ``modelspec.*`` keys.
-:func:`save_lora` writes the file through :mod:`charfw.lora.file`, which adds
+:func:`save_lora` writes the file through :mod:`charfw.lora.safetensors_io`, which adds
 ``sshs_model_hash`` / ``sshs_legacy_hash`` computed exactly as kohya computes them (A1111
 shows and trusts them unchecked).
 """
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 
 if TYPE_CHECKING:
-    from ..lora.file import SavedFile
+    from ..lora.safetensors_io import SavedFile
     from .dataset import TrainingData
     from .families import LoadedModel
     from .networks.network import Network
@@ -148,7 +148,7 @@ def training_metadata(job: TrainJob, *, data: TrainingData, model: LoadedModel, 
 def save_lora(path: Path, network: Network, *, precision: str, metadata: dict[str, str], step: int,
               epoch: int) -> SavedFile:
     """Write the network's kohya tensors with the run's header plus this save's step/epoch."""
-    from ..lora.file import write_safetensors
+    from ..lora.safetensors_io import write_safetensors
 
     header = {**metadata, "ss_steps": str(step), "ss_epoch": str(epoch),
               "ss_training_finished_at": str(clock()),

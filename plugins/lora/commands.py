@@ -83,7 +83,9 @@ def info_data(path: Path, allow_pickle: bool) -> dict[str, Any]:
     from collections import Counter
 
     from charfw.lora.block_weights import BLOCKS20, BLOCKS26, block_of
-    from charfw.lora.file import file_sha256, precision_name, read_lora, torch_threads
+    from charfw.lora.delta import torch_threads
+    from charfw.lora.file import read_lora
+    from charfw.lora.safetensors_io import file_sha256, precision_name
     from charfw.lora.svd import delta_norm
 
     lora = read_lora(path, allow_pickle=allow_pickle)
@@ -108,7 +110,7 @@ def info_data(path: Path, allow_pickle: bool) -> dict[str, Any]:
     stored = lora.metadata.get("sshs_model_hash")
     hash_state = None
     if lora.metadata or path.suffix.lower() == ".safetensors":
-        from charfw.lora.file import data_sha256
+        from charfw.lora.safetensors_io import data_sha256
 
         if not stored:
             hash_state = "missing"
@@ -265,7 +267,8 @@ def register_commands(cli):
         minutes. LoHa and LoKr become plain LoRA; DoRA scales are kept."""
         from charfw import console
         from charfw.errors import display_path
-        from charfw.lora.file import parse_precision, read_lora
+        from charfw.lora.file import read_lora
+        from charfw.lora.safetensors_io import parse_precision
         from charfw.lora.svd import resize_lora
 
         rule = _rule(sv_ratio, sv_fro, sv_cumulative, rank, conv_rank, tight, default_ratio=True)
@@ -305,7 +308,8 @@ def register_commands(cli):
         from charfw import console
         from charfw.errors import display_path
         from charfw.lora.block_weights import resolve_weights
-        from charfw.lora.file import parse_precision, read_lora
+        from charfw.lora.file import read_lora
+        from charfw.lora.safetensors_io import parse_precision
         from charfw.lora.svd import MergeSource, merge_loras
 
         rule = _rule(sv_ratio, sv_fro, sv_cumulative, rank, conv_rank, tight, default_ratio=False)

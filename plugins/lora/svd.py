@@ -98,7 +98,7 @@ def _size(n: int) -> str:
 
 
 def _precision(name: str | None):
-    from charfw.lora.file import parse_precision
+    from charfw.lora.safetensors_io import parse_precision
 
     return parse_precision(name)
 

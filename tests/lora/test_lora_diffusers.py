@@ -19,7 +19,8 @@ from charfw.lora.block_weights import (
     load_presets,
     resolve_weights,
 )
-from charfw.lora.file import read_lora, write_safetensors
+from charfw.lora.file import read_lora
+from charfw.lora.safetensors_io import write_safetensors
 from charfw.lora.svd import RankRule, resize_lora
 
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)

@@ -26,7 +26,9 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from charfw.errors import CharfwError
-from charfw.lora.file import detect_family, read_lora, sshs_hashes, write_safetensors
+from charfw.lora.file import read_lora
+from charfw.lora.names import detect_family
+from charfw.lora.safetensors_io import sshs_hashes, write_safetensors
 
 # name, tensors, the layer's weight shape, the type charfw should report
 MODULES = [

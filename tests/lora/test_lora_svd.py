@@ -24,7 +24,8 @@ from lora_support import (
 
 from charfw.errors import CharfwError
 from charfw.lora.block_weights import BLOCKS26, load_presets, resolve_weights
-from charfw.lora.file import data_sha256, read_lora
+from charfw.lora.file import read_lora
+from charfw.lora.safetensors_io import data_sha256
 from charfw.lora.svd import MergeSource, RankRule, merge_loras, resize_lora
 
 FP32 = torch.float32

@@ -15,7 +15,7 @@ FAKE_TRAINER = '''
 import torch
 import charfw
 from charfw.components import Trainer
-from charfw.lora.file import write_safetensors
+from charfw.lora.safetensors_io import write_safetensors
 from charfw.stage_context import StageOutput
 
 MODULES = {
