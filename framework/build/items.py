@@ -9,10 +9,12 @@ moved or shared without invalidating its build records.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import unicodedata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -46,12 +48,38 @@ class ImageItem(BaseModel):
 
 
 _UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f]')
+_NOT_ASCII_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def safe_file_stem(text: str) -> str:
-    """A stem that is a valid file name everywhere (Windows included); keeps Unicode."""
-    cleaned = _UNSAFE.sub("_", text).strip(" .")
-    return cleaned or "image"
+def safe_file_stem(text: str, *, charset: Literal["unicode", "ascii", "folded"] = "unicode",
+                   fallback: str = "image") -> str:
+    """A stem that is a valid file name everywhere (Windows included).
+
+    ``charset`` says which characters stay:
+
+    * ``unicode`` (images, dataset folders): all but those Windows forbids, which become ``_``
+      one by one; spaces and dots are stripped from the ends.
+    * ``ascii`` (what the LoRA tools write): ASCII letters, digits, ``.``, ``_`` and ``-``;
+      any other run of characters becomes one ``_``; dots and ``_`` are stripped from the ends.
+    * ``folded`` (trained LoRA files, which A1111 must find): as ``ascii`` after folding
+      accents (``é`` → ``e``), ``-`` also stripped; a text that was not ASCII gets a short
+      hash of itself, so two Japanese names stay different.
+
+    A stem with nothing left is ``fallback`` (``folded``: when no letter or digit is left,
+    ``fallback`` and the hash).
+    """
+    if charset == "unicode":
+        return _UNSAFE.sub("_", text).strip(" .") or fallback
+    if charset == "ascii":
+        return _NOT_ASCII_NAME.sub("_", text).strip("._") or fallback
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    safe = _NOT_ASCII_NAME.sub("_", folded).strip("._-")
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    if not re.search(r"[A-Za-z0-9]", safe):
+        return f"{fallback}-{digest[:8]}"
+    if not text.isascii():  # two Japanese names must not fold to the same file
+        return f"{safe}-{digest[:6]}"
+    return safe
 
 
 def to_record_path(path: Path, root: Path) -> str:

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import math
 import re
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..build.items import safe_file_stem
 from ..errors import CharfwError
 
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor", "Prodigy")
@@ -275,18 +275,9 @@ def ascii_file_name(text: str, *, fallback: str = "lora") -> str:
 
     Accents are folded (``é`` → ``e``); other characters (Japanese, spaces, slashes)
     become ``_``. A name with nothing ASCII left becomes ``fallback`` plus a short hash, so
-    different names stay different.
+    different names stay different (:func:`~charfw.build.items.safe_file_stem`, ``folded``).
     """
-    import hashlib
-
-    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", folded).strip("._-")
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    if not re.search(r"[A-Za-z0-9]", safe):
-        return f"{fallback}-{digest[:8]}"
-    if not text.isascii():  # two Japanese names must not fold to the same file
-        return f"{safe}-{digest[:6]}"
-    return safe
+    return safe_file_stem(text, charset="folded", fallback=fallback)
 
 
 @dataclass
