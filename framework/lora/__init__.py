@@ -12,6 +12,7 @@ module                   what it holds
                          reading a file, checking its modules, network type, metadata
 :mod:`.block_weights`    the LBW/SuperMerger block layouts, presets and the exact r·ΔW merge
 :mod:`.svd`              kohya-compatible rank rules, QR-reduced resizing and multi-file merges
+:mod:`.outputs`          the names of the files the LoRA stages and commands write
 =======================  ===================================================================
 
 Nothing is imported here: :mod:`.delta`, :mod:`.safetensors_io`, :mod:`.file` and :mod:`.svd`

@@ -90,6 +90,20 @@ class RankRule:
             if value is not None and value < 1:
                 raise CharfwError(f"ranks must be at least 1, got {value}")
 
+    @classmethod
+    def from_options(cls, *, sv_ratio: float | None = None, sv_fro: float | None = None,
+                     sv_cumulative: float | None = None, rank: int | None = None, conv_rank: int | None = None,
+                     tight: bool = False, default: bool = True) -> RankRule | None:
+        """The rule of the ``svd`` stage's and ``charfw lora``'s options: the method given a
+        value (they allow one), else a fixed ``rank``, else kohya's ``sv_ratio 16``; None
+        instead of that default when ``default`` is false."""
+        for method, value in (("sv_ratio", sv_ratio), ("sv_fro", sv_fro), ("sv_cumulative", sv_cumulative)):
+            if value is not None:
+                return cls(method, value, rank, conv_rank, tight)
+        if rank is not None:
+            return cls("rank", None, rank, conv_rank, tight)
+        return cls("sv_ratio", 16.0, None, conv_rank, tight) if default else None
+
     def cap(self, is_4d: bool, own_rank: int | None) -> int:
         cap = (self.conv_rank or self.rank) if is_4d else self.rank
         if cap is None:

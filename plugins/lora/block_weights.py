@@ -17,8 +17,6 @@ path adds to them). See :mod:`charfw.lora.block_weights` for the rules.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from typing import Any, Literal
 
 from pydantic import field_validator
@@ -57,18 +55,6 @@ def weights_spec(options: BlockWeightOptions, part_kind: str) -> str | list[floa
     return options.weights if options.weights is not None else PART_DEFAULTS.get(part_kind, "BODY")
 
 
-def output_suffix(spec: str | list[float], strength: float) -> str:
-    """``-FACE``, ``-BODY``, or ``-lbw<hash>`` for a vector; ASCII only."""
-    if isinstance(spec, str) and re.fullmatch(r"[A-Za-z0-9._-]+", spec.strip()):
-        suffix = f"-{spec.strip()}"
-    else:
-        text = spec if isinstance(spec, str) else ",".join(f"{v:g}" for v in spec)
-        suffix = f"-lbw{hashlib.sha256(text.encode()).hexdigest()[:6]}"
-    if strength != 1:
-        suffix += f"x{strength:g}"
-    return suffix
-
-
 class BlockWeightMerger(BlockMerger):
     name = "block-weights"
     version = "1"
@@ -101,6 +87,7 @@ class BlockWeightMerger(BlockMerger):
         from charfw.build.items import safe_file_stem
         from charfw.lora.block_weights import apply_block_weights, load_presets, resolve_weights
         from charfw.lora.file import read_lora
+        from charfw.lora.outputs import block_weights_suffix, output_stem, remove_other_outputs
 
         src = ctx.input_file("lora")
         lora = read_lora(src)
@@ -108,9 +95,9 @@ class BlockWeightMerger(BlockMerger):
         spec = weights_spec(options, ctx.part.kind)
         weights = resolve_weights(spec, lora.family, load_presets(ctx.templates))
         merged, report = apply_block_weights(lora, weights, other=options.other, strength=options.strength)
-        out = ctx.stage_dir / f"{ascii_stem(safe_file_stem(src.stem))}{output_suffix(spec, options.strength)}.safetensors"
+        out = ctx.stage_dir / f"{output_stem(safe_file_stem(src.stem))}{block_weights_suffix(spec, options.strength)}.safetensors"
         merged.save(out, precision=options.precision)
-        remove_other_outputs(ctx, out)
+        remove_other_outputs(ctx.stage_dir, out)
         for line in report.lines():
             ctx.log(line)
         return StageOutput(
@@ -118,19 +105,6 @@ class BlockWeightMerger(BlockMerger):
             data={"weights": list(weights.values), "preset": weights.name, "family": weights.family},
             summary=[f"{weights.describe()} → {ctx.record_path(out)}", *report.lines()[1:]],
         )
-
-
-def ascii_stem(stem: str) -> str:
-    """File names charfw makes are ASCII (A1111/ComfyUI lists, Windows code pages)."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._")
-    return cleaned or "lora"
-
-
-def remove_other_outputs(ctx: StageContext, keep: Any) -> None:
-    """Outputs of earlier runs with other settings would be mistaken for the current one."""
-    for entry in ctx.stage_dir.glob("*.safetensors"):
-        if entry.resolve() != keep.resolve():
-            entry.unlink()
 
 
 @charfw.hookimpl(trylast=True)

@@ -16,15 +16,14 @@ from typing import Any
 import click
 
 import charfw
-from charfw.default_plugins.lora.block_weights import ascii_stem, output_suffix
-from charfw.default_plugins.lora.svd import rule_suffix
 from charfw.errors import CharfwError
+from charfw.lora.outputs import block_weights_suffix, human_size, output_stem, rank_rule_suffix
 
 PRECISION = click.Choice(["fp16", "bf16", "fp32"])
 
 
 def _output_path(src: Path, suffix: str, output: Path | None) -> Path:
-    dest = output if output is not None else src.with_name(f"{ascii_stem(src.stem)}{suffix}.safetensors")
+    dest = output if output is not None else src.with_name(f"{output_stem(src.stem)}{suffix}.safetensors")
     if dest.suffix.lower() != ".safetensors":
         raise CharfwError(f"output '{dest}' must end in .safetensors")
     if dest.exists() and dest.resolve() == src.resolve():
@@ -36,16 +35,13 @@ def _rule(sv_ratio: float | None, sv_fro: float | None, sv_cumulative: float | N
           conv_rank: int | None, tight: bool, *, default_ratio: bool) -> Any:
     from charfw.lora.svd import RankRule
 
-    given = [(m, v) for m, v in (("sv_ratio", sv_ratio), ("sv_fro", sv_fro), ("sv_cumulative", sv_cumulative)) if v is not None]
-    if len(given) > 1:
+    if sum(v is not None for v in (sv_ratio, sv_fro, sv_cumulative)) > 1:
         raise click.UsageError("give only one of --sv-ratio, --sv-fro, --sv-cumulative")
-    if given:
-        return RankRule(given[0][0], given[0][1], rank, conv_rank, tight)
-    if rank is not None:
-        return RankRule("rank", None, rank, conv_rank, tight)
-    if default_ratio:
-        return RankRule("sv_ratio", 16.0, None, conv_rank, tight)
-    raise click.UsageError("give --rank N (and/or --sv-ratio, --sv-fro, --sv-cumulative)")
+    rule = RankRule.from_options(sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, rank=rank,
+                                 conv_rank=conv_rank, tight=tight, default=default_ratio)
+    if rule is None:
+        raise click.UsageError("give --rank N (and/or --sv-ratio, --sv-fro, --sv-cumulative)")
+    return rule
 
 
 def _presets(ctx: click.Context, extra: tuple[Path, ...]) -> Any:
@@ -68,10 +64,6 @@ def parse_source(text: str) -> tuple[Path, float, str | None]:
         raise CharfwError(f"'{text}': no such file (write FILE, FILE:RATIO or FILE:RATIO:WEIGHTS)")
     ratio = float(m["ratio"]) if m["ratio"] else 1.0
     return Path(m["path"]), ratio, m["weights"]
-
-
-def _human(n: float) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def _counts(counter: Any, fmt: Any = str) -> str:
@@ -136,7 +128,7 @@ def _print_info(data: dict[str, Any]) -> None:
     fam = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}.get(data["family"], "unknown base model")
     extras = [x for x in ("Tucker" if data["tucker"] else "", f"{data['dora_modules']} DoRA" if data["dora_modules"] else "") if x]
     lines = [
-        f"file     {data['file']} ({_human(data['bytes'])}, {', '.join(data['dtypes'])})",
+        f"file     {data['file']} ({human_size(data['bytes'])}, {', '.join(data['dtypes'])})",
         f"type     {data['type']}{' (' + ', '.join(extras) + ')' if extras else ''} for {fam}",
         f"modules  {data['modules']} ({data['text_encoder_modules']} text encoder, {data['unet_modules']} UNet, "
         f"{data['conv3x3_modules']} conv 3x3)",
@@ -224,7 +216,7 @@ def register_commands(cli):
         other_value: float | str = "BASE" if other.upper() == "BASE" else _float(other, "--other")
         lora = read_lora(file, allow_pickle=allow_pickle)
         resolved = resolve_weights(weights, lora.family, _presets(ctx, preset_files))
-        dest = _output_path(file, output_suffix(weights if resolved.name == "custom" else resolved.name, strength), output)
+        dest = _output_path(file, block_weights_suffix(weights if resolved.name == "custom" else resolved.name, strength), output)
         lora.check_finite()
         merged, report = apply_block_weights(lora, resolved, other=other_value, strength=strength)
         saved = merged.save(dest, precision=precision)
@@ -232,7 +224,7 @@ def register_commands(cli):
             console.out.print(f"  {line}", markup=False, highlight=False)
         for line in report.lines():
             console.out.print(line, markup=False, highlight=False)
-        console.out.print(f"wrote {display_path(saved.path)} ({_human(saved.size)})", markup=False)
+        console.out.print(f"wrote {display_path(saved.path)} ({human_size(saved.size)})", markup=False)
 
     method_options = [
         click.option("--sv-ratio", type=float, help="Keep singular values above the largest / X (kohya sv_ratio)."),
@@ -272,14 +264,14 @@ def register_commands(cli):
         from charfw.lora.svd import resize_lora
 
         rule = _rule(sv_ratio, sv_fro, sv_cumulative, rank, conv_rank, tight, default_ratio=True)
-        dest = _output_path(file, rule_suffix(rule), output)
+        dest = _output_path(file, rank_rule_suffix(rule), output)
         lora = read_lora(file, allow_pickle=allow_pickle)
         with console.progress(len(lora.modules), "resize", unit="module") as bar:
             new, report = resize_lora(lora, rule, precision=parse_precision(precision), threads=threads,
                                       progress=bar.advance)
         saved = new.save(dest)
         _print_svd_report(report, rule, verbose)
-        console.out.print(f"wrote {display_path(saved.path)} ({_human(saved.size)}, was {_human(file.stat().st_size)}) "
+        console.out.print(f"wrote {display_path(saved.path)} ({human_size(saved.size)}, was {human_size(file.stat().st_size)}) "
                           f"in {report.seconds:.1f} s", markup=False)
 
     @lora_group.command("merge")
@@ -331,7 +323,7 @@ def register_commands(cli):
                                          other=other_value, threads=threads, progress=bar.advance)
         saved = merged.save(output)
         _print_svd_report(report, rule, verbose)
-        console.out.print(f"wrote {display_path(saved.path)} ({_human(saved.size)})", markup=False)
+        console.out.print(f"wrote {display_path(saved.path)} ({human_size(saved.size)})", markup=False)
 
     @lora_group.command("presets")
     @click.option("--presets", "preset_files", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),

@@ -13,7 +13,6 @@ from pydantic import Field, model_validator
 
 import charfw
 from charfw.components import Compressor, Options
-from charfw.default_plugins.lora.block_weights import ascii_stem, remove_other_outputs
 from charfw.stage_context import StageContext, StageOutput
 
 
@@ -42,24 +41,8 @@ class SvdOptions(Options):
     def rule(self):  # -> RankRule (torch is imported only when the stage runs)
         from charfw.lora.svd import RankRule
 
-        for method in ("sv_ratio", "sv_fro", "sv_cumulative"):
-            value = getattr(self, method)
-            if value is not None:
-                return RankRule(method, value, self.rank, self.conv_rank, self.tight)
-        if self.rank is not None:
-            return RankRule("rank", None, self.rank, self.conv_rank, self.tight)
-        return RankRule("sv_ratio", 16.0, None, self.conv_rank, self.tight)
-
-
-def rule_suffix(rule) -> str:
-    """``-sv16``, ``-fro0.95``, ``-cum0.9``, ``-r32`` (``c16`` for another conv rank)."""
-    if rule.method == "rank":
-        suffix = f"-r{rule.rank}"
-        if rule.conv_rank and rule.conv_rank != rule.rank:
-            suffix += f"c{rule.conv_rank}"
-        return suffix
-    short = {"sv_ratio": "sv", "sv_fro": "fro", "sv_cumulative": "cum"}[rule.method]
-    return f"-{short}{rule.param:g}" + (f"-max{rule.rank}" if rule.rank else "")
+        return RankRule.from_options(sv_ratio=self.sv_ratio, sv_fro=self.sv_fro, sv_cumulative=self.sv_cumulative,
+                                     rank=self.rank, conv_rank=self.conv_rank, tight=self.tight)
 
 
 class SvdCompressor(Compressor):
@@ -72,16 +55,23 @@ class SvdCompressor(Compressor):
         from charfw.build import atomic
         from charfw.build.items import safe_file_stem
         from charfw.lora.file import read_lora
+        from charfw.lora.outputs import (
+            human_size,
+            output_stem,
+            rank_rule_suffix,
+            remove_other_outputs,
+        )
+        from charfw.lora.safetensors_io import parse_precision
         from charfw.lora.svd import resize_lora
 
         src = ctx.input_file("lora")
         lora = read_lora(src)
         rule = options.rule()
         with ctx.progress(len(lora.modules), "svd", unit="module") as bar:
-            new, report = resize_lora(lora, rule, precision=_precision(options.precision), progress=bar.advance)
-        out = ctx.stage_dir / f"{ascii_stem(safe_file_stem(src.stem))}{rule_suffix(rule)}.safetensors"
+            new, report = resize_lora(lora, rule, precision=parse_precision(options.precision), progress=bar.advance)
+        out = ctx.stage_dir / f"{output_stem(safe_file_stem(src.stem))}{rank_rule_suffix(rule)}.safetensors"
         saved = new.save(out)
-        remove_other_outputs(ctx, out)
+        remove_other_outputs(ctx.stage_dir, out)
         dynamic = rule.method != "rank"
         atomic.write_text(ctx.stage_dir / "resize-report.txt",
                           "\n".join([*(m.line(dynamic) for m in report.modules), *report.lines()]) + "\n")
@@ -89,18 +79,8 @@ class SvdCompressor(Compressor):
             files={"lora": ctx.record_path(out)},
             data={"ranks": {m.name: m.new_rank for m in report.modules}, "fro_retained": report.fro_mean,
                   "bytes": saved.size},
-            summary=[f"{ctx.record_path(out)} ({_size(saved.size)}, {report.seconds:.1f} s)", *report.lines()],
+            summary=[f"{ctx.record_path(out)} ({human_size(saved.size)}, {report.seconds:.1f} s)", *report.lines()],
         )
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
-
-
-def _precision(name: str | None):
-    from charfw.lora.safetensors_io import parse_precision
-
-    return parse_precision(name)
 
 
 @charfw.hookimpl(trylast=True)
