@@ -225,8 +225,8 @@ class TrainSettings(BaseModel):
         conv_alpha = None
         if conv_dim is not None:
             conv_alpha = parse_alpha(self.conv_alpha if self.conv_alpha is not None else self.alpha, conv_dim)
-        return kind.config_factory(dim=self.dim, alpha=parse_alpha(self.alpha, self.dim), conv_dim=conv_dim,
-                                   conv_alpha=conv_alpha, dropout=self.network_dropout)
+        return kind.config(dim=self.dim, alpha=parse_alpha(self.alpha, self.dim), conv_dim=conv_dim,
+                           conv_alpha=conv_alpha, dropout=self.network_dropout)
 
     def resolved_text_encoder_lr(self) -> float:
         if self.train_unet_only:

@@ -8,10 +8,11 @@ lora3x3    kohya networks.lora   + resnet and sampler convs (conv_dim)        Lo
 loha       LyCORIS LoHa          as lora3x3 (conv_dim 0: as lora)             Loha
 =========  ====================  ==========================================  ===========
 
-One folder per method (``lora/``, ``loha/``) holds its ``config.py`` and ``layer.py``;
-:mod:`.targets` selects layers and names them as kohya does, :mod:`.network` holds the
-adapters. :func:`create_network` builds a network for a model, and :func:`detect_file_type` tells
-which type a kohya file holds (for continuing from it).
+One folder per method (``lora/``, ``loha/``) holds its ``layer.py``; :mod:`.config` holds
+what every method is configured with, :mod:`.targets` selects layers and names them as
+kohya does, :mod:`.network` holds the adapters. :func:`create_network` builds a network
+for a model, and :func:`detect_file_type` tells which type a kohya file holds (for
+continuing from it).
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ...errors import CharfwError
+from .config import NetworkConfig
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .config import NetworkConfig
     from .module import NetworkModule
     from .network import Network
     from .targets import NetworkRoot
@@ -43,9 +44,15 @@ class NetworkType:
     allows_conv: bool
     #: the file key whose first dimension is a module's rank
     rank_key: str
-    config_factory: Callable[..., NetworkConfig]
+    #: ``ss_network_module`` and LyCORIS' ``algo`` argument, as the file records them
+    network_module: str
+    algo: str | None
     module_factory: Callable[..., NetworkModule]
     description: str = ""
+
+    def config(self, **settings: object) -> NetworkConfig:
+        """This type's configuration from ``dim``, ``alpha``, ``conv_dim``, ``conv_alpha``, ``dropout``."""
+        return NetworkConfig(**settings, network_module=self.network_module, algo=self.algo)  # type: ignore[arg-type]
 
     def make_module(self, name: str, layer: nn.Module, dim: int, alpha: float | None,
                     config: NetworkConfig) -> NetworkModule:
@@ -64,24 +71,12 @@ def _loha_module(name: str, layer: nn.Module, dim: int, alpha: float | None, con
     return LoHaModule(name, layer, dim, alpha)
 
 
-def _lora_config(**kw: object) -> NetworkConfig:
-    from .lora.config import LoRAConfig
-
-    return LoRAConfig(**kw)  # type: ignore[arg-type]
-
-
-def _loha_config(**kw: object) -> NetworkConfig:
-    from .loha.config import LoHaConfig
-
-    return LoHaConfig(**kw)  # type: ignore[arg-type]
-
-
 NETWORK_TYPES: dict[str, NetworkType] = {
-    "lora": NetworkType("lora", "Lora1x1", False, False, "lora_down.weight", _lora_config, _lora_module,
+    "lora": NetworkType("lora", "Lora1x1", False, False, "lora_down.weight", "networks.lora", None, _lora_module,
                         "kohya LoRA on attention, projections and the text encoder"),
-    "lora3x3": NetworkType("lora3x3", "Lora3x3", True, True, "lora_down.weight", _lora_config, _lora_module,
+    "lora3x3": NetworkType("lora3x3", "Lora3x3", True, True, "lora_down.weight", "networks.lora", None, _lora_module,
                            "kohya LoRA plus the 3x3 convolutions (conv_dim / conv_alpha)"),
-    "loha": NetworkType("loha", "Loha", True, True, "hada_w1_b", _loha_config, _loha_module,
+    "loha": NetworkType("loha", "Loha", True, True, "hada_w1_b", "lycoris.kohya", "loha", _loha_module,
                         "LyCORIS LoHa (Hadamard product of two low-rank pairs)"),
 }
 #: the seed's spellings

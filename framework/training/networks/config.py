@@ -1,9 +1,8 @@
-"""What every network method is configured with (a method's own ``config.py`` extends it)."""
+"""What a network is configured with: ranks and strengths, and the method its file records."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -19,15 +18,17 @@ class NetworkConfig:
     conv_alpha: float | None = None
     #: kohya's network_dropout (LoRA only)
     dropout: float | None = None
-
     #: ``ss_network_module`` as kohya / LyCORIS write it
-    network_module: ClassVar[str] = ""
+    network_module: str = "networks.lora"
+    #: LyCORIS' ``algo`` network argument (``loha``); None for kohya's networks.lora
+    algo: str | None = None
 
     def network_args(self) -> dict[str, str]:
         """``ss_network_args``: the raw ``--network_args`` strings kohya records."""
-        if self.conv_dim is None:
-            return {}
-        return {"conv_dim": str(self.conv_dim), "conv_alpha": _number(self.conv_alpha, self.conv_dim)}
+        args = {"algo": self.algo} if self.algo else {}
+        if self.conv_dim is not None:
+            args |= {"conv_dim": str(self.conv_dim), "conv_alpha": _number(self.conv_alpha, self.conv_dim)}
+        return args
 
     def rank_for(self, is_conv3x3: bool) -> tuple[int, float | None]:
         if is_conv3x3:

@@ -67,10 +67,6 @@ class Network(nn.Module):
         for module in self.adapters.values():
             module.remove_from_layer()  # type: ignore[operator]
 
-    def set_multiplier(self, multiplier: float) -> None:
-        for module in self.adapters.values():
-            module.multiplier = multiplier
-
     def modules_of(self, root: str) -> list[NetworkModule]:
         return [m for n, m in self.adapters.items() if self.roots[n] == root]  # type: ignore[misc]
 
