@@ -213,7 +213,7 @@ def register_commands(cli):
         from charfw.lora.block_weights import apply_block_weights, resolve_weights
         from charfw.lora.file import read_lora
 
-        other_value: float | str = "BASE" if other.upper() == "BASE" else _float(other, "--other")
+        other_value = _other_ratio(other)
         lora = read_lora(file, allow_pickle=allow_pickle)
         resolved = resolve_weights(weights, lora.family, _presets(ctx, preset_files))
         dest = _output_path(file, block_weights_suffix(weights if resolved.name == "custom" else resolved.name, strength), output)
@@ -305,7 +305,7 @@ def register_commands(cli):
         from charfw.lora.svd import MergeSource, merge_loras
 
         rule = _rule(sv_ratio, sv_fro, sv_cumulative, rank, conv_rank, tight, default_ratio=False)
-        other_value: float | str = "BASE" if other.upper() == "BASE" else _float(other, "--other")
+        other_value = _other_ratio(other)
         parsed = [parse_source(s) for s in sources]
         presets = _presets(ctx, preset_files) if any(w for _, _, w in parsed) else {}
         inputs = []
@@ -351,8 +351,11 @@ def _print_svd_report(report: Any, rule: Any, verbose: bool) -> None:
         console.out.print(line, markup=False, highlight=False)
 
 
-def _float(text: str, what: str) -> float:
+def _other_ratio(text: str) -> float | str:
+    """``--other``: a number, or BASE (any case)."""
+    if text.upper() == "BASE":
+        return "BASE"
     try:
         return float(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a number or BASE", param_hint=what) from None
+        raise click.BadParameter(f"{text!r} is not a number or BASE", param_hint="--other") from None
