@@ -79,7 +79,7 @@ def train(job: TrainJob) -> TrainResult:
     state_root = job.state_dir or output_dir / f"{name}-state"
     hash_cache = None
     if job.sha256 is None:
-        from ..hashing import HashCache
+        from charfw.build.hashing import HashCache
 
         hash_cache = HashCache(job.cache_dir / "hash-cache.json")
     sha256 = job.sha256 or hash_cache.sha256  # type: ignore[union-attr]
@@ -246,7 +246,7 @@ def train(job: TrainJob) -> TrainResult:
     metadata = lora_output.training_metadata(
         job, data=data, model=model, network=network, optimizer_name=optimizer_name, mixed_precision=mixed,
         cache_latents=latent_cache.enabled, total_steps=total_steps, total_epochs=total_epochs,
-        batches_per_epoch=batches_per_epoch, text_encoder_lr=train_te_lr, started_at=time.time(),
+        batches_per_epoch=batches_per_epoch, text_encoder_lr=train_te_lr, started_at=lora_output.clock(),
         warmup=optimizers.warmup_steps(s, total_steps))
     prompts = read_prompts(Path(s.sample_prompts)) if s.sample_prompts else []
     sample_dir = job.sample_dir or output_dir / "sample"

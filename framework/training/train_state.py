@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .. import atomic
+from charfw.build import atomic
+
 from ..errors import CharfwError
 
 STATE_PREFIX = "step-"

@@ -94,7 +94,7 @@ def register_commands(cli):
         cache = cache_dir or default_cache_dir()
         fingerprint = ""
         if resume or settings.save_state or settings.save_state_every_minutes:
-            from charfw.hashing import HashCache
+            from charfw.build.hashing import HashCache
             from charfw.training.model_sources import resolve_source, source_identity
 
             hashes = HashCache(cache / "hash-cache.json")
@@ -145,7 +145,7 @@ def register_commands(cli):
         else:
             from diffusers import DDPMScheduler
 
-            from charfw.atomic import atomic_dir
+            from charfw.build.atomic import atomic_dir
 
             pipe = model.family.pipeline(model, DDPMScheduler.from_config(model.scheduler_config))
             pipe.to(dtype=dtype)
