@@ -106,28 +106,52 @@ def test_a_no_op_rebuild_imports_no_model_library(built: Path) -> None:
     assert not imported & heavy, f"a no-op rebuild imports {sorted(imported & heavy)}"
 
 
-def test_an_interrupted_build_resumes_its_training(built: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C during training saves resumable state; the next build continues from it."""
-    from charfw.training import batch_inputs
-
-    manifest = built / "characters" / "tyank.yaml"
+def _five_steps(ws: Path) -> None:
+    manifest = ws / "characters" / "tyank.yaml"
     manifest.write_text(manifest.read_text("utf-8").replace("max_train_steps: 2", "max_train_steps: 5"), "utf-8")
-    calls = {"n": 0}
-    real = batch_inputs.BatchInputs.latents
 
-    def interrupt_at_the_fourth_batch(self, batch, key):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(self, batch, key)
 
-    monkeypatch.setattr(batch_inputs.BatchInputs, "latents", interrupt_at_the_fourth_batch)
-    code, _, err = run_cli("-C", built, "build", "tyank", "--until", "train")
-    assert code == 130 and "interrupted at step 3" in err
-    assert list((built / "build/tyank/face/train/state").glob("step-00000003"))
-    monkeypatch.setattr(batch_inputs.BatchInputs, "latents", real)
+#: header keys that change with the time a run starts and ends: the times, the session id
+#: made from it, and the legacy hash (of bytes past a header whose length varies with them)
+TIMES = {"ss_training_started_at", "ss_training_finished_at", "modelspec.date", "ss_session_id", "sshs_legacy_hash"}
+
+
+def test_an_interrupted_build_resumes_its_training(built: Path, workspace: Path, run_cli,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (a real SIGINT) in the UNet's forward pass of step 3: the build stops after
+    that step with its state saved; the next build continues from it and writes the LoRAs
+    an uninterrupted build writes, every tensor equal."""
+    import torch
+    from safetensors.torch import load_file
+    from train_support import ctrl_c_in_unet_forward
+
+    # the uninterrupted build, in a fresh copy of the workspace
+    _quick(workspace)
+    _five_steps(workspace)
+    code, _, err = run_cli("-C", workspace, "build", "tyank", "--until", "train")
+    assert code == 0, err
+    expected = sorted(workspace.glob("build/tyank/*/train/*.safetensors"))
+    assert [p.name for p in expected] == ["tyank-Lora3x3A50p-AdamW-8-100-5.safetensors",
+                                          "tyankps-Lora3x3A50p-AdamW-8-100-5.safetensors"]
+
+    _five_steps(built)
+    with monkeypatch.context() as m:
+        ctrl_c_in_unet_forward(m, at=3)
+        code, _, interrupted = run_cli("-C", built, "build", "tyank", "--until", "train")
+    assert code == 130, interrupted
+    states = [p.name for p in (built / "build/tyank/face/train/state").glob("step-*")]
     code, out, err = run_cli("-C", built, "build", "tyank", "--until", "train")
     assert code == 0, err
+    for reference in expected:
+        path = built / reference.relative_to(workspace)
+        final, wanted = load_file(str(path)), load_file(str(reference))
+        assert final.keys() == wanted.keys()
+        differ = [key for key, value in wanted.items() if not torch.equal(final[key], value)]
+        assert not differ, f"{path.name}: {len(differ)} of {len(wanted)} tensors differ from an uninterrupted build"
+        header, wanted_header = read_lora(path).metadata, read_lora(reference).metadata
+        assert {k: v for k, v in header.items() if k not in TIMES} == \
+            {k: v for k, v in wanted_header.items() if k not in TIMES}
+    assert "interrupted at step 3; state saved, resume to continue" in interrupted
+    assert states == ["step-00000003"]
     assert "resumed from step-00000003" in err and "resumed at step 3" in out
-    assert read_lora(built / "build/tyank/face/train/tyank-Lora3x3A50p-AdamW-8-100-5.safetensors").metadata[
-        "ss_steps"] == "5"
+    assert not (built / "build/tyank/face/train/state").exists()

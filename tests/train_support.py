@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +87,43 @@ def make_job(base: Path | str, dataset: Path, out: Path, cache: Path, **settings
     job_fields.setdefault("log", lambda message: None)
     return TrainJob(settings=TrainSettings(**options), dataset_config=dataset, base_model=str(base), output_dir=out,
                     cache_dir=cache, **job_fields)
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------
+
+
+def press_ctrl_c(times: int = 1) -> None:
+    """What pressing Ctrl-C does: SIGINT, here to this (the main) thread, so that Python
+    runs its handler as soon as the call returns."""
+    import signal
+
+    for _ in range(times):
+        signal.raise_signal(signal.SIGINT)
+
+
+def ctrl_c_on_call(at: int, times: int = 1) -> Callable[[], None]:
+    """A function that presses Ctrl-C (``times`` times) on its ``at``-th call."""
+    calls = 0
+
+    def maybe_press() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == at:
+            press_ctrl_c(times)
+
+    return maybe_press
+
+
+def ctrl_c_in_unet_forward(monkeypatch: pytest.MonkeyPatch, at: int, times: int = 1) -> None:
+    """Ctrl-C inside the UNet's forward pass of the ``at``-th step (of one process, counted
+    over every run while patched): that step's noise and timesteps are already drawn from
+    the run's generator, its weights not yet updated."""
+    from charfw.training.families.sd1 import SD1Family
+
+    real, press = SD1Family.predict, ctrl_c_on_call(at, times)
+
+    def predict(self: Any, *args: Any, **kwargs: Any) -> Any:
+        press()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(SD1Family, "predict", predict)

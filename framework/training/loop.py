@@ -19,6 +19,7 @@ import contextlib
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,55 @@ class TrainResult:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class _Interruption:
+    """What a run stopped by Ctrl-C leaves to resume from, for the line that says so."""
+
+    log: Callable[[str], None]
+    state_root: Path
+    fingerprint: str
+    #: optimizer steps done when it stopped (counting those of the state it resumed from)
+    step: int = 0
+    resumed_from: int | None = None
+    #: a second Ctrl-C stopped it at once
+    forced: bool = False
+    #: the loop stopped at a step boundary and said what it saved
+    said: bool = False
+
+    def report(self) -> None:
+        if self.said:
+            return
+        from . import train_state
+
+        found = train_state.find_state(self.state_root, self.fingerprint)
+        if self.step <= (self.resumed_from or 0):
+            head = "interrupted before the first step" + (" of this run" if self.resumed_from else "")
+        else:  # between two step boundaries: the state in memory is half a step, and not saved
+            head = f"{'stopped at once' if self.forced else 'interrupted'} after step {self.step}, without saving"
+        tail = f"resuming continues from {found.name}" if found is not None else \
+            "nothing to resume, the next run starts over"
+        self.log(f"{head}; {tail}")
+
+
+def _state_root(job: TrainJob) -> Path:
+    return job.state_dir or job.output_dir / f"{job.name}-state"
+
+
 def train(job: TrainJob) -> TrainResult:
-    """Train the LoRA ``job`` describes; returns where it is and what happened."""
+    """Train the LoRA ``job`` describes; returns where it is and what happened.
+
+    Ctrl-C stops the run after the step it is in, saving a state a resumed run continues
+    from as if it never stopped (:mod:`.interrupts`); pressed again, or before the first
+    step, it stops at once and says which state, if any, is left to resume from."""
+    notes = _Interruption(job.log or console.info, _state_root(job), job.fingerprint)
+    try:
+        return _train(job, notes)
+    except KeyboardInterrupt:
+        notes.report()
+        raise
+
+
+def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
@@ -67,6 +115,7 @@ def train(job: TrainJob) -> TrainResult:
     from .caches import LatentCache, TextCache
     from .dataset import TrainingData
     from .families import get_family
+    from .interrupts import StopAtStepBoundary
     from .model_sources import resolve_source, source_identity
     from .networks import create_network, network_type
     from .sample_prompts import generate_samples, read_prompts
@@ -76,7 +125,7 @@ def train(job: TrainJob) -> TrainResult:
     started = time.perf_counter()
     output_dir = job.output_dir
     name = job.name
-    state_root = job.state_dir or output_dir / f"{name}-state"
+    state_root = _state_root(job)
     hash_cache = None
     if job.sha256 is None:
         from charfw.build.hashing import HashCache
@@ -107,6 +156,7 @@ def train(job: TrainJob) -> TrainResult:
         warn = report = log
     else:
         warn, report = console.warn, job.report_problem or console.warn
+    notes.log = log
     if mixed != s.mixed_precision:
         log(f"mixed precision {s.mixed_precision} needs a GPU; training in float32 on this machine")
     optimizers.check_available(s, device)  # before minutes of loading and caching
@@ -237,6 +287,7 @@ def train(job: TrainJob) -> TrainResult:
             train_state.load_state(folder, network=network, optimizer=optimizer, scheduler=scheduler,
                                    generator=generator, scaler=scaler, rank=accelerator.process_index)
             global_step, epoch, skip_batches, resumed_from = info.step, info.epoch, info.batch, info.step
+            notes.step = notes.resumed_from = global_step
             log(f"resumed from {folder.name} (step {global_step} of {total_steps})")
         elif job.resume != "auto":
             raise CharfwError("no training state here", path=Path(job.resume))
@@ -266,7 +317,11 @@ def train(job: TrainJob) -> TrainResult:
                 default_sampler=s.sample_sampler, clip_skip=job.clip_skip, max_token_length=s.max_token_length,
                 device=device, autocast=autocast)
 
+    #: the step of the newest state on disk (saved by this run, or resumed from)
+    saved_step = resumed_from
+
     def save_state(step: int, epoch_: int, batch: int) -> None:
+        nonlocal saved_step
         # every process's generators, so that each resumes its own noise
         rng = gather_object([train_state.rng_state(generator)]) if accelerator.num_processes > 1 else \
             [train_state.rng_state(generator)]
@@ -275,6 +330,7 @@ def train(job: TrainJob) -> TrainResult:
                                    network=network, optimizer=optimizer, scheduler=scheduler, rng=rng,
                                    scaler=scaler, keep=s.save_last_n_states)
         accelerator.wait_for_everyone()
+        saved_step = step
 
     def save_intermediate(stem: str, step: int, epoch_: int) -> None:
         if main:
@@ -313,13 +369,28 @@ def train(job: TrainJob) -> TrainResult:
         accelerator.log({"loss/current": value, "loss/average": sum(losses) / len(losses),
                          **{f"lr/{n}": float(r or 0.0) for n, r in zip(group_names, rates, strict=False)}}, step=step)
 
+    # Ctrl-C: the loop finishes its step and stops at the boundary (see .interrupts)
+    stop = StopAtStepBoundary(enabled=accelerator.num_processes == 1, notice=log)
+
+    def stop_here() -> None:
+        """Act on a Ctrl-C at a step boundary: weights, optimizer, schedule, generators and
+        ``position`` all belong to ``global_step`` here, so a state saved now resumes into
+        the run that stopped. The step's pending loss is checked first (no state with a NaN
+        loss); a state the step already saved (a periodic one) is not written twice."""
+        check_pending()
+        if saved_step != global_step:
+            save_state(global_step, *position)
+        notes.said = True
+        log(f"interrupted at step {global_step}; state saved, resume to continue")
+        raise KeyboardInterrupt
+
     if s.sample_at_first and global_step == 0:
         sample(0)
     log(f"training {name}: {total_steps} steps, {total_epochs} epoch(s) of {steps_per_epoch} step(s), "
         f"{s.network} dim {network.config.dim}" + (f" conv {network.config.conv_dim}" if network.config.conv_dim else "")
         + f", {s.optimizer}, {mixed if mixed != 'no' else 'float32'} on {device.type}")
     try:
-        with progress(total_steps, "steps") as bar:
+        with progress(total_steps, "steps") as bar, stop:
             bar.advance(global_step)
             while global_step < total_steps and epoch <= total_epochs:
                 batches = _shard(data.epoch_batches(epoch, s.seed), accelerator.process_index, accelerator.num_processes)
@@ -394,6 +465,8 @@ def train(job: TrainJob) -> TrainResult:
                     if s.sample_every_n_steps and global_step % s.sample_every_n_steps == 0 and not at_end:
                         check_pending()
                         sample(global_step)
+                    if stop.requested:
+                        stop_here()
                     if at_end:
                         break
                 skip_batches = 0
@@ -409,16 +482,17 @@ def train(job: TrainJob) -> TrainResult:
                         sample(global_step)
                     epoch += 1
                     position = (epoch, 0)
+                    if stop.requested:
+                        stop_here()
             check_pending()
+            if stop.requested:  # pressed after the last step's check
+                stop_here()
     except KeyboardInterrupt:
-        # an interrupted run keeps its progress: the next run with resume continues here
-        if global_step > (resumed_from or 0) and accelerator.num_processes == 1:
-            try:
-                check_pending()
-                save_state(global_step, *position)
-                log(f"interrupted at step {global_step}; state saved, resume to continue")
-            except TrainingStopped:
-                pass
+        # Stopped at a step boundary, stop_here() saved the state and said so. Stopped
+        # anywhere else (Ctrl-C twice, or a run without the handler: several processes, not
+        # the main thread), the state in memory may be half a step: nothing is saved, and
+        # train() says which state is left to resume from.
+        notes.step, notes.forced = global_step, stop.forced
         raise
     finally:
         inputs.close()
@@ -426,16 +500,22 @@ def train(job: TrainJob) -> TrainResult:
             hash_cache.save()
 
     # --- the LoRA file -------------------------------------------------------------------
+    notes.step = global_step
     final_epoch = min(epoch, total_epochs)
-    if main:
-        saved = lora_output.save_lora(result.lora, network, precision=s.save_precision, metadata=metadata,
-                                      step=global_step, epoch=final_epoch)
-        result.metadata = saved.metadata
-    if s.save_state:
-        save_state(global_step, *position)
-    accelerator.wait_for_everyone()
-    if prompts and (s.sample_every_n_steps or s.sample_every_n_epochs):
-        sample(global_step)
+    # Ctrl-C while the file is written and the last samples made: they are finished, then
+    # the run stops with its final state saved (the next run only writes and samples again)
+    with stop:
+        if main:
+            saved = lora_output.save_lora(result.lora, network, precision=s.save_precision, metadata=metadata,
+                                          step=global_step, epoch=final_epoch)
+            result.metadata = saved.metadata
+        if s.save_state:
+            save_state(global_step, *position)
+        accelerator.wait_for_everyone()
+        if prompts and (s.sample_every_n_steps or s.sample_every_n_epochs):
+            sample(global_step)
+        if stop.requested:
+            stop_here()
     if job.after_training is not None:
         job.after_training(model, network)
     network.remove()

@@ -18,13 +18,14 @@ import random
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from charfw.build import atomic
 
 from ..errors import CharfwError
+
+if TYPE_CHECKING:  # torch loads with the first state saved or read: finding states needs none
+    import torch
 
 STATE_PREFIX = "step-"
 FORMAT = 1
@@ -44,6 +45,8 @@ class StateInfo:
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    import torch
+
     state: dict[str, Any] = {
         "generator": generator.get_state(),
         "torch": torch.get_rng_state(),
@@ -55,6 +58,8 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    import torch
+
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
@@ -66,6 +71,7 @@ def save_state(root: Path, info: StateInfo, *, network: torch.nn.Module, optimiz
                rng: list[dict[str, Any]], scaler: Any = None, keep: int = 1) -> Path:
     """Write a state folder atomically and drop older ones beyond ``keep``. ``rng`` holds
     every process's random generators (:func:`rng_state`), in rank order."""
+    import torch
     from safetensors.torch import save_file
 
     dest = root / f"{STATE_PREFIX}{info.step:08d}"
@@ -117,6 +123,7 @@ def find_state(root: Path, fingerprint: str) -> Path | None:
 
 def load_state(folder: Path, *, network: torch.nn.Module, optimizer: Any, scheduler: Any,
                generator: torch.Generator, scaler: Any = None, rank: int = 0) -> StateInfo:
+    import torch
     from safetensors.torch import load_file
 
     info = read_info(folder)
