@@ -297,6 +297,32 @@ def test_the_ctrl_c_handler_is_put_back_and_only_taken_where_it_works() -> None:
         signal.signal(signal.SIGINT, before)
 
 
+def test_ctrl_c_in_charfw_train_then_resume(tiny_sd15: Path, tmp_path: Path, run_cli,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``charfw train`` without --save-state: Ctrl-C still saves where it stopped, and
+    ``--resume`` continues from there (the state carries the run's fingerprint) to the
+    weights of an uninterrupted run."""
+    dataset = write_dataset(tmp_path / "data", count=4)
+    cache = tmp_path / "cache"
+    args = _cli_args(tiny_sd15, dataset, tmp_path / "straight", cache)
+    del args[args.index("--save_state")]
+    del args[args.index("--save_every_n_steps") : args.index("--save_every_n_steps") + 2]
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    (reference,) = (tmp_path / "straight").glob("krnk-*-10.safetensors")
+
+    out = tmp_path / "out"
+    args[args.index("--output_dir") + 1] = str(out)
+    with monkeypatch.context() as m:
+        ctrl_c_in_unet_forward(m, at=4)
+        code, _, err = run_cli(*args)
+    assert code == 130 and "interrupted at step 4; state saved, resume to continue" in err, err
+    code, _, err = run_cli(*args, "--resume")
+    assert code == 0, err
+    assert "resumed from step-00000004" in err
+    _assert_identical(out / reference.name, _tensors(reference))
+
+
 def test_resume_refuses_a_state_of_other_settings(tiny_sd15: Path, tmp_path: Path, run_cli) -> None:
     dataset = write_dataset(tmp_path / "data", count=2)
     args = _cli_args(tiny_sd15, dataset, tmp_path / "out", tmp_path / "cache")

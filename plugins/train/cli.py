@@ -92,17 +92,18 @@ def register_commands(cli):
             raise CharfwError("dataset config not found", path=config)
         settings = settings_from_options(values).for_model(base_model)
         cache = cache_dir or default_cache_dir()
-        fingerprint = ""
-        if resume or settings.save_state or settings.save_state_every_minutes:
-            from charfw.build.hashing import HashCache
-            from charfw.training.model_sources import resolve_source, source_identity
+        # every run is tagged, not only those that save state: Ctrl-C saves one in any run,
+        # and --resume only continues a state of the same fingerprint (the model hashes are
+        # stat-cached, and the run hashes its model for the latent cache anyway)
+        from charfw.build.hashing import HashCache
+        from charfw.training.model_sources import resolve_source, source_identity
 
-            hashes = HashCache(cache / "hash-cache.json")
-            identities = [source_identity(resolve_source(base_model, cache_dir=cache), hashes.sha256)]
-            if vae:
-                identities.append(source_identity(resolve_source(vae, cache_dir=cache, what="VAE"), hashes.sha256))
-            hashes.save()
-            fingerprint = run_fingerprint(settings, config, identities, clip_skip)
+        hashes = HashCache(cache / "hash-cache.json")
+        identities = [source_identity(resolve_source(base_model, cache_dir=cache), hashes.sha256)]
+        if vae:
+            identities.append(source_identity(resolve_source(vae, cache_dir=cache, what="VAE"), hashes.sha256))
+        hashes.save()
+        fingerprint = run_fingerprint(settings, config, identities, clip_skip)
         job = TrainJob(settings=settings, dataset_config=config.resolve(), base_model=base_model, vae=vae,
                        clip_skip=clip_skip, output_dir=output_dir.resolve(), cache_dir=cache,
                        keyword=keyword or default_keyword(config), state_dir=state_dir, logging_dir=logging_dir,
