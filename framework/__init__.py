@@ -41,10 +41,46 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["StageContext", "StageOutput", "PartInfo", "ModelRefs", "ModelCache"],
                     "charfw.stage_context"),
     "ImageItem": "charfw.build.items",
+    # what the build_started / stage_finished / build_finished hooks receive
+    **dict.fromkeys(["Plan", "PlannedStage"], "charfw.build.plan"),
+    **dict.fromkeys(["StageReport", "BuildSummary"], "charfw.build.run"),
     **dict.fromkeys(["CharfwError", "MissingDependency", "ImageError"], "charfw.errors"),
 }
 
-__all__ = ["__version__", "hookimpl", *_EXPORTS]
+__all__ = [
+    "BackgroundOptions",
+    "BackgroundRemover",
+    "BlockMerger",
+    "BuildSummary",
+    "CharfwError",
+    "Component",
+    "Compressor",
+    "DatasetSpec",
+    "DatasetWriter",
+    "ImageError",
+    "ImageFilter",
+    "ImageItem",
+    "ImagePreparer",
+    "MissingDependency",
+    "ModelCache",
+    "ModelRefs",
+    "Options",
+    "PartInfo",
+    "Plan",
+    "PlannedStage",
+    "Sampler",
+    "Source",
+    "StageContext",
+    "StageOutput",
+    "StageReport",
+    "SubsetSpec",
+    "Tagger",
+    "Trainer",
+    "__version__",
+    "color_name",
+    "hookimpl",
+    "parse_color",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -58,6 +94,8 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from .build.items import ImageItem
+    from .build.plan import Plan, PlannedStage
+    from .build.run import BuildSummary, StageReport
     from .components import (
         BackgroundOptions,
         BackgroundRemover,
