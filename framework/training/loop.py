@@ -225,7 +225,7 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     ranks = None
     continue_state = None
     if s.continue_from:
-        from ..lora.file import read_safetensors
+        from ..lora.safetensors_io import read_safetensors
         from .networks import detect_file_type
         from .networks.network import ranks_from_state
 
