@@ -300,7 +300,7 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
     Resolution and batch size come from the image sizes (headers only), class tokens
     from the folder names, num_repeats from <N>_ parent folders, flip from _flip_/_noflip_."""
     from charfw.build import atomic
-    from charfw.folders.convention import dataset_spec_for_folders, expand_folders
+    from charfw.folders.convention import dataset_spec_for_folders, expand_folders, folder_context
 
     ws = workspace_from(ctx)
     component = ws.plugins.registry.get("dataset_writer", writer)
@@ -320,10 +320,6 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
         console.warn(line)
     if not spec.subsets:  # type: ignore[attr-defined]
         raise CharfwError("no readable images in the given folders")
-    text = component.render(spec, options, ws.templates)
-    if dry_run:
-        click.echo(text, nl=False)
-        return
     if output is None:
         parents = {d.resolve().parent for d in dirs}
         if len(parents) == 1:
@@ -331,6 +327,15 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
             output = parent / f"{parent.name}.toml"
         else:
             output = Path("dataset.toml")
+    # the writer runs outside a build: its context is the folder the config goes to
+    writer_ctx = folder_context(ws, output.resolve().parent, stage="dataset", jobs=jobs_default())
+    try:
+        text = component.render(writer_ctx, options, spec)
+    finally:
+        writer_ctx.models.clear()
+    if dry_run:
+        click.echo(text, nl=False)
+        return
     atomic.write_text(output, text)
     console.out.print(f"wrote {display_path(output)} ({len(spec.subsets)} subsets)", markup=False)  # type: ignore[attr-defined]
 

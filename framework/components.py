@@ -10,20 +10,36 @@ The engine does the rest: iterating images with progress bars and worker threads
 per-image caching, atomic writes, records and skipping. So a tagger only says which tags
 an image gets, a preparer only transforms one image, and so on.
 
-============================  ====================  ==================================
-stage                         base class            method to implement
-============================  ====================  ==================================
-ingest                        :class:`Source`        ``collect(ctx, options)``
-filter                        :class:`ImageFilter`   ``select(items, options, ctx)``
-background                    :class:`BackgroundRemover`  ``cutout(image, item, options, ctx)``
-prepare                       :class:`ImagePreparer`  ``prepare(image, item, options, ctx)``
-tag                           :class:`Tagger`        ``tag(items, images, tags_so_far, options, ctx)``
-dataset                       :class:`DatasetWriter`  ``render(spec, options)``
-train                         :class:`Trainer`       ``run(ctx, options)``
-merge                         :class:`BlockMerger`   ``run(ctx, options)``
-compress                      :class:`Compressor`    ``run(ctx, options)``
-sample                        :class:`Sampler`       ``run(ctx, options)``
-============================  ====================  ==================================
+Every method takes the same two arguments first, ``(ctx, options)``: the
+:class:`~charfw.stage_context.StageContext` of the stage run and the validated options;
+what the method works on comes after them.
+
+==========  ===========================  ===================================================
+stage       base class                   method to implement
+==========  ===========================  ===================================================
+ingest      :class:`Source`              ``collect(ctx, options)``
+filter      :class:`ImageFilter`         ``select(ctx, options, items)``
+background  :class:`BackgroundRemover`   ``cutout(ctx, options, image, item)``
+prepare     :class:`ImagePreparer`       ``prepare(ctx, options, image, item)``
+tag         :class:`Tagger`              ``tag(ctx, options, items, images, tags_so_far)``
+                                         (and ``batch_size(ctx, options)``)
+dataset     :class:`DatasetWriter`       ``render(ctx, options, spec)``
+                                         (and ``subset_key(ctx, options, width, height)``)
+train       :class:`Trainer`             ``run(ctx, options)``
+merge       :class:`BlockMerger`         ``run(ctx, options)``
+compress    :class:`Compressor`          ``run(ctx, options)``
+sample      :class:`Sampler`             ``run(ctx, options)``
+any         :class:`Component`           ``check(ctx, options)``, ``cache_key(ctx, options)``
+==========  ===========================  ===================================================
+
+Outside a build, the commands that run a component (``charfw tag``, ``charfw wd14``,
+``charfw caption``, ``charfw toml``) give it a real context too, for the folder they work
+on (:func:`charfw.folders.convention.folder_context`): its ``part`` describes that folder,
+its ``templates`` are the workspace's, and its ``models`` last for the command.
+
+Model-backed components load their models with ``ctx.models.get(key, load)``: one load
+per key for the whole build (or command), released when it ends; they keep no models of
+their own.
 """
 
 from __future__ import annotations
@@ -39,7 +55,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from charfw.build.items import ImageItem
-    from charfw.build.template_library import TemplateLibrary
 
     from .stage_context import StageContext, StageOutput
 
@@ -64,12 +79,12 @@ class Component:
     #: the options a manifest may give it (validated, unknown keys rejected)
     Options: ClassVar[type[Options]] = Options
 
-    def cache_key(self, options: Any, ctx: StageContext) -> Any:
+    def cache_key(self, ctx: StageContext, options: Any) -> Any:
         """Extra JSON-like data whose change must re-run the stage (a rules file's hash, a
         model file's size and date). Called once per stage run; keep it cheap."""
         return None
 
-    def check(self, options: Any, ctx: StageContext) -> None:
+    def check(self, ctx: StageContext, options: Any) -> None:
         """Raise a :class:`~charfw.errors.CharfwError` if the stage cannot run (a model file
         or an optional library is missing). Called before the stage runs and by ``--dry-run``."""
 
@@ -97,7 +112,7 @@ class ImageFilter(Component, ABC):
     kind = "image_filter"
 
     @abstractmethod
-    def select(self, items: list[ImageItem], options: Any, ctx: StageContext) -> list[ImageItem]:
+    def select(self, ctx: StageContext, options: Any, items: list[ImageItem]) -> list[ImageItem]:
         """Return the items to keep, in their order. Report why others were left out in a
         file under ``ctx.stage_dir`` and with ``ctx.log()``; never touch source files."""
 
@@ -165,12 +180,9 @@ class BackgroundRemover(Component, ABC):
     Options: ClassVar[type[Options]] = BackgroundOptions
 
     @abstractmethod
-    def cutout(self, image: Image.Image, item: ImageItem, options: Any, ctx: StageContext) -> Image.Image | None:
+    def cutout(self, ctx: StageContext, options: Any, image: Image.Image, item: ImageItem) -> Image.Image | None:
         """Return an RGBA image whose background is transparent, or None to keep the image
         as it is (it has no background to remove). Called from worker threads."""
-
-    def close(self) -> None:
-        """Release models or sessions when the stage is done."""
 
 
 class ImagePreparer(Component, ABC):
@@ -179,7 +191,7 @@ class ImagePreparer(Component, ABC):
     kind = "preparer"
 
     @abstractmethod
-    def prepare(self, image: Image.Image, item: ImageItem, options: Any, ctx: StageContext) -> Image.Image:
+    def prepare(self, ctx: StageContext, options: Any, image: Image.Image, item: ImageItem) -> Image.Image:
         """Return the prepared image (RGB). Called from worker threads."""
 
 
@@ -190,25 +202,22 @@ class Tagger(Component, ABC):
     #: False when tags come from names alone (no image is decoded for this tagger)
     needs_pixels: ClassVar[bool] = True
 
-    def batch_size(self, options: Any) -> int:
+    def batch_size(self, ctx: StageContext, options: Any) -> int:
         """How many images one ``tag()`` call may receive."""
         return 1
 
     @abstractmethod
     def tag(
         self,
+        ctx: StageContext,
+        options: Any,
         items: list[ImageItem],
         images: list[Image.Image] | None,
         tags_so_far: list[list[str]],
-        options: Any,
-        ctx: StageContext,
     ) -> list[list[str]]:
         """Tags for each item, in order. ``images`` is None when ``needs_pixels`` is False.
         ``tags_so_far`` holds what the earlier taggers of the chain gave each item; the
         engine appends the tags returned here that are not already present."""
-
-    def close(self) -> None:
-        """Release models or sessions when the stage is done."""
 
 
 # --- dataset configuration ---------------------------------------------------------------
@@ -249,14 +258,14 @@ class DatasetWriter(Component, ABC):
     #: the file name the build writes the config to
     filename: ClassVar[str] = "dataset.toml"
 
-    def subset_key(self, width: int, height: int, options: Any) -> str:
+    def subset_key(self, ctx: StageContext, options: Any, width: int, height: int) -> str:
         """Images with different keys go into different subset folders (for example one
         folder per resolution class). The default keeps a part's images together."""
         return ""
 
     @abstractmethod
-    def render(self, spec: DatasetSpec, options: Any, templates: TemplateLibrary) -> str:
-        """The text of the config file (``templates`` finds jinja2 templates and tables)."""
+    def render(self, ctx: StageContext, options: Any, spec: DatasetSpec) -> str:
+        """The text of the config file (``ctx.templates`` finds jinja2 templates and tables)."""
 
 
 # --- model stages ------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def test_workspace_plugins_can_be_limited_and_traced(workspace: Path) -> None:
         class Extra(Tagger):
             name = "extra"
             needs_pixels = False
-            def tag(self, items, images, tags_so_far, options, ctx):
+            def tag(self, ctx, options, items, images, tags_so_far):
                 return [["extra"] for _ in items]
         @charfw.hookimpl
         def register_taggers(register):
@@ -99,7 +99,7 @@ def test_entry_point_plugins(tmp_path: Path, workspace: Path) -> None:
         class Hello(Tagger):
             name = "hello"
             needs_pixels = False
-            def tag(self, items, images, tags_so_far, options, ctx):
+            def tag(self, ctx, options, items, images, tags_so_far):
                 return [["hello"] for _ in items]
         @charfw.hookimpl
         def register_taggers(register):
@@ -129,7 +129,7 @@ def test_duplicate_names_are_rejected_with_both_sources(tmp_path: Path, monkeypa
             class T(Tagger):
                 name = "dup"
                 needs_pixels = False
-                def tag(self, items, images, tags_so_far, options, ctx):
+                def tag(self, ctx, options, items, images, tags_so_far):
                     return [[] for _ in items]
             @charfw.hookimpl
             def register_taggers(register):
@@ -258,7 +258,7 @@ class Squares(Source):
 class NoBehind(ImageFilter):
     name = "test-no-behind"
 
-    def select(self, items, options, ctx):
+    def select(self, ctx, options, items):
         return [i for i in items if i.angle is None or i.angle.horizontal != 4]
 
 
@@ -266,7 +266,7 @@ class Halve(BackgroundRemover):
     """Makes everything transparent except the red square's inner half."""
     name = "test-halve"
 
-    def cutout(self, image, item, options, ctx):
+    def cutout(self, ctx, options, image, item):
         out = Image.new("RGBA", image.size, (0, 0, 0, 0))
         out.paste((255, 0, 0, 255), (24, 24, 40, 40))
         return out
@@ -275,7 +275,7 @@ class Halve(BackgroundRemover):
 class Gray(ImagePreparer):
     name = "test-gray"
 
-    def prepare(self, image, item, options, ctx):
+    def prepare(self, ctx, options, image, item):
         return image.convert("L").convert("RGB")
 
 
@@ -283,7 +283,7 @@ class JsonWriter(DatasetWriter):
     name = "test-json"
     filename = "dataset.json"
 
-    def render(self, spec, options, templates):
+    def render(self, ctx, options, spec):
         return json.dumps([{"dir": s.image_dir.as_posix(), "n": len(s.sizes)} for s in spec.subsets])
 
 

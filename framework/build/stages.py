@@ -196,7 +196,7 @@ def run_filter(ctx: StageContext, chain: Chain) -> StageOutput:
     total = len(items)
     for component, options in chain:
         ids = {i.id for i in items}
-        kept = component.select(items, options, ctx)
+        kept = component.select(ctx, options, items)
         if any(k.id not in ids for k in kept):
             raise CharfwError(f"image filter '{component.name}' returned images it was not given")
         items = kept
@@ -233,7 +233,7 @@ def run_background(ctx: StageContext, chain: Chain) -> StageOutput:
     colors = options.rgb_colors()
 
     def transform(image: Any, item: ImageItem, key: str) -> list[ImageItem]:
-        cut = remover.cutout(image, item, options, ctx)
+        cut = remover.cutout(ctx, options, image, item)
         if cut is None or not images.has_transparency(cut):
             return [item]  # nothing to remove: the image passes through unchanged
         cut = cut.convert("RGBA")
@@ -244,10 +244,7 @@ def run_background(ctx: StageContext, chain: Chain) -> StageOutput:
             result.append(out.model_copy(update={"background": color}))
         return result
 
-    try:
-        out = _per_image(ctx, chain, transform)
-    finally:
-        remover.close()
+    out = _per_image(ctx, chain, transform)
     flat = sum(1 for i in out if i.background is not None)
     summary = [f"{len(out)} images ({flat} put on {', '.join(color_name(c) for c in colors)})"]
     return StageOutput(items=out, summary=summary, problems=list(ctx.problems))
@@ -257,7 +254,7 @@ def run_prepare(ctx: StageContext, chain: Chain) -> StageOutput:
     preparer, options = chain[0]
 
     def transform(image: Any, item: ImageItem, key: str) -> list[ImageItem]:
-        prepared = preparer.prepare(image, item, options, ctx)
+        prepared = preparer.prepare(ctx, options, image, item)
         if prepared.mode != "RGB":
             prepared = images.composite(prepared.convert("RGBA"), item.background or (255, 255, 255))
         return [_write_png(ctx, prepared, item, item.id, key)]
@@ -286,7 +283,7 @@ def tag_items(ctx: StageContext, chain: Chain, items: list[ImageItem]) -> list[I
     tags: list[list[str] | None] = [[] for _ in items]
     for tagger, options in chain:
         todo = [i for i, t in enumerate(tags) if t is not None]
-        size = max(1, tagger.batch_size(options))
+        size = max(1, tagger.batch_size(ctx, options))
         with ctx.progress(len(todo), tagger.name) as bar:
             for start in range(0, len(todo), size):
                 idx = todo[start : start + size]
@@ -305,7 +302,7 @@ def tag_items(ctx: StageContext, chain: Chain, items: list[ImageItem]) -> list[I
                     bar.advance(size)
                     continue
                 so_far = [list(tags[i] or []) for i in idx]
-                result = tagger.tag(batch, pixels, so_far, options, ctx)
+                result = tagger.tag(ctx, options, batch, pixels, so_far)
                 if len(result) != len(batch):
                     raise CharfwError(
                         f"tagger '{tagger.name}' returned {len(result)} results for {len(batch)} images"
@@ -336,11 +333,7 @@ def run_tag(ctx: StageContext, chain: Chain) -> StageOutput:
         else:
             todo.append(n)
     if todo:
-        try:
-            tagged = tag_items(ctx, chain, [items[n] for n in todo])
-        finally:
-            for tagger, _ in chain:
-                tagger.close()
+        tagged = tag_items(ctx, chain, [items[n] for n in todo])
         for n, item in zip(todo, tagged, strict=True):
             results[n] = item
             if item is not None:
@@ -404,7 +397,7 @@ def run_dataset(ctx: StageContext, chain: Chain) -> StageOutput:
             items = ctx.input(part.label).items or []
             groups: dict[str, list[ImageItem]] = {}
             for item in items:
-                groups.setdefault(writer.subset_key(item.width, item.height, options), []).append(item)
+                groups.setdefault(writer.subset_key(ctx, options, item.width, item.height), []).append(item)
             for key in sorted(groups):
                 rel = Path(f"{part.repeats}_{safe_file_stem(part.keyword)}") / folder_name(part, key)
                 (tmp / rel).mkdir(parents=True, exist_ok=True)
@@ -431,7 +424,7 @@ def run_dataset(ctx: StageContext, chain: Chain) -> StageOutput:
     if not subsets:
         raise CharfwError(f"{ctx.part.label}: no images left for the dataset", hint="check the skipped files above")
     spec = DatasetSpec(subsets=subsets, note=f"{ctx.part.label}: {ctx.part.kind} dataset")
-    text = writer.render(spec, options, ctx.templates)
+    text = writer.render(ctx, options, spec)
     config = ctx.stage_dir / writer.filename
     atomic.write_text(config, text)
     return StageOutput(

@@ -41,7 +41,8 @@ def caption_folders(ws: Any, folders: Sequence[Path], chain: list[tuple[Any, Any
     (``charfw tag``, ``charfw wd14``, ``charfw caption``): new captions are written,
     differing ones kept unless ``overwrite``; ``append`` adds the new tags after the
     existing ones. Each folder is written while the next one is planned, except with
-    ``strict`` (nothing is written when a file is unusable) or ``dry_run``."""
+    ``strict`` (nothing is written when a file is unusable) or ``dry_run``. The taggers'
+    models are loaded once for all the folders and released before this returns."""
     from charfw.build.stages import jobs_default
     from charfw.folders.convention import (
         CaptionWriter,
@@ -49,6 +50,7 @@ def caption_folders(ws: Any, folders: Sequence[Path], chain: list[tuple[Any, Any
         plan_captions,
         write_captions,
     )
+    from charfw.stage_context import ModelCache
 
     def appended(changes: list[Any]) -> list[Any]:
         for change in changes if append else []:
@@ -59,19 +61,23 @@ def caption_folders(ws: Any, folders: Sequence[Path], chain: list[tuple[Any, Any
         return changes
 
     dirs = expand_folders(list(folders))
-    if dry_run or strict:
-        changes, problems = plan_captions(ws, dirs, chain, strict=strict, jobs=jobs_default())
-        appended(changes)
-        if dry_run:
-            for c in changes:
-                if c.status in ("new", "changed"):
-                    console.out.print(f"{c.status:9} {display_path(c.path)}: {c.text}", markup=False)
+    models = ModelCache()  # the command's: one load per model for every folder
+    try:
+        if dry_run or strict:
+            changes, problems = plan_captions(ws, dirs, chain, strict=strict, jobs=jobs_default(), models=models)
+            appended(changes)
+            if dry_run:
+                for c in changes:
+                    if c.status in ("new", "changed"):
+                        console.out.print(f"{c.status:9} {display_path(c.path)}: {c.text}", markup=False)
+            else:
+                write_captions(changes, overwrite=overwrite or append, jobs=jobs_default())
         else:
-            write_captions(changes, overwrite=overwrite or append, jobs=jobs_default())
-    else:
-        with CaptionWriter(overwrite=overwrite or append, jobs=jobs_default()) as writer:
-            changes, problems = plan_captions(ws, dirs, chain, strict=False, jobs=jobs_default(),
-                                              on_folder=lambda folder: writer.submit(appended(folder)))
+            with CaptionWriter(overwrite=overwrite or append, jobs=jobs_default()) as writer:
+                changes, problems = plan_captions(ws, dirs, chain, strict=False, jobs=jobs_default(), models=models,
+                                                  on_folder=lambda folder: writer.submit(appended(folder)))
+    finally:
+        models.clear()
     counts = {s: sum(1 for c in changes if c.status == s) for s in ("new", "changed", "unchanged", "kept")}
     verb = "would write" if dry_run else "wrote"
     written = counts["new"] + (counts["changed"] if (overwrite or append or dry_run) else 0)

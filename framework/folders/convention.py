@@ -105,17 +105,37 @@ class CaptionChange:
     old: str | None = None
 
 
-def plan_captions(ws, folders: list[Path], chain: list, *, strict: bool, jobs: int,
+def folder_context(ws, folder: Path, *, stage: str, part=None, models=None, strict: bool = False,
+                   jobs: int = 1):  # -> StageContext
+    """The context a command gives a component it runs outside any build, on ``folder``
+    (``charfw tag``, ``charfw wd14`` and ``charfw caption`` on a caption folder, ``charfw
+    toml`` for the folder of its config): ``part`` describes the folder (by default a part
+    named after it, of kind ``folder``, with no keyword), the stage writes nowhere but
+    ``folder``, templates and caches are the workspace's, file hashes are kept in memory,
+    and ``models`` are the command's (it clears them when it ends)."""
+    from charfw.build.hashing import HashCache
+    from charfw.stage_context import ModelCache, PartInfo, StageContext
+
+    if part is None:
+        part = PartInfo(target=folder.name, name=folder.name, kind="folder", keyword="", class_tokens="")
+    return StageContext(
+        workspace_root=ws.root, part=part, stage=stage, stage_dir=folder, inputs={},
+        cache_dir=ws.cache_dir, hash_cache=HashCache(None), templates=ws.templates,
+        strict=strict, jobs=jobs, models=models if models is not None else ModelCache(),
+    )
+
+
+def plan_captions(ws, folders: list[Path], chain: list, *, strict: bool, jobs: int, models,
                   on_folder=None) -> tuple[list[CaptionChange], list[str]]:
     """Captions for every image of the folders, compared with what is on disk; nothing is
     written here, but ``on_folder`` is called with each folder's changes as soon as they are
     known (for a :class:`CaptionWriter` to write them while the next folder is planned).
-    Returns (changes, problems)."""
+    The taggers load their models into ``models`` (the command's ModelCache: one load for
+    all the folders). Returns (changes, problems)."""
     from charfw.build.angles import parse_code
-    from charfw.build.hashing import HashCache
     from charfw.build.items import ImageItem, list_images
     from charfw.build.stages import caption_text, tag_items
-    from charfw.stage_context import PartInfo, StageContext
+    from charfw.stage_context import PartInfo
 
     changes: list[CaptionChange] = []
     problems: list[str] = []
@@ -126,11 +146,7 @@ def plan_captions(ws, folders: list[Path], chain: list, *, strict: bool, jobs: i
             class_tokens=info.class_tokens, tags=info.tags, repeats=info.repeats or 1,
             symmetric=info.flip is not False,
         )
-        ctx = StageContext(
-            workspace_root=ws.root, part=part, stage="tag", stage_dir=folder, inputs={},
-            cache_dir=ws.cache_dir, hash_cache=HashCache(None), templates=ws.templates,
-            strict=strict, jobs=jobs,
-        )
+        ctx = folder_context(ws, folder, stage="tag", part=part, models=models, strict=strict, jobs=jobs)
         files = list_images(folder, KOHYA_IMAGE_SUFFIXES)
         by_caption: dict[str, Path] = {}
         items = []

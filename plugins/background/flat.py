@@ -16,7 +16,7 @@ class FlatBackground(BackgroundRemover):
     name = "flat"
     description = "composite transparent images onto plain colours (black and/or white)"
 
-    def cutout(self, image, item, options, ctx):
+    def cutout(self, ctx, options, image, item):
         # the engine hands over RGBA only when the image really has transparency
         return image if image.mode == "RGBA" else None
 

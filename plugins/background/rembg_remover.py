@@ -7,7 +7,8 @@ engine puts each cut-out on the manifest's colour(s), like the ``flat`` remover.
 
 Images that already have transparency keep it (``keep_transparency``): an illustrator
 who exported a clean alpha channel knows better than a model. One session per model
-serves every part of a build; it is released when the build ends. Model files are
+serves every part of a build (it lives in the build's ``ctx.models``, released when the
+build ends; ``charfw cutout`` keeps its own for the command). Model files are
 never downloaded silently (see :mod:`charfw.prep.rembg`).
 """
 
@@ -22,8 +23,6 @@ from pydantic import Field
 import charfw
 from charfw.components import BackgroundOptions, BackgroundRemover
 from charfw.stage_context import ModelCache
-
-MODELS = ModelCache()
 
 
 class RembgOptions(BackgroundOptions):
@@ -45,15 +44,16 @@ class RembgOptions(BackgroundOptions):
     batch_size: int = Field(1, ge=1, le=64)
 
 
-def segmenter(options: RembgOptions, bases: list[Path]) -> Any:
-    """The session for these options, shared for the length of the build or command."""
+def segmenter(models: ModelCache, options: RembgOptions, bases: list[Path]) -> Any:
+    """The session for these options from ``models`` (the build's or the command's), so
+    that it is loaded once for the length of the build or command."""
     from charfw.prep.onnx_runtime import choose_providers
     from charfw.prep.rembg import Segmenter
 
     providers = choose_providers(options.providers, auto_order=("cuda", "cpu"), purpose="rembg")
-    key = (options.model, options.model_type, tuple(providers), tuple(str(b) for b in bases))
-    return MODELS.get(key, lambda: Segmenter(options.model, providers=providers, model_type=options.model_type,
-                                             download=options.download, bases=bases))
+    key = ("rembg", options.model, options.model_type, tuple(providers), tuple(str(b) for b in bases))
+    return models.get(key, lambda: Segmenter(options.model, providers=providers, model_type=options.model_type,
+                                            download=options.download, bases=bases))
 
 
 class RembgRemover(BackgroundRemover):
@@ -62,7 +62,7 @@ class RembgRemover(BackgroundRemover):
     description = "cut out with a rembg model (isnet-anime by default), then onto plain colours"
     Options = RembgOptions
 
-    def check(self, options: RembgOptions, ctx: Any) -> None:
+    def check(self, ctx: Any, options: RembgOptions) -> None:
         from charfw.errors import check_module
 
         # without importing: rembg's import is slow, and a rebuild whose background stage
@@ -70,7 +70,7 @@ class RembgRemover(BackgroundRemover):
         check_module("onnxruntime", extra="prep", purpose="background removal with rembg")
         check_module("rembg", extra="prep", purpose="background removal")
 
-    def cache_key(self, options: RembgOptions, ctx: Any) -> Any:
+    def cache_key(self, ctx: Any, options: RembgOptions) -> Any:
         from charfw.errors import CharfwError
         from charfw.prep.rembg import custom_model_path, model_locations, session_classes
 
@@ -126,25 +126,17 @@ class RembgRemover(BackgroundRemover):
         with contextlib.suppress(OSError):  # only a speed-up
             write_json(file, memo)
 
-    def cutout(self, image, item, options, ctx):
+    def cutout(self, ctx, options, image, item):
         if options.keep_transparency and image.mode == "RGBA":
             return image
-        seg = segmenter(options, [ctx.workspace_root, Path.cwd()])
+        seg = segmenter(ctx.models, options, [ctx.workspace_root, Path.cwd()])
         return seg.cutouts([image], post_process_mask=options.post_process_mask,
                            alpha_matting=options.alpha_matting, workers=1)[0]
-
-    def close(self) -> None:
-        """The session stays for the next part; ``build_finished`` releases it."""
 
 
 @charfw.hookimpl
 def register_background_removers(register):
     register(RembgRemover())
-
-
-@charfw.hookimpl
-def build_finished(summary):
-    MODELS.clear()
 
 
 @charfw.hookimpl
@@ -209,8 +201,9 @@ def register_commands(cli):
         problems = Problems(strict=strict)
         written = kept = 0
         out.mkdir(parents=True, exist_ok=True)
+        models = ModelCache()  # the command's: released when it ends
         try:
-            seg = segmenter(options, [Path.cwd()]) if todo else None
+            seg = segmenter(models, options, [Path.cwd()]) if todo else None
             with console.progress(len(todo), "cutout", unit="img") as bar:
                 for batch in iter_batches(todo, batch_size, problems):
                     cut = seg.cutouts([im for _, im in batch], post_process_mask=post_process_mask,
@@ -224,7 +217,7 @@ def register_commands(cli):
                         written += 1
                     bar.advance(len(batch))
         finally:
-            MODELS.clear()
+            models.clear()
         msg = f"wrote {written} image(s) to {display_path(out)}/"
         if done_before:
             msg += f"; {done_before} already done"

@@ -47,18 +47,18 @@ class CommonTag(Tagger):
     Options = CommonTagOptions
     needs_pixels = False
 
-    def batch_size(self, options: CommonTagOptions) -> int:
+    def batch_size(self, ctx, options: CommonTagOptions) -> int:
         return 4096
 
-    def check(self, options: CommonTagOptions, ctx) -> None:
+    def check(self, ctx, options: CommonTagOptions) -> None:
         if not options.tags:
             from charfw.errors import CharfwError
 
             raise CharfwError("common-tag needs the tags to add: {plugin: common-tag, tags: [...]}",
                               hint="or use `charfw tags add --tag TAG FOLDER` on a folder")
 
-    def tag(self, items, images, tags_so_far, options, ctx):
-        self.check(options, ctx)
+    def tag(self, ctx, options, items, images, tags_so_far):
+        self.check(ctx, options)
         return [list(options.tags) for _ in items]
 
 

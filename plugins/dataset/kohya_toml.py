@@ -81,7 +81,7 @@ class KohyaToml(DatasetWriter):
         h = max(size_class(s[1], options.resolutions) for s in sizes)
         return w, h
 
-    def subset_key(self, width, height, options):
+    def subset_key(self, ctx, options, width, height):
         w, h = self._classes([(width, height)], options)
         return f"{options.resolutions[w]}x{options.resolutions[h]}"
 
@@ -96,7 +96,8 @@ class KohyaToml(DatasetWriter):
             )
         return dict(tables[options.batch_sizes])
 
-    def render(self, spec, options, templates):
+    def render(self, ctx, options, spec):
+        templates = ctx.templates
         table = self.batch_table(options, templates)
         groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
         repeats = {s.num_repeats for s in spec.subsets}

@@ -39,7 +39,7 @@ class DedupOptions(Options):
     exact: bool = False
 
 
-def _hash_items(items: list[Any], options: DedupOptions, ctx: Any) -> dict[str, tuple[int, int | None]]:
+def _hash_items(ctx: Any, options: DedupOptions, items: list[Any]) -> dict[str, tuple[int, int | None]]:
     """pHash (and mirror hash) per item id, cached by content hash across builds."""
     from charfw.build import atomic
     from charfw.build.images import load, to_rgb_or_rgba
@@ -86,11 +86,11 @@ class DedupFilter(ImageFilter):
     description = "drop near-duplicates by pHash (keeps the largest copy, PNG over JPEG)"
     Options = DedupOptions
 
-    def select(self, items, options, ctx):
+    def select(self, ctx, options, items):
         from charfw.build import atomic
         from charfw.prep.dedup import Candidate, find_groups, report_data
 
-        hashes = _hash_items(items, options, ctx)
+        hashes = _hash_items(ctx, options, items)
         candidates = [
             Candidate(key=item.id, path=ctx.path(item.path), width=item.width, height=item.height,
                       hash=hashes[item.id][0], mirror=hashes[item.id][1],

@@ -61,7 +61,7 @@ class BlockWeightMerger(BlockMerger):
     description = "exact per-block weights (LBW layouts; FACE for faces, BODY for bodies and groups)"
     Options = BlockWeightOptions
 
-    def cache_key(self, options: BlockWeightOptions, ctx: StageContext) -> Any:
+    def cache_key(self, ctx: StageContext, options: BlockWeightOptions) -> Any:
         """The preset's vectors, so that editing a presets file re-runs the stage."""
         from charfw.lora.block_weights import load_presets
 
@@ -72,7 +72,7 @@ class BlockWeightMerger(BlockMerger):
         preset = presets.get(spec.strip()) or next((p for n, p in presets.items() if n.upper() == spec.strip().upper()), None)
         return {fam: list(v) for fam, v in preset.vectors.items()} if preset else spec
 
-    def check(self, options: BlockWeightOptions, ctx: StageContext) -> None:
+    def check(self, ctx: StageContext, options: BlockWeightOptions) -> None:
         from charfw.errors import CharfwError
         from charfw.lora.block_weights import is_preset_name, load_presets
 

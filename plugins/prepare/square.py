@@ -81,7 +81,7 @@ class SquarePreparer(ImagePreparer):
     description = "fit-and-pad on the background colour, centre crop, or keep aspect; LANCZOS"
     Options = SquareOptions
 
-    def prepare(self, image, item, options, ctx):
+    def prepare(self, ctx, options, image, item):
         if options.pad_color == "auto":
             color = item.background or (border_color(image) if image.mode == "RGB" else (255, 255, 255))
         else:

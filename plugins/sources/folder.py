@@ -43,10 +43,10 @@ class FolderSource(Source):
             )
         return folder
 
-    def check(self, options, ctx):
+    def check(self, ctx, options):
         self._folder(ctx)
 
-    def cache_key(self, options, ctx):
+    def cache_key(self, ctx, options):
         # the content hash of every candidate file (stat-cached, so cheap when unchanged)
         files = list_images(self._folder(ctx), SOURCE_IMAGE_SUFFIXES)
         return [[p.name, ctx.sha256(p)] for p in files]

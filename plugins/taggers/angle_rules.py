@@ -74,10 +74,10 @@ class AngleRules(Tagger):
     Options = AngleRulesOptions
     needs_pixels = False
 
-    def batch_size(self, options):
+    def batch_size(self, ctx, options):
         return 4096
 
-    def _rules_path(self, options, ctx) -> Path:
+    def _rules_path(self, ctx, options) -> Path:
         candidate = Path(options.rules)
         if candidate.is_absolute() or (ctx.workspace_root / candidate).is_file():
             path = candidate if candidate.is_absolute() else ctx.workspace_root / candidate
@@ -86,12 +86,12 @@ class AngleRules(Tagger):
             return path
         return ctx.templates.find(options.rules)
 
-    def cache_key(self, options, ctx):
+    def cache_key(self, ctx, options):
         sets = {name: s.model_dump() for name, s in ctx.templates.angle_sets.items()}
-        return [sha256_file(self._rules_path(options, ctx)), sets]
+        return [sha256_file(self._rules_path(ctx, options)), sets]
 
-    def tag(self, items, images, tags_so_far, options, ctx):
-        path = self._rules_path(options, ctx)
+    def tag(self, ctx, options, items, images, tags_so_far):
+        path = self._rules_path(ctx, options)
         rules = _load_rules(str(path), sha256_file(path)).rules
         head = [ctx.part.keyword, *ctx.part.tags]
         by_code: dict[tuple[str, str], list[str]] = {}  # rule results repeat per code

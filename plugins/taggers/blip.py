@@ -5,7 +5,8 @@ the caption sentence ("a girl with cat ears holding a cup") is appended as one e
 (commas removed, so that it stays one). On its own, ``charfw caption DIR`` writes the
 seed's caption files, one ``.txt`` per image. The model is a folder or a Hugging Face id
 (default Salesforce/blip-image-captioning-base, or ``$CHARFW_BLIP_MODEL``), never
-downloaded silently.
+downloaded silently; it is loaded once into the build's ``ctx.models`` (``charfw
+caption``: the command's) and released when the build ends.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from pydantic import Field
 import charfw
 from charfw.components import Options, Tagger
 from charfw.errors import CharfwError
-from charfw.stage_context import ModelCache
-
-MODELS = ModelCache()
 
 
 def _default_model() -> str:
@@ -50,10 +48,10 @@ class BlipTagger(Tagger):
     Options = BlipOptions
     needs_pixels = True
 
-    def batch_size(self, options: BlipOptions) -> int:
+    def batch_size(self, ctx: Any, options: BlipOptions) -> int:
         return options.batch_size
 
-    def _folder(self, options: BlipOptions, ctx: Any, *, download: bool) -> Path:
+    def _folder(self, ctx: Any, options: BlipOptions, *, download: bool) -> Path:
         from charfw.prep.blip import DOWNLOAD_PATTERNS
         from charfw.prep.model_files import resolve_model_dir
 
@@ -61,52 +59,45 @@ class BlipTagger(Tagger):
                                  bases=[ctx.workspace_root, Path.cwd()], download=download,
                                  patterns=DOWNLOAD_PATTERNS)
 
-    def check(self, options: BlipOptions, ctx: Any) -> None:
+    def check(self, ctx: Any, options: BlipOptions) -> None:
         from charfw.errors import check_module
         from charfw.prep.model_files import HF_ID, local_path, offline
 
         check_module("transformers", extra="prep", purpose="BLIP captions")
         try:
-            self._folder(options, ctx, download=False)
+            self._folder(ctx, options, download=False)
         except CharfwError:
             downloadable = (options.download and not offline() and HF_ID.match(options.model)
                             and local_path(options.model, [ctx.workspace_root, Path.cwd()]) is None)
             if not downloadable:
                 raise
 
-    def cache_key(self, options: BlipOptions, ctx: Any) -> Any:
+    def cache_key(self, ctx: Any, options: BlipOptions) -> Any:
         try:
-            folder = self._folder(options, ctx, download=False)
+            folder = self._folder(ctx, options, download=False)
         except CharfwError:
             return [options.model, "not downloaded yet"]
         weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
         return [ctx.sha256(p) for p in [folder / "config.json", *weights]]
 
-    def captioner(self, options: BlipOptions, ctx: Any) -> Any:
+    def captioner(self, ctx: Any, options: BlipOptions) -> Any:
+        """The loaded captioner, from ``ctx.models`` (shared by every stage of the build)."""
         from charfw.prep.blip import BlipCaptioner
 
-        folder = self._folder(options, ctx, download=options.download)
-        return MODELS.get((str(folder), options.device), lambda: BlipCaptioner(folder, device=options.device))
+        folder = self._folder(ctx, options, download=options.download)
+        return ctx.models.get(("blip", str(folder), options.device), lambda: BlipCaptioner(folder, device=options.device))
 
-    def tag(self, items, images, tags_so_far, options, ctx):
+    def tag(self, ctx, options, items, images, tags_so_far):
         from charfw.prep.blip import caption_as_tag
 
-        captions = self.captioner(options, ctx).caption(
+        captions = self.captioner(ctx, options).caption(
             images, prompt=options.prompt, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams)
         return [[caption_as_tag(c)] if c.strip() else [] for c in captions]
-
-    def close(self) -> None:
-        """The model stays loaded for the next part; ``build_finished`` releases it."""
 
 
 @charfw.hookimpl
 def register_taggers(register):
     register(BlipTagger())
-
-
-@charfw.hookimpl
-def build_finished(summary):
-    MODELS.clear()
 
 
 @charfw.hookimpl
@@ -144,8 +135,5 @@ def register_commands(cli):
             raw["model"] = model
         tagger = ws.plugins.registry.get("tagger", "blip")
         chain = [(tagger, tagger.Options.model_validate(raw))]
-        try:
-            caption_folders(ws, list(folders), chain, overwrite=overwrite, append=append,
-                            dry_run=dry_run, strict=strict)
-        finally:
-            MODELS.clear()
+        caption_folders(ws, list(folders), chain, overwrite=overwrite, append=append,
+                        dry_run=dry_run, strict=strict)

@@ -17,12 +17,12 @@ accessories, hair style, objects. It never adds:
 
 The model is a folder with ``model.onnx`` and ``selected_tags.csv``, or a Hugging Face
 id found in the local cache (downloaded once, with a message, unless ``download: false``
-or offline). One session per model serves the whole build.
+or offline). One session per model serves the whole build: models come from the build's
+``ctx.models`` (``charfw wd14``: the command's), released when it ends.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -36,10 +36,7 @@ from charfw.build.template_library import read_yaml_file
 from charfw.components import Options, Tagger
 from charfw.errors import CharfwError
 from charfw.folders.tag_text import danbooru_to_caption, escape_a1111, tag_key
-from charfw.stage_context import ModelCache
 from charfw.prep.onnx_runtime import ProviderChoice
-
-MODELS = ModelCache()
 
 
 def default_model() -> str:
@@ -92,8 +89,7 @@ class PolicyFile(BaseModel):
     absorbed: list[str] = []
 
 
-@functools.lru_cache(maxsize=8)
-def _load_policy(path: str, digest: str) -> PolicyFile:
+def _load_policy(path: Path) -> PolicyFile:
     try:
         return PolicyFile.model_validate(read_yaml_file(Path(path)))
     except ValidationError as exc:
@@ -139,7 +135,7 @@ class WD14Tagger(Tagger):
     Options = WD14Options
     needs_pixels = True
 
-    def batch_size(self, options: WD14Options) -> int:
+    def batch_size(self, ctx: Any, options: WD14Options) -> int:
         return options.batch_size
 
     # --- files -------------------------------------------------------------------------
@@ -147,7 +143,7 @@ class WD14Tagger(Tagger):
     def _bases(self, ctx: Any) -> list[Path]:
         return [ctx.workspace_root, Path.cwd()]
 
-    def _model_dir(self, options: WD14Options, ctx: Any, *, download: bool) -> Path:
+    def _model_dir(self, ctx: Any, options: WD14Options, *, download: bool) -> Path:
         from charfw.prep.model_files import resolve_model_dir
         from charfw.prep.wd14 import MODEL_FILE, TAGS_FILE
 
@@ -155,7 +151,7 @@ class WD14Tagger(Tagger):
         return resolve_model_dir(options.model, files=files, what="WD14 tagger",
                                  bases=self._bases(ctx), download=download)
 
-    def _tags_file(self, options: WD14Options, ctx: Any, folder: Path) -> Path:
+    def _tags_file(self, ctx: Any, options: WD14Options, folder: Path) -> Path:
         from charfw.prep.model_files import local_path
         from charfw.prep.wd14 import TAGS_FILE
 
@@ -166,13 +162,13 @@ class WD14Tagger(Tagger):
             raise CharfwError(f"{TAGS_FILE} is missing", path=options.tags_file)
         return found
 
-    def _policy(self, options: WD14Options, ctx: Any) -> PolicyFile | None:
+    def _policy(self, ctx: Any, options: WD14Options) -> PolicyFile | None:
         if options.policy == "all":
             return None
-        path = self._policy_path(options, ctx)
-        return _load_policy(str(path), sha256_file(path))
+        path = self._policy_path(ctx, options)
+        return ctx.models.get(("wd14-policy", str(path), sha256_file(path)), lambda: _load_policy(path))
 
-    def _policy_path(self, options: WD14Options, ctx: Any) -> Path:
+    def _policy_path(self, ctx: Any, options: WD14Options) -> Path:
         candidate = Path(options.policy_file)
         if candidate.is_absolute() or (ctx.workspace_root / candidate).is_file():
             path = candidate if candidate.is_absolute() else ctx.workspace_root / candidate
@@ -183,12 +179,12 @@ class WD14Tagger(Tagger):
 
     # --- engine hooks ------------------------------------------------------------------
 
-    def check(self, options: WD14Options, ctx: Any) -> None:
+    def check(self, ctx: Any, options: WD14Options) -> None:
         from charfw.errors import check_module
 
         check_module("onnxruntime", extra="prep", purpose="the wd14 tagger")
         try:
-            self._model_dir(options, ctx, download=False)
+            self._model_dir(ctx, options, download=False)
         except CharfwError:
             from charfw.prep.model_files import HF_ID, local_path, offline
 
@@ -197,34 +193,34 @@ class WD14Tagger(Tagger):
             if not downloadable:
                 raise
         if options.policy == "complement":
-            self._policy_path(options, ctx)
+            self._policy_path(ctx, options)
 
-    def cache_key(self, options: WD14Options, ctx: Any) -> Any:
-        policy = ctx.sha256(self._policy_path(options, ctx)) if options.policy == "complement" else None
+    def cache_key(self, ctx: Any, options: WD14Options) -> Any:
+        policy = ctx.sha256(self._policy_path(ctx, options)) if options.policy == "complement" else None
         try:
-            folder = self._model_dir(options, ctx, download=False)
+            folder = self._model_dir(ctx, options, download=False)
         except CharfwError:
             return [options.model, "not downloaded yet", policy]  # re-runs once after the download
         from charfw.prep.wd14 import MODEL_FILE
 
-        return [ctx.sha256(folder / MODEL_FILE), ctx.sha256(self._tags_file(options, ctx, folder)), policy]
+        return [ctx.sha256(folder / MODEL_FILE), ctx.sha256(self._tags_file(ctx, options, folder)), policy]
 
-    def model(self, options: WD14Options, ctx: Any) -> Any:
-        """The loaded model (shared by every stage of the build)."""
+    def model(self, ctx: Any, options: WD14Options) -> Any:
+        """The loaded model, from ``ctx.models`` (shared by every stage of the build)."""
         from charfw.prep.onnx_runtime import choose_providers
         from charfw.prep.wd14 import WD14Model
 
-        folder = self._model_dir(options, ctx, download=options.download)
-        tags = self._tags_file(options, ctx, folder)
+        folder = self._model_dir(ctx, options, download=options.download)
+        tags = self._tags_file(ctx, options, folder)
         providers = choose_providers(options.providers, auto_order=("cuda", "coreml", "cpu"),
                                      purpose="WD14 tagger")
-        key = (str(folder), str(tags), tuple(providers))
-        return MODELS.get(key, lambda: WD14Model(folder, providers=providers, tags_file=tags))
+        key = ("wd14", str(folder), str(tags), tuple(providers))
+        return ctx.models.get(key, lambda: WD14Model(folder, providers=providers, tags_file=tags))
 
-    def tag(self, items, images, tags_so_far, options, ctx):
+    def tag(self, ctx, options, items, images, tags_so_far):
         from charfw.prep.wd14 import Thresholds
 
-        model = self.model(options, ctx)
+        model = self.model(ctx, options)
         thresholds = Thresholds(
             general=options.general_threshold, character=options.character_threshold,
             general_mcut=options.general_mcut, character_mcut=options.character_mcut,
@@ -232,22 +228,14 @@ class WD14Tagger(Tagger):
             characters=options.policy == "all",
         )
         scored = model.tag(images, thresholds)
-        policy = self._policy(options, ctx)
+        policy = self._policy(ctx, options)
         own = [*options.own_tags, ctx.part.keyword, ctx.part.class_tokens]
         return [combine(s, so_far, own, policy, options) for s, so_far in zip(scored, tags_so_far, strict=True)]
-
-    def close(self) -> None:
-        """Models stay loaded for the next part; ``build_finished`` releases them."""
 
 
 @charfw.hookimpl
 def register_taggers(register):
     register(WD14Tagger())
-
-
-@charfw.hookimpl
-def build_finished(summary):
-    MODELS.clear()
 
 
 @charfw.hookimpl
@@ -302,8 +290,5 @@ def register_commands(cli):
         if with_rules:
             rules = ws.plugins.registry.get("tagger", "angle-rules")
             chain.insert(0, (rules, rules.Options()))
-        try:
-            caption_folders(ws, list(folders), chain, overwrite=overwrite, append=append,
-                            dry_run=dry_run, strict=strict)
-        finally:
-            MODELS.clear()
+        caption_folders(ws, list(folders), chain, overwrite=overwrite, append=append,
+                        dry_run=dry_run, strict=strict)

@@ -53,7 +53,7 @@ class LoraTrainer(Trainer):
                 out[key] = path if path.is_absolute() else ctx.workspace_root / path
         return out
 
-    def check(self, options: LoraTrainerOptions, ctx: Any) -> None:
+    def check(self, ctx: Any, options: LoraTrainerOptions) -> None:
         check_module("torch", extra="train", purpose="training")
         check_module("diffusers", extra="train", purpose="training")
         from charfw.training.model_sources import resolve_source
@@ -82,7 +82,7 @@ class LoraTrainer(Trainer):
                     "machine has none", hint="add train: {plugin: lora, optimizer: AdamW} to the manifest's stages")
             check_module("bitsandbytes", extra="cuda", purpose="optimizer AdamW8bit")
 
-    def cache_key(self, options: LoraTrainerOptions, ctx: Any) -> Any:
+    def cache_key(self, ctx: Any, options: LoraTrainerOptions) -> Any:
         """What the engine cannot see: the base model's and VAE's content, the files the
         options name. As [name, hash] pairs, so a rebuild says which one changed."""
         from charfw.build.hashing import fingerprint

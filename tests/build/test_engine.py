@@ -94,7 +94,7 @@ class Marker(Tagger):
     name = "marker"
     needs_pixels = False
 
-    def tag(self, items, images, tags_so_far, options, ctx):
+    def tag(self, ctx, options, items, images, tags_so_far):
         return [["MARK"] for _ in items]
 
 

@@ -115,7 +115,7 @@ def prepare(image: Image.Image, background=None, **options) -> Image.Image:
     prep = load_plugins(None).registry.get("preparer", "square")
     item = ImageItem(id="f00", path="f00.png", sha256="", source="f00.png", width=image.width,
                      height=image.height, background=background)
-    return prep.prepare(image, item, prep.Options(**options), None)
+    return prep.prepare(None, prep.Options(**options), image, item)
 
 
 def test_pad_keeps_size_classes_and_never_upscales() -> None:

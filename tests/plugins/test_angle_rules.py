@@ -115,6 +115,6 @@ def test_a_workspace_can_edit_the_rules(tmp_path: Path) -> None:
     items = [ImageItem(id=c, path=c, sha256="", source=c, code=c, width=1, height=1) for c in ("f00", "b01")]
     out = tag_items(ctx, [(tagger, tagger.Options())], items)
     assert [i.tags for i in out] == [["k", "front view", "upper body"], ["k", "full body"]]
-    before = tagger.cache_key(tagger.Options(), ctx)
+    before = tagger.cache_key(ctx, tagger.Options())
     (rules / "angle-rules.yaml").write_text("rules: []\n")
-    assert tagger.cache_key(tagger.Options(), ctx) != before  # an edited rules file re-runs the tag stage
+    assert tagger.cache_key(ctx, tagger.Options()) != before  # an edited rules file re-runs the tag stage

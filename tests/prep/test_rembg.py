@@ -161,7 +161,7 @@ REMBG_STAGE = "  background: {plugin: rembg, model: u2net, colors: [white, black
 def test_build_uses_one_session_for_every_part(workspace: Path, rembg_home: Path, run_cli,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     import charfw.prep.rembg as rc
-    from charfw.default_plugins.background import rembg_remover
+    from charfw.stage_context import ModelCache
 
     manifest = workspace / "characters" / "krnk.yaml"
     text = manifest.read_text("utf-8").replace("  background: {plugin: flat, colors: [black]}\n", REMBG_STAGE)
@@ -174,10 +174,18 @@ def test_build_uses_one_session_for_every_part(workspace: Path, rembg_home: Path
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(rc.Segmenter, "__init__", counting_init)
+    caches = []  # the model caches the session was asked from
+    real_get = ModelCache.get
+
+    def recording_get(self, key, factory):
+        caches.append(self)
+        return real_get(self, key, factory)
+
+    monkeypatch.setattr(ModelCache, "get", recording_get)
     code, out, err = run_cli("-C", workspace, "build", "krnk", "--until", "background")
     assert code == 0, err
     assert made == ["u2net"]  # face and body: one session
-    assert len(rembg_remover.MODELS) == 0  # released when the build finished
+    assert caches and all(len(c) == 0 for c in caches)  # released when the build finished
     face = sorted((workspace / "build" / "krnk" / "face" / "background").glob("*.png"))
     assert len(face) == 30 and any("-white." in p.name for p in face) and any("-black." in p.name for p in face)
     # the rebuild finds the model file without asking rembg (whose import takes seconds) ...
