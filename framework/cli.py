@@ -31,16 +31,25 @@ Quick start:
 
 
 class CharfwGroup(click.Group):
-    """Adds the commands plugins register, once, when a command is looked up."""
+    """Adds the commands the workspace's plugins register when a command is first looked
+    up (a name registered twice is an error naming both plugins). Run in-process for
+    another workspace, it swaps them for that workspace's plugins' commands."""
 
-    _plugins_loaded = False
+    #: charfw's own commands, before any plugin added one
+    _own_commands: dict[str, click.Command] | None = None
+    #: the plugin system whose commands are added now
+    _commands_of: Any = None
 
     def _load_plugin_commands(self, ctx: click.Context) -> None:
-        if self._plugins_loaded:
+        system = workspace_from(ctx).plugins
+        if system is self._commands_of:
             return
-        self._plugins_loaded = True
-        ws = workspace_from(ctx)
-        ws.plugins.pm.hook.register_commands(cli=self)
+        if self._own_commands is None:
+            self._own_commands = dict(self.commands)
+        self.commands = dict(self._own_commands)
+        self._commands_of = None
+        system.add_commands(self)
+        self._commands_of = system
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         # --help is handled while the options are parsed, before -C is: look for the
@@ -348,7 +357,7 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
 @click.option("--options", "show_options", is_flag=True, help="Also list each component's options.")
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool, show_options: bool) -> None:
-    """List every loaded plugin and what it registers."""
+    """List every loaded plugin and what it registers: hooks, commands, components."""
     from .components import KINDS
 
     ws = workspace_from(ctx)
@@ -365,13 +374,14 @@ def plugins(ctx: click.Context, as_json: bool, show_options: bool) -> None:
                     entry["options"] = _options_doc(comp.Options)
                 registered[kind].append(entry)
         rows.append({"name": info.name, "source": info.source, "version": info.version,
-                     "hooks": info.hooks, "registers": registered})
+                     "hooks": info.hooks, "commands": list(info.commands), "registers": registered})
     if as_json:
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
         return
     for row in rows:
         console.out.print(f"[bold]{row['name']}[/bold]  [dim]{row['source']}, {row['version']}[/dim]")
         console.out.print(f"  hooks: {', '.join(row['hooks']) or '-'}", markup=False)
+        console.out.print(f"  commands: {', '.join(row['commands']) or '-'}", markup=False)
         for kind, entries in row["registers"].items():
             noun = KINDS[kind][2]
             for e in entries:

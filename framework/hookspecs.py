@@ -110,7 +110,9 @@ def register_samplers(register: Callable[[Sampler], None]) -> None:
 def register_commands(cli: click.Group) -> None:
     """Add commands to the ``charfw`` command line: decorate functions with
     ``@cli.command()``. Import heavy libraries inside the command, not at module level,
-    so that ``charfw --help`` stays fast."""
+    so that ``charfw --help`` stays fast. A name that is already taken (by charfw or by
+    another plugin) is an error that names both; ``charfw plugins`` lists each plugin's
+    commands."""
 
 
 # --- build lifecycle ---------------------------------------------------------------------

@@ -13,6 +13,9 @@ entry-point names or file stems; set but empty loads none. ``CHARFW_TRACE_PLUGIN
 prints every hook call. After loading, ``check_pending()`` rejects hook implementations
 with a misspelled name, and every ``register_*`` hook is called once to fill the
 :class:`Registry`, which rejects a name registered twice and names both plugins.
+Commands are added the same way (:meth:`PluginSystem.add_commands`, when the command line
+first looks one up): a command name that is already taken, by charfw or by another
+plugin, is an error that names both.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     #: kind → component names it registered
     registered: dict[str, list[str]] = field(default_factory=dict)
+    #: the ``charfw`` commands it added (filled by :meth:`PluginSystem.add_commands`)
+    commands: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -235,6 +240,42 @@ class PluginSystem:
                 raise PluginError(
                     f"plugin {info.name} ({info.source}) failed in {hook}: {type(exc).__name__}: {exc}"
                 ) from exc
+
+    def add_commands(self, cli: Any) -> list[str]:
+        """Call every ``register_commands`` implementation with the ``charfw`` click group,
+        in loading order (built-ins first), noting which plugin added which command. A name
+        already taken, by one of charfw's own commands or by an earlier plugin, is a
+        :class:`PluginError` naming both. Returns the names added."""
+        owners: dict[str, PluginInfo | None] = dict.fromkeys(cli.commands)  # None: charfw's own
+        for info in self.infos.values():
+            info.commands = []
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            info = self.infos[impl.plugin_name]
+            before = dict(cli.commands)
+            if _trace_enabled():
+                sys.stderr.write(f"[charfw plugins] {impl.plugin_name}: register_commands\n")
+            kwargs = {"cli": cli}
+            try:
+                impl.function(**{k: kwargs[k] for k in impl.argnames})
+            except CharfwError:
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {info.name} ({info.source}) failed in register_commands: {type(exc).__name__}: {exc}"
+                ) from exc
+            for name, command in cli.commands.items():
+                if before.get(name) is command:
+                    continue  # there before, untouched
+                if name in owners:
+                    first = owners[name]
+                    by = "charfw's own commands" if first is None else f"{first.name} ({first.source})"
+                    raise PluginError(
+                        f"command '{name}' is registered twice: by {by} and by {info.name} ({info.source})",
+                        hint="rename one of them, or limit loading with CHARFW_PLUGINS",
+                    )
+                owners[name] = info
+                info.commands.append(name)
+        return [name for name, owner in owners.items() if owner is not None]
 
 
 def _import_file(path: Path) -> ModuleType:

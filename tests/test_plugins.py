@@ -147,6 +147,44 @@ def test_duplicate_names_are_rejected_with_both_sources(tmp_path: Path, monkeypa
         PluginSystem(tmp_path / "plugins")
 
 
+COMMAND_PLUGIN = """
+    import click
+    import charfw
+    @charfw.hookimpl
+    def register_commands(cli):
+        @cli.command("NAME")
+        def hello():
+            \"\"\"Say hello.\"\"\"
+            click.echo("hello from PLUGIN")
+"""
+
+
+def test_a_command_name_registered_twice_is_one_line_naming_both(workspace: Path) -> None:
+    for name in ("a", "b"):
+        plugin_file(workspace, name, COMMAND_PLUGIN.replace("NAME", "hello").replace("PLUGIN", name))
+    result = cli(workspace, "hello", env={"CHARFW_PLUGINS": "a,b"})
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "command 'hello' is registered twice: by a (file " in line and "plugins/a.py" in line
+    assert "and by b (file " in line and "plugins/b.py" in line
+    # the same for a built-in plugin's command (no longer silently replaced) and for charfw's own
+    plugin_file(workspace, "a", COMMAND_PLUGIN.replace("NAME", "wd14").replace("PLUGIN", "a"))
+    result = cli(workspace, "--help", env={"CHARFW_PLUGINS": "a"})
+    assert result.returncode == 3 and len(result.stderr.strip().splitlines()) == 1
+    assert "command 'wd14' is registered twice: by charfw.taggers.wd14 (built-in) and by a (file " in result.stderr
+    plugin_file(workspace, "a", COMMAND_PLUGIN.replace("NAME", "build").replace("PLUGIN", "a"))
+    result = cli(workspace, "plugins", env={"CHARFW_PLUGINS": "a"})
+    assert result.returncode == 3 and "command 'build' is registered twice: by charfw's own commands and by a" in result.stderr
+    # one plugin alone is fine, and `charfw plugins` says which plugin adds which command
+    plugin_file(workspace, "a", COMMAND_PLUGIN.replace("NAME", "hello").replace("PLUGIN", "a"))
+    assert cli(workspace, "hello", env={"CHARFW_PLUGINS": "a"}).stdout == "hello from a\n"
+    listed = cli(workspace, "plugins", env={"CHARFW_PLUGINS": "a"}).stdout
+    assert re.search(r"^a  file .*\n  hooks: register_commands\n  commands: hello$", listed, re.M)
+    assert re.search(r"^charfw.taggers.wd14  .*\n  hooks: .*\n  commands: wd14$", listed, re.M)
+    rows = {r["name"]: r for r in json.loads(cli(workspace, "plugins", "--json", env={"CHARFW_PLUGINS": "a"}).stdout)}
+    assert rows["a"]["commands"] == ["hello"] and rows["charfw.commands.caption_tools"]["commands"] == ["tags"]
+
+
 def test_a_misspelled_hook_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHARFW_PLUGINS", "typo")
     plugin_file(tmp_path, "typo", """

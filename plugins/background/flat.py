@@ -21,6 +21,6 @@ class FlatBackground(BackgroundRemover):
         return image if image.mode == "RGBA" else None
 
 
-@charfw.hookimpl(trylast=True)
+@charfw.hookimpl
 def register_background_removers(register):
     register(FlatBackground())

@@ -152,6 +152,6 @@ def _dir(path: Path, relative_to: Path | None) -> str:
     return path.as_posix()
 
 
-@charfw.hookimpl(trylast=True)
+@charfw.hookimpl
 def register_dataset_writers(register):
     register(KohyaToml())

@@ -107,6 +107,6 @@ class BlockWeightMerger(BlockMerger):
         )
 
 
-@charfw.hookimpl(trylast=True)
+@charfw.hookimpl
 def register_block_mergers(register):
     register(BlockWeightMerger())

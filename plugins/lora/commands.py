@@ -157,7 +157,7 @@ def _print_info(data: dict[str, Any]) -> None:
             out.print(f"  {key} = {value}", markup=False, highlight=False)
 
 
-@charfw.hookimpl(trylast=True)
+@charfw.hookimpl
 def register_commands(cli):
     @cli.group("lora")
     def lora_group() -> None:

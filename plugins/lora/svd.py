@@ -83,6 +83,6 @@ class SvdCompressor(Compressor):
         )
 
 
-@charfw.hookimpl(trylast=True)
+@charfw.hookimpl
 def register_compressors(register):
     register(SvdCompressor())

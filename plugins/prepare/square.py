@@ -108,6 +108,6 @@ class SquarePreparer(ImagePreparer):
         return canvas
 
 
-@charfw.hookimpl(trylast=True)
+@charfw.hookimpl
 def register_image_preparers(register):
     register(SquarePreparer())

@@ -105,6 +105,6 @@ class FolderSource(Source):
         return items
 
 
-@charfw.hookimpl(trylast=True)
+@charfw.hookimpl
 def register_sources(register):
     register(FolderSource())

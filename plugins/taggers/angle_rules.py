@@ -121,6 +121,6 @@ class AngleRules(Tagger):
         return out
 
 
-@charfw.hookimpl(trylast=True)
+@charfw.hookimpl
 def register_taggers(register):
     register(AngleRules())

@@ -163,6 +163,6 @@ class LoraTrainer(Trainer):
         )
 
 
-@charfw.hookimpl(trylast=True)
+@charfw.hookimpl
 def register_trainers(register):
     register(LoraTrainer())
