@@ -102,38 +102,25 @@ def register_taggers(register):
 
 @charfw.hookimpl
 def register_commands(cli):
-    @cli.command("caption")
-    @click.argument("folders", nargs=-1, required=True,
-                    type=click.Path(exists=True, file_okay=False, path_type=Path))
-    @click.option("-m", "--model", default=None,
-                  help="Folder of a BLIP captioning model, or a Hugging Face id "
-                       "(default: $CHARFW_BLIP_MODEL or Salesforce/blip-image-captioning-base).")
-    @click.option("--prompt", help="Start of a conditional caption, e.g. 'a drawing of'.")
-    @click.option("-b", "--batch-size", type=click.IntRange(1, 256), default=8, show_default=True)
-    @click.option("--max-new-tokens", type=click.IntRange(1, 200), default=30, show_default=True)
-    @click.option("--num-beams", type=click.IntRange(1, 16), default=3, show_default=True)
-    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-    @click.option("--no-download", is_flag=True, help="Never download a model.")
-    @click.option("--append", is_flag=True, help="Add the caption to existing captions.")
-    @click.option("--overwrite", is_flag=True, help="Replace captions that differ.")
-    @click.option("--dry-run", is_flag=True, help="Show what would be written; write nothing.")
-    @click.option("--strict", is_flag=True, help="Stop at the first unusable image (nothing is written).")
-    @click.pass_context
-    def caption_command(ctx, folders, model, prompt, batch_size, max_new_tokens, num_beams, device, no_download,
-                        append, overwrite, dry_run, strict):
-        """Caption images with BLIP: one .txt per image, beside it.
+    from charfw.folders.caption_command import caption_command
+
+    caption_command(
+        cli, "caption", "blip",
+        help="""Caption images with BLIP: one .txt per image, beside it.
 
         Images are never touched. A caption that differs from the new one is kept unless
-        --overwrite or --append is given."""
-        from charfw.cli import workspace_from
-        from charfw.folders.caption_files import caption_folders
-
-        ws = workspace_from(ctx)
-        raw: dict[str, Any] = {"prompt": prompt, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                               "num_beams": num_beams, "device": device, "download": not no_download}
-        if model:
-            raw["model"] = model
-        tagger = ws.plugins.registry.get("tagger", "blip")
-        chain = [(tagger, tagger.Options.model_validate(raw))]
-        caption_folders(ws, list(folders), chain, overwrite=overwrite, append=append,
-                        dry_run=dry_run, strict=strict)
+        --overwrite or --append is given.""",
+        model_help="Folder of a BLIP captioning model, or a Hugging Face id "
+                   "(default: $CHARFW_BLIP_MODEL or Salesforce/blip-image-captioning-base).",
+        append_help="Add the caption to existing captions.",
+        options=[
+            click.option("--prompt", help="Start of a conditional caption, e.g. 'a drawing of'."),
+            click.option("-b", "--batch-size", type=click.IntRange(1, 256), default=8, show_default=True),
+            click.option("--max-new-tokens", type=click.IntRange(1, 200), default=30, show_default=True),
+            click.option("--num-beams", type=click.IntRange(1, 16), default=3, show_default=True),
+            click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        ],
+        tagger_options=lambda p: {"prompt": p["prompt"], "batch_size": p["batch_size"],
+                                  "max_new_tokens": p["max_new_tokens"], "num_beams": p["num_beams"],
+                                  "device": p["device"]},
+    )

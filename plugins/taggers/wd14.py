@@ -240,55 +240,38 @@ def register_taggers(register):
 
 @charfw.hookimpl
 def register_commands(cli):
-    @cli.command("wd14")
-    @click.argument("folders", nargs=-1, required=True,
-                    type=click.Path(exists=True, file_okay=False, path_type=Path))
-    @click.option("-m", "--model", default=None,
-                  help="Folder with model.onnx + selected_tags.csv, or a Hugging Face id "
-                       "(default: $CHARFW_WD14_MODEL or SmilingWolf/wd-vit-tagger-v3).")
-    @click.option("-t", "--threshold", "general_threshold", type=click.FloatRange(0, 1), default=0.35,
-                  show_default=True, help="General tags pass above this score.")
-    @click.option("--character-threshold", type=click.FloatRange(0, 1), default=0.85, show_default=True)
-    @click.option("--mcut", is_flag=True, help="MCut thresholds instead of the fixed ones.")
-    @click.option("--rating", is_flag=True, help="Add the most likely rating tag.")
-    @click.option("--own", "own_tags", multiple=True, metavar="TAG",
-                  help="A trait of the character never to add (repeatable).")
-    @click.option("--with-rules", is_flag=True,
-                  help="Chain after angle-rules (file names with angle codes) and add only what the "
-                       "rules do not say (policy complement).")
-    @click.option("--a1111", "escape", is_flag=True, help="Escape \\ ( ) for A1111 prompts.")
-    @click.option("-b", "--batch-size", type=click.IntRange(1, 512), default=8, show_default=True)
-    @click.option("--provider", "providers", type=click.Choice(["auto", "cpu", "cuda", "coreml"]),
-                  default="auto", show_default=True)
-    @click.option("--no-download", is_flag=True, help="Never download a model.")
-    @click.option("--append", is_flag=True, help="Add the new tags to existing captions.")
-    @click.option("--overwrite", is_flag=True, help="Replace captions that differ.")
-    @click.option("--dry-run", is_flag=True, help="Show what would be written; write nothing.")
-    @click.option("--strict", is_flag=True, help="Stop at the first unusable image (nothing is written).")
-    @click.pass_context
-    def wd14_command(ctx, folders, model, general_threshold, character_threshold, mcut, rating, own_tags,
-                     with_rules, escape, batch_size, providers, no_download, append, overwrite, dry_run,
-                     strict):
-        """Tag images with a WD14 tagger: caption .txt files beside the images.
+    from charfw.folders.caption_command import caption_command
+
+    caption_command(
+        cli, "wd14", "wd14",
+        help="""Tag images with a WD14 tagger: caption .txt files beside the images.
 
         Images are never touched. A caption that differs from the new one is kept unless
-        --overwrite or --append is given."""
-        from charfw.cli import workspace_from
-        from charfw.folders.caption_files import caption_folders
-
-        ws = workspace_from(ctx)
-        raw: dict[str, Any] = {
-            "general_threshold": general_threshold, "character_threshold": character_threshold,
-            "general_mcut": mcut, "character_mcut": mcut, "rating": rating, "own_tags": list(own_tags),
-            "policy": "complement" if with_rules else "all", "escape": escape, "batch_size": batch_size,
-            "providers": providers, "download": not no_download,
-        }
-        if model:
-            raw["model"] = model
-        tagger = ws.plugins.registry.get("tagger", "wd14")
-        chain = [(tagger, tagger.Options.model_validate(raw))]
-        if with_rules:
-            rules = ws.plugins.registry.get("tagger", "angle-rules")
-            chain.insert(0, (rules, rules.Options()))
-        caption_folders(ws, list(folders), chain, overwrite=overwrite, append=append,
-                        dry_run=dry_run, strict=strict)
+        --overwrite or --append is given.""",
+        model_help="Folder with model.onnx + selected_tags.csv, or a Hugging Face id "
+                   "(default: $CHARFW_WD14_MODEL or SmilingWolf/wd-vit-tagger-v3).",
+        append_help="Add the new tags to existing captions.",
+        options=[
+            click.option("-t", "--threshold", "general_threshold", type=click.FloatRange(0, 1), default=0.35,
+                         show_default=True, help="General tags pass above this score."),
+            click.option("--character-threshold", type=click.FloatRange(0, 1), default=0.85, show_default=True),
+            click.option("--mcut", is_flag=True, help="MCut thresholds instead of the fixed ones."),
+            click.option("--rating", is_flag=True, help="Add the most likely rating tag."),
+            click.option("--own", "own_tags", multiple=True, metavar="TAG",
+                         help="A trait of the character never to add (repeatable)."),
+            click.option("--with-rules", is_flag=True,
+                         help="Chain after angle-rules (file names with angle codes) and add only what the "
+                              "rules do not say (policy complement)."),
+            click.option("--a1111", "escape", is_flag=True, help="Escape \\ ( ) for A1111 prompts."),
+            click.option("-b", "--batch-size", type=click.IntRange(1, 512), default=8, show_default=True),
+            click.option("--provider", "providers", type=click.Choice(["auto", "cpu", "cuda", "coreml"]),
+                         default="auto", show_default=True),
+        ],
+        tagger_options=lambda p: {
+            "general_threshold": p["general_threshold"], "character_threshold": p["character_threshold"],
+            "general_mcut": p["mcut"], "character_mcut": p["mcut"], "rating": p["rating"],
+            "own_tags": list(p["own_tags"]), "policy": "complement" if p["with_rules"] else "all",
+            "escape": p["escape"], "batch_size": p["batch_size"], "providers": p["providers"],
+        },
+        chain_before=lambda p: ["angle-rules"] if p["with_rules"] else [],
+    )
