@@ -1,9 +1,10 @@
-"""``charfw tags add|translate|report`` (the seed's caption tools) and the ``common-tag`` tagger.
+"""``charfw tags add|translate|report``: the seed's caption tools.
 
 * ``add``: put a common tag (a style or trigger word) in every caption of a dataset,
   once: running it again changes nothing. In a build, use the ``common-tag`` tagger
-  instead (``tag: [angle-rules, {plugin: common-tag, tags: [nasumiso style]}]``): it
-  writes the build's captions, and the chain order decides where the tag goes.
+  (:mod:`charfw.default_plugins.taggers.common_tag`) instead (``tag: [angle-rules,
+  {plugin: common-tag, tags: [nasumiso style]}]``): it writes the build's captions, and
+  the chain order decides where the tag goes.
 * ``translate``: ``<stem>_jp.txt`` beside each caption, from the dictionary in
   ``templates/tags/ja.yaml`` (a workspace copy adds to it; ``--dictionary`` too).
 * ``report``: how many captions hold each tag (text, CSV or JSON).
@@ -17,54 +18,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
-from pydantic import Field, field_validator
 
 import charfw
-from charfw.components import Options, Tagger
-
-
-class CommonTagOptions(Options):
-    #: the tags every caption gets (once); required (the default is only there so that
-    #: ``charfw tag --tagger common-tag`` can say so in one line)
-    tags: list[str] = Field(default_factory=list)
-
-    @field_validator("tags")
-    @classmethod
-    def _plain(cls, value: list[str]) -> list[str]:
-        out = []
-        for tag in value:
-            tag = tag.strip()
-            if not tag or "," in tag or "\n" in tag:
-                raise ValueError(f"{tag!r} is not one tag (empty, or has a comma or a line break)")
-            out.append(tag)
-        return out
-
-
-class CommonTag(Tagger):
-    name = "common-tag"
-    version = "1"
-    description = "the same tag(s) in every caption (the seed's add_common_tag); chain order sets the place"
-    Options = CommonTagOptions
-    needs_pixels = False
-
-    def batch_size(self, ctx, options: CommonTagOptions) -> int:
-        return 4096
-
-    def check(self, ctx, options: CommonTagOptions) -> None:
-        if not options.tags:
-            from charfw.errors import CharfwError
-
-            raise CharfwError("common-tag needs the tags to add: {plugin: common-tag, tags: [...]}",
-                              hint="or use `charfw tags add --tag TAG FOLDER` on a folder")
-
-    def tag(self, ctx, options, items, images, tags_so_far):
-        self.check(ctx, options)
-        return [list(options.tags) for _ in items]
-
-
-@charfw.hookimpl
-def register_taggers(register):
-    register(CommonTag())
 
 
 def _refuse_sources(ws, folders: tuple[Path, ...]) -> None:
@@ -106,6 +61,7 @@ def register_commands(cli):
 
         from charfw import console
         from charfw.cli import workspace_from
+        from charfw.default_plugins.taggers.common_tag import CommonTagOptions
         from charfw.errors import CharfwError
         from charfw.folders.caption_files import add_common_tags, caption_paths
 
