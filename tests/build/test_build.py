@@ -243,18 +243,18 @@ def test_an_interrupted_build_resumes_where_it_stopped(workspace: Path, run_cli,
     real = SquarePreparer.prepare
     calls: list[str] = []
 
-    def interrupt_after_five(self, image, item, options, ctx):
+    def interrupt_after_five(self, ctx, options, image, item):
         calls.append(item.id)
         if len(calls) == 6:
             raise KeyboardInterrupt
-        return real(self, image, item, options, ctx)
+        return real(self, ctx, options, image, item)
 
     monkeypatch.setattr(SquarePreparer, "prepare", interrupt_after_five)
     code, _, err = run_cli("build", "krnk", "-j", "1", *UNTIL, cwd=workspace)
     assert code == 130 and "interrupted; run the same command again to resume" in err
     assert not (workspace / "build/krnk/face/prepare/record.json").exists()
     calls.clear()
-    monkeypatch.setattr(SquarePreparer, "prepare", lambda self, *a: calls.append(a[1].id) or real(self, *a))
+    monkeypatch.setattr(SquarePreparer, "prepare", lambda self, *a: calls.append(a[3].id) or real(self, *a))
     code, _out, _ = run_cli("build", "krnk", "-j", "1", *UNTIL, cwd=workspace)
     assert code == 0
     assert len([c for c in calls if c.startswith("f")]) == 10  # the 5 finished images were kept
