@@ -15,6 +15,16 @@ from typing import Any
 
 import click
 
+from charfw.build import atomic
+from charfw.build.manifest import NAME_HINT, NAME_PATTERN, load_manifest
+from charfw.build.plan import make_plan
+from charfw.build.run import BuildOptions, run_build
+from charfw.build.stages import STAGE_NAMES, jobs_default
+from charfw.build.workspace import Workspace
+from charfw.components import KINDS
+from charfw.folders.caption_files import caption_folders
+from charfw.folders.convention import dataset_spec_for_folders, expand_folders, folder_context
+
 from . import __version__, console
 from .errors import CharfwError, ExitCode, display_path
 
@@ -85,7 +95,6 @@ def _early_options(args: list[str]) -> dict[str, str]:
 
 
 def workspace_from(ctx: click.Context):  # -> Workspace
-    from charfw.build.workspace import Workspace
 
     root = ctx.find_root()
     obj = root.obj if isinstance(root.obj, dict) else {}
@@ -112,8 +121,6 @@ def cli(workspace: Path | None, plugins_dir: Path | None) -> None:
 
 
 def _stage_choice(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    from charfw.build.stages import STAGE_NAMES
-
     if value is not None and value not in STAGE_NAMES:
         raise click.BadParameter(f"unknown stage '{value}'; stages: {', '.join(STAGE_NAMES)}")
     return value
@@ -134,9 +141,6 @@ def build(ctx: click.Context, targets: tuple[str, ...], force: bool, only: str |
 
     Every stage writes into build/<target>/<part>/<stage>/ with a record; unchanged
     stages are skipped, so running the same build again does nothing."""
-    from charfw.build.plan import make_plan
-    from charfw.build.run import BuildOptions, run_build
-    from charfw.build.stages import jobs_default
 
     ws = workspace_from(ctx)
     plan = make_plan(ws, list(targets) or None)
@@ -220,8 +224,6 @@ def init(ctx: click.Context, name: str, keyword: str | None, class_tokens: str |
     """Start a character: characters/NAME.yaml and folders for its images."""
     import re
 
-    from charfw.build import atomic
-    from charfw.build.manifest import NAME_HINT, NAME_PATTERN
 
     ws = workspace_from(ctx)
     for n in (name, *bodies):
@@ -236,7 +238,6 @@ def init(ctx: click.Context, name: str, keyword: str | None, class_tokens: str |
         name=name, keyword=keyword, class_tokens=class_tokens or f"{keyword} girl",
         bodies=list(bodies), symmetric=not asymmetric, charfw_version=__version__,
     )
-    from charfw.build.manifest import load_manifest  # check what we are about to write
 
     atomic.write_text(path, text)
     try:
@@ -283,7 +284,6 @@ def tag(ctx: click.Context, folders: tuple[Path, ...], taggers: tuple[str, ...],
     Tags come from the folder name (keyword, class tokens, extra tags) and each file's
     angle code. Images are never touched. Several folders, or a parent folder such as
     4_krnk, can be given at once."""
-    from charfw.folders.caption_files import caption_folders
 
     ws = workspace_from(ctx)
     caption_folders(ws, list(folders), _tagger_chain(ws, taggers), overwrite=overwrite, dry_run=dry_run,
@@ -308,8 +308,6 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
 
     Resolution and batch size come from the image sizes (headers only), class tokens
     from the folder names, num_repeats from <N>_ parent folders, flip from _flip_/_noflip_."""
-    from charfw.build import atomic
-    from charfw.folders.convention import dataset_spec_for_folders, expand_folders, folder_context
 
     ws = workspace_from(ctx)
     component = ws.plugins.registry.get("dataset_writer", writer)
@@ -321,7 +319,6 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
     except ValidationError as exc:
         raise CharfwError(f"--batch-sizes: {exc.errors()[0]['msg']}") from None
     dirs = expand_folders(list(folders))
-    from charfw.build.stages import jobs_default
 
     spec, problems = dataset_spec_for_folders(dirs, relative_to=Path.cwd() if relative else None,
                                               jobs=jobs_default())
@@ -358,7 +355,6 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool, show_options: bool) -> None:
     """List every loaded plugin and what it registers: hooks, commands, components."""
-    from .components import KINDS
 
     ws = workspace_from(ctx)
     system = ws.plugins

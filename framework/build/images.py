@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from charfw.errors import ImageError
+from charfw.build.atomic import atomic_path
 
 #: what kohya sd-scripts reads from a DreamBooth folder (either case)
 KOHYA_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -189,7 +190,6 @@ def border_color(image: Image.Image) -> tuple[int, int, int]:
 
 def save_png(image: Image.Image, dest: Path) -> None:
     """Write a PNG atomically (compress level 6: a good size/speed balance for datasets)."""
-    from charfw.build.atomic import atomic_path
 
     with atomic_path(dest) as tmp:
         image.save(tmp, format="PNG", compress_level=6)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from charfw.build.angles import AngleCode, parse_code
+from charfw.build.images import is_image_name
 
 
 class ImageItem(BaseModel):
@@ -102,7 +103,6 @@ def natural_key(name: str) -> list[Any]:
 
 def list_images(folder: Path, suffixes: frozenset[str]) -> list[Path]:
     """Image files directly in ``folder`` (not recursive), in natural order."""
-    from charfw.build.images import is_image_name
 
     with os.scandir(folder) as it:
         names = [e.name for e in it if e.is_file() and is_image_name(e.name, suffixes)]

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from charfw.build.angles import AngleSet
 from charfw.errors import CharfwError
+from charfw.folders.toml_format import toml_value
 
 
 def builtin_dir() -> Path:
@@ -97,7 +98,6 @@ class TemplateLibrary:
             lstrip_blocks=True,
             autoescape=False,
         )
-        from charfw.folders.toml_format import toml_value
 
         env.filters["toml"] = toml_value
         return env

@@ -1,7 +1,6 @@
 """A workspace: the folder a user works in.
 
 ::
-
     characters/   manifests (krnk.yaml, krnksf_tyankps.yaml) and their source images
     plugins/      one-off plugin files (*.py), loaded automatically
     templates/    the user's own angle sets, tag rules and templates (override charfw's)
@@ -19,6 +18,7 @@ from pathlib import Path
 from charfw.build.manifest import LoadedManifest, load_manifest
 from charfw.build.template_library import TemplateLibrary
 from charfw.errors import CharfwError, ManifestError, display_path
+from charfw.plugins import load_plugins
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 
@@ -45,7 +45,6 @@ class Workspace:
 
     @functools.cached_property
     def plugins(self):  # -> PluginSystem (imported lazily: plugin loading is the slow part)
-        from charfw.plugins import load_plugins
 
         return load_plugins(self.plugins_dir)
 

@@ -18,6 +18,9 @@ from typing import Any
 
 import click
 
+from charfw.cli import workspace_from
+from charfw.folders.caption_files import caption_folders
+
 #: a click decorator (``click.option(...)``)
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -46,8 +49,6 @@ def caption_command(
 
     def command(ctx: click.Context, folders: tuple[Path, ...], model: str | None, no_download: bool,
                 append: bool, overwrite: bool, dry_run: bool, strict: bool, **params: Any) -> None:
-        from charfw.cli import workspace_from
-        from charfw.folders.caption_files import caption_folders
 
         ws = workspace_from(ctx)
         raw = {**tagger_options(params), "download": not no_download}

@@ -24,8 +24,12 @@ from typing import Any
 
 from charfw import console
 from charfw.build import atomic
+from charfw.build.stages import jobs_default
+from charfw.build.template_library import read_yaml_file
 from charfw.errors import CharfwError, display_path
+from charfw.folders.convention import CaptionWriter, expand_folders, plan_captions, write_captions
 from charfw.folders.tag_text import join_caption, split_caption, tag_key, unique_tags
+from charfw.stage_context import ModelCache
 
 CAPTION_SUFFIX = ".txt"
 JAPANESE_SUFFIX = "_jp.txt"
@@ -43,14 +47,6 @@ def caption_folders(ws: Any, folders: Sequence[Path], chain: list[tuple[Any, Any
     existing ones. Each folder is written while the next one is planned, except with
     ``strict`` (nothing is written when a file is unusable) or ``dry_run``. The taggers'
     models are loaded once for all the folders and released before this returns."""
-    from charfw.build.stages import jobs_default
-    from charfw.folders.convention import (
-        CaptionWriter,
-        expand_folders,
-        plan_captions,
-        write_captions,
-    )
-    from charfw.stage_context import ModelCache
 
     def appended(changes: list[Any]) -> list[Any]:
         for change in changes if append else []:
@@ -158,7 +154,6 @@ def load_dictionary(templates: Any, extra: Sequence[Path] = ()) -> dict[str, str
     """The tag → Japanese dictionary: charfw's ``templates/tags/ja.yaml``, then the
     workspace's file of the same name merged over it (so it only needs the entries it
     adds or changes), then any files given; later entries win."""
-    from charfw.build.template_library import read_yaml_file
 
     paths = [d / "tags" / "ja.yaml" for d in reversed(templates.dirs) if (d / "tags" / "ja.yaml").is_file()]
     merged: dict[str, str] = {}

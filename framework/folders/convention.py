@@ -3,7 +3,6 @@
 A folder of training images is named ``<tags>_<suffix>``: the part before the first
 underscore is a comma-separated tag list whose first tag splits at its first space into
 the keyword and the class tokens (the whole first tag)::
-
     kuronekomimi girl, shorthair, choker, ahoge_f0768
     → caption tags: kuronekomimi, shorthair, choker, ahoge
     → class_tokens: "kuronekomimi girl"
@@ -19,8 +18,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from charfw.build.images import KOHYA_IMAGE_SUFFIXES, is_image_name
-from charfw.errors import CharfwError
+from charfw import console
+from charfw.build import atomic
+from charfw.build.angles import parse_code
+from charfw.build.hashing import HashCache
+from charfw.build.images import KOHYA_IMAGE_SUFFIXES, is_image_name, probe
+from charfw.build.items import ImageItem, list_images
+from charfw.build.stages import caption_text, tag_items
+from charfw.components import DatasetSpec, SubsetSpec
+from charfw.errors import CharfwError, ImageError
+from charfw.stage_context import ModelCache, PartInfo, StageContext
 
 REPEATS_RE = re.compile(r"^(\d+)_(.+)$")
 
@@ -113,8 +120,6 @@ def folder_context(ws, folder: Path, *, stage: str, part=None, models=None, stri
     named after it, of kind ``folder``, with no keyword), the stage writes nowhere but
     ``folder``, templates and caches are the workspace's, file hashes are kept in memory,
     and ``models`` are the command's (it clears them when it ends)."""
-    from charfw.build.hashing import HashCache
-    from charfw.stage_context import ModelCache, PartInfo, StageContext
 
     if part is None:
         part = PartInfo(target=folder.name, name=folder.name, kind="folder", keyword="", class_tokens="")
@@ -132,10 +137,6 @@ def plan_captions(ws, folders: list[Path], chain: list, *, strict: bool, jobs: i
     known (for a :class:`CaptionWriter` to write them while the next folder is planned).
     The taggers load their models into ``models`` (the command's ModelCache: one load for
     all the folders). Returns (changes, problems)."""
-    from charfw.build.angles import parse_code
-    from charfw.build.items import ImageItem, list_images
-    from charfw.build.stages import caption_text, tag_items
-    from charfw.stage_context import PartInfo
 
     changes: list[CaptionChange] = []
     problems: list[str] = []
@@ -219,8 +220,6 @@ class CaptionWriter:
         return self
 
     def _write(self, group: list[CaptionChange]) -> None:
-        from charfw.build import atomic
-
         for change in group:
             atomic.write_text(change.path, change.text)
             self._bar.advance()
@@ -231,8 +230,6 @@ class CaptionWriter:
         if not todo:
             return
         if self._bar is None:
-            from charfw import console
-
             self._bar = self._stack.enter_context(console.progress(None, "writing captions", unit="file"))
         self._todo += len(todo)
         self._bar.update(total=self._todo)
@@ -267,8 +264,6 @@ def write_captions(changes: list[CaptionChange], *, overwrite: bool, jobs: int =
 
 def _image_sizes(files: list[Path]) -> list[tuple[int, int] | str]:
     """(width, height) from each file's header, or the one-line reason it is unusable."""
-    from charfw.build.images import probe
-    from charfw.errors import ImageError
 
     out: list[tuple[int, int] | str] = []
     for path in files:
@@ -294,7 +289,6 @@ def _sizes_in_chunks(files: list[Path], jobs: int, description: str) -> list[tup
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from charfw import console
 
     chunks = [files[i:i + CHUNK] for i in range(0, len(files), CHUNK)]
     parallel = (jobs > 1 and len(files) >= PARALLEL_SIZES_FROM
@@ -318,8 +312,6 @@ def _sizes_in_chunks(files: list[Path], jobs: int, description: str) -> list[tup
 def dataset_spec_for_folders(folders: list[Path], *, relative_to: Path | None, jobs: int) -> tuple[object, list[str]]:
     """A :class:`~charfw.components.DatasetSpec` for image folders, reading image sizes
     from headers only. Returns (spec, problems: unreadable images, left out)."""
-    from charfw.build.items import list_images
-    from charfw.components import DatasetSpec, SubsetSpec
 
     problems: list[str] = []
     listed = [(folder, parse_folder(folder), list_images(folder, KOHYA_IMAGE_SUFFIXES)) for folder in folders]

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from charfw.build.template_library import TemplateLibrary, read_yaml_file
+
 from ..errors import CharfwError
 from .names import TE_PREFIXES
 
@@ -188,7 +190,6 @@ def _preset_entry(name: str, value: Any, source: str) -> Preset:
 def read_presets_file(path: Path) -> dict[str, Preset]:
     """Presets from a YAML file (``presets: {NAME: vector}``) or an LBW ``lbwpresets.txt``
     (``NAME:v1,v2,…`` lines; lines with ``#`` are ignored, as LBW does)."""
-    from charfw.build.template_library import read_yaml_file
 
     source = str(path)
     if path.suffix.lower() == ".txt":
@@ -220,8 +221,6 @@ def load_presets(templates: TemplateLibrary | None = None, extra: Iterable[Path]
     """charfw's presets, then the workspace's ``templates/block-weights/presets.yaml``, then
     ``extra`` files; a later preset replaces an earlier one of the same name."""
     if templates is None:
-        from charfw.build.template_library import TemplateLibrary
-
         templates = TemplateLibrary(None)
     presets: dict[str, Preset] = {}
     for folder in reversed(templates.dirs):

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from charfw import console
 from charfw.errors import CharfwError, require_module
 
 if TYPE_CHECKING:
@@ -36,8 +37,6 @@ def _device(torch: Any, choice: str) -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
-        from charfw import console
-
         console.warn("BLIP captioner: CUDA is not available here; running on the CPU")
         return "cpu"
     return choice

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from charfw.build.items import natural_key
 from charfw.prep.image_batches import for_each_index
 
 if TYPE_CHECKING:
@@ -182,7 +183,6 @@ class Candidate:
 
 def keep_rank(c: Candidate) -> tuple[Any, ...]:
     """Sort key: the best copy first (largest, lossless, larger file, first by name)."""
-    from charfw.build.items import natural_key
 
     try:
         size = c.path.stat().st_size

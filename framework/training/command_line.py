@@ -20,6 +20,9 @@ from typing import Any, Literal
 
 import click
 
+from charfw.build.hashing import fingerprint
+from charfw.folders import kohya_config
+
 from ..errors import CharfwError
 from .settings import TrainSettings
 
@@ -242,7 +245,6 @@ def _literal(text: str) -> Any:
 def default_keyword(dataset: Any) -> str:
     """The first word of the dataset's first class tokens (``krnk girl`` → ``krnk``), else
     the TOML's file name: the first part of the method's output name."""
-    from charfw.folders import kohya_config
 
     try:
         for subset in kohya_config.resolve_subsets(kohya_config.load(dataset)):
@@ -260,8 +262,6 @@ def run_fingerprint(settings: TrainSettings, dataset: Any, identities: list[Any]
     import os
     from pathlib import Path
 
-    from charfw.build.hashing import fingerprint
-    from charfw.folders import kohya_config
 
     images = []
     for subset in kohya_config.resolve_subsets(kohya_config.load(dataset)):

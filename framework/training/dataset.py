@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from charfw.build import images
 from charfw.build.images import KOHYA_IMAGE_SUFFIXES
 from charfw.build.items import list_images
 from charfw.folders import kohya_config
@@ -162,7 +163,6 @@ class TrainingData:
     def load(cls, config_path: Path, *, resolution: int | None = None, default_resolution: int = 512,
              relative_to: Path | None = None) -> TrainingData:
         """Read the TOML, list every subset's images and probe their sizes (headers only)."""
-        from charfw.build import images
 
         config = kohya_config.load(config_path)
         subsets = kohya_config.resolve_subsets(config)
@@ -470,7 +470,6 @@ def make_caption(entry: ImageEntry, rng: random.Random, epoch: int) -> str:
 
 def load_image(entry: ImageEntry) -> Image.Image:
     """The image as 8-bit RGB (transparency dropped as sd-scripts drops it); raises ImageError."""
-    from charfw.build import images
 
     image = images.to_rgb_or_rgba(images.load(entry.path))
     return image.convert("RGB") if image.mode != "RGB" else image

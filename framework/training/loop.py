@@ -24,6 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from charfw.build.hashing import HashCache
+from charfw.errors import MissingDependency
+from charfw.training import lora_output, optimizers, train_state
+from charfw.training.caches import LatentCache, TextCache
+from charfw.training.dataset import TrainingData
+from charfw.training.families import get_family
+from charfw.training.interrupts import StopAtStepBoundary
+from charfw.training.model_sources import resolve_source, source_identity
+from charfw.training.networks import create_network, detect_file_type, network_type
+from charfw.training.sample_prompts import generate_samples, read_prompts
+
 from .. import console
 from ..errors import CharfwError
 from .settings import TrainJob
@@ -31,7 +42,6 @@ from .settings import TrainJob
 
 class TrainingStopped(CharfwError):
     """The run stopped on a problem with its input (NaN loss, unusable images)."""
-
 
 @dataclass
 class TrainResult:
@@ -74,7 +84,6 @@ class _Interruption:
     def report(self) -> None:
         if self.said:
             return
-        from . import train_state
 
         found = train_state.find_state(self.state_root, self.fingerprint)
         if self.step <= (self.resumed_from or 0):
@@ -110,15 +119,7 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
     from diffusers import DDPMScheduler
 
-    from . import lora_output, optimizers, train_state
     from .batch_inputs import BatchInputs
-    from .caches import LatentCache, TextCache
-    from .dataset import TrainingData
-    from .families import get_family
-    from .interrupts import StopAtStepBoundary
-    from .model_sources import resolve_source, source_identity
-    from .networks import create_network, network_type
-    from .sample_prompts import generate_samples, read_prompts
 
     s = job.settings
     log = job.log or console.info
@@ -128,8 +129,6 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     state_root = _state_root(job)
     hash_cache = None
     if job.sha256 is None:
-        from charfw.build.hashing import HashCache
-
         hash_cache = HashCache(job.cache_dir / "hash-cache.json")
     sha256 = job.sha256 or hash_cache.sha256  # type: ignore[union-attr]
     progress = job.progress or (lambda total, what: console.progress(total, f"{job.label} {what}", unit="it"))
@@ -226,7 +225,6 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     continue_state = None
     if s.continue_from:
         from ..lora.safetensors_io import read_safetensors
-        from .networks import detect_file_type
         from .networks.network import ranks_from_state
 
         tensors, _, _ = read_safetensors(Path(s.continue_from))
@@ -537,7 +535,6 @@ def _trackers(log_with: str) -> list[str]:
     """accelerate's trackers for ``log_with``, with an install hint when one is missing."""
     import importlib.util
 
-    from ..errors import MissingDependency
 
     trackers = {"tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"],
                 "none": []}[log_with]

@@ -17,6 +17,9 @@ from typing import Any
 
 import torch
 
+from charfw.training.families import get_family
+from charfw.training.networks.targets import enumerate_targets
+
 from ..errors import CharfwError
 
 
@@ -26,8 +29,6 @@ def bake_lora(unet: Any, text_encoders: list[Any], path: str | Path, *, multipli
     names of the modules applied."""
     from ..lora.delta import module_delta
     from ..lora.file import read_lora
-    from .families import get_family
-    from .networks.targets import enumerate_targets
 
     lora = read_lora(path)
     if lora.unknown:

@@ -19,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from charfw.training.model_sources import old_webui_hash
+
 from .. import __version__
 
 if TYPE_CHECKING:
@@ -50,7 +52,6 @@ def training_metadata(job: TrainJob, *, data: TrainingData, model: LoadedModel, 
                       total_epochs: int, batches_per_epoch: int, text_encoder_lr: float,
                       started_at: float, warmup: int) -> dict[str, str]:
     """The header of every file a run writes (``ss_steps``/``ss_epoch`` are added per save)."""
-    from .model_sources import old_webui_hash
 
     s = job.settings
     config = network.config

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from charfw.training.tiny_sd import build_tiny_sd15
+
 from ..errors import CharfwError
 
 BUILTIN_PREFIX = "charfw:"
@@ -85,8 +87,6 @@ def ensure_builtin(source: ModelSource) -> Path:
     """Build a built-in model on first use (atomically: a half-built model never appears)."""
     assert source.kind == "builtin" and source.path is not None
     if not (source.path / "model_index.json").is_file():
-        from charfw.training.tiny_sd import build_tiny_sd15
-
         build_tiny_sd15(source.path)
     return source.path
 

@@ -2,7 +2,6 @@
 
 A ``.txt`` file holds one prompt per line; options follow the prompt, each introduced by
 `` --``::
-
     krnk, 1girl, school uniform --n lowres, bad hands --w 512 --h 768 --d 42 --s 28 --l 7 --ss euler_a
 
 ``--n`` negative prompt, ``--w`` / ``--h`` size, ``--d`` seed, ``--s`` steps, ``--l`` CFG
@@ -25,6 +24,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from charfw.build import atomic
 
 from ..errors import CharfwError
 from .settings import SAMPLERS
@@ -161,7 +162,6 @@ def generate_samples(model: LoadedModel, prompts: list[SamplePrompt], *, out_dir
     The training's random generators are left untouched (sampling has its own)."""
     import torch
 
-    from charfw.build import atomic
 
     family = model.family
     written = []

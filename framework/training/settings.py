@@ -18,6 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from charfw.training.model_sources import BUILTIN_PREFIX, BUILTIN_TRAIN_DEFAULTS
+from charfw.training.networks import network_type
+
 from ..build.items import safe_file_stem
 from ..errors import CharfwError
 
@@ -162,8 +165,6 @@ class TrainSettings(BaseModel):
     @field_validator("network")
     @classmethod
     def _network(cls, value: str) -> str:
-        from .networks import network_type
-
         try:
             return network_type(value).name
         except CharfwError as exc:
@@ -216,8 +217,6 @@ class TrainSettings(BaseModel):
     # --- resolved values -----------------------------------------------------------------
 
     def network_config(self) -> Any:
-        from .networks import network_type
-
         kind = network_type(self.network)
         conv_dim = None
         if kind.allows_conv:
@@ -239,7 +238,6 @@ class TrainSettings(BaseModel):
 
     def method_name(self, keyword: str) -> str:
         """``<keyword>-<Network><Alpha>-<Optimizer>-<dim>-<lr in 1e-6>-<steps>``."""
-        from .networks import network_type
 
         lr = round(self.learning_rate * 1e6, 6)
         lr_text = str(int(lr)) if float(lr).is_integer() else f"{lr:g}".replace(".", "_")
@@ -250,7 +248,6 @@ class TrainSettings(BaseModel):
     def for_model(self, base_model: str | None) -> TrainSettings:
         """These settings with a built-in model's defaults for the options not set
         explicitly (see ``BUILTIN_TRAIN_DEFAULTS``); unchanged for any other model."""
-        from .model_sources import BUILTIN_PREFIX, BUILTIN_TRAIN_DEFAULTS
 
         if not base_model or not base_model.startswith(BUILTIN_PREFIX):
             return self

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from charfw.build.atomic import atomic_path
+
 from ..errors import CharfwError
 
 if TYPE_CHECKING:
@@ -176,7 +178,6 @@ def save_checkpoint(dest: str | Path, unet: Any, vae: Any, text_encoder: Any, *,
     """Write diffusers/transformers models as one LDM-layout ``.safetensors`` file."""
     from safetensors.torch import save_file
 
-    from charfw.build.atomic import atomic_path
 
     state = to_ldm(unet.state_dict(), unet.config, vae.state_dict(), vae.config, text_encoder.state_dict())
     if dtype is not None:

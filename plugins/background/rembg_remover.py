@@ -21,7 +21,12 @@ import click
 from pydantic import Field
 
 import charfw
-from charfw.components import BackgroundOptions, BackgroundRemover
+from charfw import console
+from charfw.build.atomic import write_json
+from charfw.build.images import composite, has_transparency, save_png
+from charfw.build.items import safe_file_stem
+from charfw.components import BackgroundOptions, BackgroundRemover, color_name, parse_color
+from charfw.errors import CharfwError, check_module, display_path
 from charfw.stage_context import ModelCache
 
 
@@ -63,15 +68,12 @@ class RembgRemover(BackgroundRemover):
     Options = RembgOptions
 
     def check(self, ctx: Any, options: RembgOptions) -> None:
-        from charfw.errors import check_module
-
         # without importing: rembg's import is slow, and a rebuild whose background stage
         # is up to date must not pay it (the stage's run imports it, with a clear error)
         check_module("onnxruntime", extra="prep", purpose="background removal with rembg")
         check_module("rembg", extra="prep", purpose="background removal")
 
     def cache_key(self, ctx: Any, options: RembgOptions) -> Any:
-        from charfw.errors import CharfwError
         from charfw.prep.rembg import custom_model_path, model_locations, session_classes
 
         try:
@@ -113,7 +115,6 @@ class RembgRemover(BackgroundRemover):
         import contextlib
         import json
 
-        from charfw.build.atomic import write_json
 
         file = cache_dir / "rembg-models.json"
         try:
@@ -168,11 +169,6 @@ def register_commands(cli):
 
         Sources are only read. Results that exist are skipped, so an interrupted run
         resumes; --overwrite redoes them."""
-        from charfw import console
-        from charfw.build.images import composite, has_transparency, save_png
-        from charfw.build.items import safe_file_stem
-        from charfw.components import color_name, parse_color
-        from charfw.errors import CharfwError, display_path
         from charfw.prep.image_batches import (
             Problems,
             check_output_folder,

@@ -20,11 +20,22 @@ from pathlib import Path
 import click
 
 import charfw
+from charfw import console
+from charfw.build import atomic
+from charfw.cli import workspace_from
+from charfw.default_plugins.taggers.common_tag import CommonTagOptions
+from charfw.errors import CharfwError, display_path
+from charfw.folders.caption_files import (
+    add_common_tags,
+    caption_paths,
+    frequency_report,
+    load_dictionary,
+    tag_frequencies,
+    write_japanese,
+)
 
 
 def _refuse_sources(ws, folders: tuple[Path, ...]) -> None:
-    from charfw.errors import CharfwError
-
     sources = ws.characters_dir.resolve()
     for folder in folders:
         try:
@@ -59,11 +70,6 @@ def register_commands(cli):
         harmless. Japanese copies (*_jp.txt) are left out."""
         from pydantic import ValidationError
 
-        from charfw import console
-        from charfw.cli import workspace_from
-        from charfw.default_plugins.taggers.common_tag import CommonTagOptions
-        from charfw.errors import CharfwError
-        from charfw.folders.caption_files import add_common_tags, caption_paths
 
         try:
             tags = CommonTagOptions(tags=list(tags)).tags
@@ -88,9 +94,6 @@ def register_commands(cli):
 
         Tags not in the dictionary stay in English; the most frequent of them are listed
         so that they can be added to templates/tags/ja.yaml in the workspace."""
-        from charfw import console
-        from charfw.cli import workspace_from
-        from charfw.folders.caption_files import caption_paths, load_dictionary, write_japanese
 
         ws = workspace_from(ctx)
         dictionary = load_dictionary(ws.templates, dictionaries)
@@ -110,10 +113,6 @@ def register_commands(cli):
     @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file.")
     def report(folders, fmt, top, output):
         """Count how many captions hold each tag."""
-        from charfw import console
-        from charfw.build import atomic
-        from charfw.errors import display_path
-        from charfw.folders.caption_files import caption_paths, frequency_report, tag_frequencies
 
         paths = caption_paths(folders)
         text = frequency_report(tag_frequencies(paths), len(paths), fmt=fmt, top=top)

@@ -13,6 +13,8 @@ from pathlib import Path
 import click
 
 import charfw
+from charfw import console
+from charfw.errors import display_path
 
 
 @charfw.hookimpl
@@ -41,8 +43,6 @@ def register_commands(cli):
 
         Resumable: run it again to continue; URLs and image contents already seen are
         skipped. A record of every URL is kept in OUT/.charfw-collect.json."""
-        from charfw import console
-        from charfw.errors import display_path
         from charfw.prep.bing import CollectState, collect
 
         before = CollectState.load(out).saved(query) if out.is_dir() else 0

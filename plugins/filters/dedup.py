@@ -21,7 +21,11 @@ import click
 from pydantic import Field
 
 import charfw
+from charfw import console
+from charfw.build import atomic
+from charfw.build.images import load, to_rgb_or_rgba
 from charfw.components import ImageFilter, Options
+from charfw.errors import CharfwError, display_path
 
 #: thresholds from the research notes: ≤ 6 bits "the same image", ≤ 10 "probably"
 DEFAULT_THRESHOLD = 6
@@ -41,9 +45,6 @@ class DedupOptions(Options):
 
 def _hash_items(ctx: Any, options: DedupOptions, items: list[Any]) -> dict[str, tuple[int, int | None]]:
     """pHash (and mirror hash) per item id, cached by content hash across builds."""
-    from charfw.build import atomic
-    from charfw.build.images import load, to_rgb_or_rgba
-    from charfw.errors import CharfwError
     from charfw.prep.dedup import flipped, phashes
 
     cache_path = ctx.cache_dir / CACHE_NAME
@@ -87,7 +88,6 @@ class DedupFilter(ImageFilter):
     Options = DedupOptions
 
     def select(self, ctx, options, items):
-        from charfw.build import atomic
         from charfw.prep.dedup import Candidate, find_groups, report_data
 
         hashes = _hash_items(ctx, options, items)
@@ -132,9 +132,6 @@ def register_commands(cli):
 
         Nothing is deleted or moved: with --out, the kept images are copied there (with
         their caption files); the report lists every group and distance."""
-        from charfw import console
-        from charfw.build import atomic
-        from charfw.errors import display_path
         from charfw.prep.dedup import Candidate, find_groups, flipped, phashes, report_data
         from charfw.prep.image_batches import (
             Problems,

@@ -3,7 +3,6 @@
 The method's vectors are the defaults: ``FACE`` for a face part, ``BODY`` for a body or a
 group part. A manifest may name another preset or give its own vector (26/17 values for
 SD 1.x/2.x, 20/12 for SDXL, any real numbers)::
-
     stages:
       merge: {plugin: block-weights, weights: BODY}          # every part of this character
     bodies:
@@ -22,7 +21,18 @@ from typing import Any, Literal
 from pydantic import field_validator
 
 import charfw
+from charfw.build.items import safe_file_stem
 from charfw.components import BlockMerger, Options
+from charfw.errors import CharfwError
+from charfw.lora.block_weights import (
+    apply_block_weights,
+    family_of_length,
+    is_preset_name,
+    load_presets,
+    parse_vector,
+    resolve_weights,
+)
+from charfw.lora.outputs import block_weights_suffix, output_stem, remove_other_outputs
 from charfw.stage_context import StageContext, StageOutput
 
 PART_DEFAULTS = {"face": "FACE", "body": "BODY", "group": "BODY"}
@@ -41,8 +51,6 @@ class BlockWeightOptions(Options):
     @field_validator("weights")
     @classmethod
     def _weights(cls, value: Any) -> Any:
-        from charfw.lora.block_weights import family_of_length, is_preset_name, parse_vector
-
         if value is None or (isinstance(value, str) and is_preset_name(value)):
             return value  # a preset name: checked against the preset files before the build
         values = parse_vector(value, what="weights")
@@ -63,7 +71,6 @@ class BlockWeightMerger(BlockMerger):
 
     def cache_key(self, ctx: StageContext, options: BlockWeightOptions) -> Any:
         """The preset's vectors, so that editing a presets file re-runs the stage."""
-        from charfw.lora.block_weights import load_presets
 
         spec = weights_spec(options, ctx.part.kind)
         if isinstance(spec, list):
@@ -73,9 +80,6 @@ class BlockWeightMerger(BlockMerger):
         return {fam: list(v) for fam, v in preset.vectors.items()} if preset else spec
 
     def check(self, ctx: StageContext, options: BlockWeightOptions) -> None:
-        from charfw.errors import CharfwError
-        from charfw.lora.block_weights import is_preset_name, load_presets
-
         spec = weights_spec(options, ctx.part.kind)
         if isinstance(spec, str) and is_preset_name(spec):
             presets = load_presets(ctx.templates)
@@ -84,10 +88,7 @@ class BlockWeightMerger(BlockMerger):
                                   hint=f"presets: {', '.join(presets)}")
 
     def run(self, ctx: StageContext, options: BlockWeightOptions) -> StageOutput:
-        from charfw.build.items import safe_file_stem
-        from charfw.lora.block_weights import apply_block_weights, load_presets, resolve_weights
         from charfw.lora.file import read_lora
-        from charfw.lora.outputs import block_weights_suffix, output_stem, remove_other_outputs
 
         src = ctx.input_file("lora")
         lora = read_lora(src)

@@ -16,7 +16,17 @@ from typing import Any
 import click
 
 import charfw
-from charfw.errors import CharfwError
+from charfw import console
+from charfw.cli import workspace_from
+from charfw.errors import CharfwError, display_path
+from charfw.lora.block_weights import (
+    BLOCKS20,
+    BLOCKS26,
+    apply_block_weights,
+    block_of,
+    load_presets,
+    resolve_weights,
+)
 from charfw.lora.outputs import block_weights_suffix, human_size, output_stem, rank_rule_suffix
 
 PRECISION = click.Choice(["fp16", "bf16", "fp32"])
@@ -45,9 +55,6 @@ def _rule(sv_ratio: float | None, sv_fro: float | None, sv_cumulative: float | N
 
 
 def _presets(ctx: click.Context, extra: tuple[Path, ...]) -> Any:
-    from charfw.cli import workspace_from
-    from charfw.lora.block_weights import load_presets
-
     return load_presets(workspace_from(ctx).templates, extra)
 
 
@@ -74,7 +81,6 @@ def info_data(path: Path, allow_pickle: bool) -> dict[str, Any]:
     """Everything ``charfw lora info`` shows, as JSON-able data."""
     from collections import Counter
 
-    from charfw.lora.block_weights import BLOCKS20, BLOCKS26, block_of
     from charfw.lora.delta import torch_threads
     from charfw.lora.file import read_lora
     from charfw.lora.safetensors_io import file_sha256, precision_name
@@ -122,8 +128,6 @@ def info_data(path: Path, allow_pickle: bool) -> dict[str, Any]:
 
 
 def _print_info(data: dict[str, Any]) -> None:
-    from charfw import console
-
     out = console.out
     fam = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}.get(data["family"], "unknown base model")
     extras = [x for x in ("Tucker" if data["tucker"] else "", f"{data['dora_modules']} DoRA" if data["dora_modules"] else "") if x]
@@ -208,9 +212,6 @@ def register_commands(cli):
         Works the same for LoRA, LoCon, LoHa and LoKr with any real ratio (one factor of
         each module is scaled; a module at 0 is left out). BASE is the text encoder;
         modules in no block get --other."""
-        from charfw import console
-        from charfw.errors import display_path
-        from charfw.lora.block_weights import apply_block_weights, resolve_weights
         from charfw.lora.file import read_lora
 
         other_value = _other_ratio(other)
@@ -257,8 +258,6 @@ def register_commands(cli):
         The same ranks and alphas kohya chooses (its '+1' and conv rules included),
         computed from the factors instead of the dense weight: seconds instead of
         minutes. LoHa and LoKr become plain LoRA; DoRA scales are kept."""
-        from charfw import console
-        from charfw.errors import display_path
         from charfw.lora.file import read_lora
         from charfw.lora.safetensors_io import parse_precision
         from charfw.lora.svd import resize_lora
@@ -297,9 +296,6 @@ def register_commands(cli):
         numbers applied to that file). Unlike kohya's merge_lora.py (which sums factors:
         cross terms, ratio×|ratio|) and svd_merge_lora.py (which clamps at the 0.99
         quantile), nothing is approximated but the final rank. Alpha = rank."""
-        from charfw import console
-        from charfw.errors import display_path
-        from charfw.lora.block_weights import resolve_weights
         from charfw.lora.file import read_lora
         from charfw.lora.safetensors_io import parse_precision
         from charfw.lora.svd import MergeSource, merge_loras
@@ -331,7 +327,6 @@ def register_commands(cli):
     @click.pass_context
     def presets_command(ctx: click.Context, preset_files: tuple[Path, ...]) -> None:
         """List the block-weight presets (charfw's, the workspace's, --presets files)."""
-        from charfw import console
 
         for name, preset in _presets(ctx, preset_files).items():
             for fam, values in preset.vectors.items():
@@ -342,7 +337,6 @@ def register_commands(cli):
 
 def _print_svd_report(report: Any, rule: Any, verbose: bool) -> None:
     """The per-module lines (with ``--verbose``) and the summary of a resize or merge."""
-    from charfw import console
 
     if verbose:
         for m in report.modules:

@@ -12,7 +12,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 import charfw
+from charfw.build import atomic
+from charfw.build.items import safe_file_stem
 from charfw.components import Compressor, Options
+from charfw.lora.outputs import human_size, output_stem, rank_rule_suffix, remove_other_outputs
 from charfw.stage_context import StageContext, StageOutput
 
 
@@ -52,15 +55,7 @@ class SvdCompressor(Compressor):
     Options = SvdOptions
 
     def run(self, ctx: StageContext, options: SvdOptions) -> StageOutput:
-        from charfw.build import atomic
-        from charfw.build.items import safe_file_stem
         from charfw.lora.file import read_lora
-        from charfw.lora.outputs import (
-            human_size,
-            output_stem,
-            rank_rule_suffix,
-            remove_other_outputs,
-        )
         from charfw.lora.safetensors_io import parse_precision
         from charfw.lora.svd import resize_lora
 

@@ -19,7 +19,8 @@ from pydantic import Field
 
 import charfw
 from charfw.components import Options, Tagger
-from charfw.errors import CharfwError
+from charfw.errors import CharfwError, check_module
+from charfw.folders.caption_command import caption_command
 
 
 def _default_model() -> str:
@@ -60,7 +61,6 @@ class BlipTagger(Tagger):
                                  patterns=DOWNLOAD_PATTERNS)
 
     def check(self, ctx: Any, options: BlipOptions) -> None:
-        from charfw.errors import check_module
         from charfw.prep.model_files import HF_ID, local_path, offline
 
         check_module("transformers", extra="prep", purpose="BLIP captions")
@@ -102,8 +102,6 @@ def register_taggers(register):
 
 @charfw.hookimpl
 def register_commands(cli):
-    from charfw.folders.caption_command import caption_command
-
     caption_command(
         cli, "caption", "blip",
         help="""Caption images with BLIP: one .txt per image, beside it.

@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 
 import charfw
 from charfw.components import Options, Tagger
+from charfw.errors import CharfwError
 
 
 class CommonTagOptions(Options):
@@ -43,8 +44,6 @@ class CommonTag(Tagger):
 
     def check(self, ctx, options: CommonTagOptions) -> None:
         if not options.tags:
-            from charfw.errors import CharfwError
-
             raise CharfwError("common-tag needs the tags to add: {plugin: common-tag, tags: [...]}",
                               hint="or use `charfw tags add --tag TAG FOLDER` on a folder")
 

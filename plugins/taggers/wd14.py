@@ -34,7 +34,8 @@ import charfw
 from charfw.build.hashing import sha256_file
 from charfw.build.template_library import read_yaml_file
 from charfw.components import Options, Tagger
-from charfw.errors import CharfwError
+from charfw.errors import CharfwError, check_module
+from charfw.folders.caption_command import caption_command
 from charfw.folders.tag_text import danbooru_to_caption, escape_a1111, tag_key
 from charfw.prep.onnx_runtime import ProviderChoice
 
@@ -180,8 +181,6 @@ class WD14Tagger(Tagger):
     # --- engine hooks ------------------------------------------------------------------
 
     def check(self, ctx: Any, options: WD14Options) -> None:
-        from charfw.errors import check_module
-
         check_module("onnxruntime", extra="prep", purpose="the wd14 tagger")
         try:
             self._model_dir(ctx, options, download=False)
@@ -240,8 +239,6 @@ def register_taggers(register):
 
 @charfw.hookimpl
 def register_commands(cli):
-    from charfw.folders.caption_command import caption_command
-
     caption_command(
         cli, "wd14", "wd14",
         help="""Tag images with a WD14 tagger: caption .txt files beside the images.

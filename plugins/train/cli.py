@@ -10,6 +10,10 @@ from typing import Any
 import click
 
 import charfw
+from charfw import console
+from charfw.build.atomic import atomic_dir
+from charfw.build.hashing import HashCache
+from charfw.errors import CharfwError, display_path
 from charfw.training.command_line import settings_options
 
 
@@ -72,8 +76,6 @@ def register_commands(cli):
           charfw train data.toml --base-model model.safetensors --resume      # after an interruption
           accelerate launch -m charfw train data.toml --base-model ...         # several GPUs
         """
-        from charfw import console
-        from charfw.errors import CharfwError, display_path
         from charfw.training import TrainJob, train
         from charfw.training.command_line import (
             default_keyword,
@@ -95,7 +97,6 @@ def register_commands(cli):
         # every run is tagged, not only those that save state: Ctrl-C saves one in any run,
         # and --resume only continues a state of the same fingerprint (the model hashes are
         # stat-cached, and the run hashes its model for the latent cache anyway)
-        from charfw.build.hashing import HashCache
         from charfw.training.model_sources import resolve_source, source_identity
 
         hashes = HashCache(cache / "hash-cache.json")
@@ -132,8 +133,6 @@ def register_commands(cli):
         """
         import torch
 
-        from charfw import console
-        from charfw.errors import display_path
         from charfw.training.families import get_family
         from charfw.training.model_sources import resolve_source
         from charfw.training.single_file import save_checkpoint
@@ -146,7 +145,6 @@ def register_commands(cli):
         else:
             from diffusers import DDPMScheduler
 
-            from charfw.build.atomic import atomic_dir
 
             pipe = model.family.pipeline(model, DDPMScheduler.from_config(model.scheduler_config))
             pipe.to(dtype=dtype)

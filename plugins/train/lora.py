@@ -26,8 +26,11 @@ from typing import Any
 from pydantic import Field
 
 import charfw
+from charfw import console
+from charfw.build.hashing import fingerprint
 from charfw.components import Options, Trainer
 from charfw.errors import CharfwError, check_module
+from charfw.stage_context import StageOutput
 from charfw.training.settings import TrainSettings
 
 
@@ -85,7 +88,6 @@ class LoraTrainer(Trainer):
     def cache_key(self, ctx: Any, options: LoraTrainerOptions) -> Any:
         """What the engine cannot see: the base model's and VAE's content, the files the
         options name. As [name, hash] pairs, so a rebuild says which one changed."""
-        from charfw.build.hashing import fingerprint
         from charfw.training.model_sources import resolve_source, source_identity
 
         model = ctx.part.model
@@ -103,8 +105,6 @@ class LoraTrainer(Trainer):
     # --- the stage -----------------------------------------------------------------------
 
     def run(self, ctx: Any, options: LoraTrainerOptions) -> Any:
-        from charfw import console
-        from charfw.stage_context import StageOutput
         from charfw.training import TrainJob, train
 
         model = ctx.part.model

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from charfw.training.clip_tokenizer import clip_tokenizer_files
+
 from ...errors import CharfwError
 from .. import single_file
 from ..model_sources import ModelSource, ensure_builtin
@@ -104,8 +106,6 @@ class SD1Family(ModelFamily):
         if (config_dir / "tokenizer" / "tokenizer.json").is_file():
             tokenizer = CLIPTokenizer.from_pretrained(str(config_dir / "tokenizer"))
         else:
-            from ..clip_tokenizer import clip_tokenizer_files
-
             files = clip_tokenizer_files(cache_dir)
             tokenizer = CLIPTokenizer(str(files / "vocab.json"), str(files / "merges.txt"), model_max_length=77)
         scheduler_config = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text("utf-8"))

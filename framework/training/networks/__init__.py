@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from charfw.training.networks.targets import enumerate_targets
+
 from ...errors import CharfwError
 from .config import NetworkConfig
 
@@ -95,7 +97,6 @@ def create_network(kind: NetworkType, config: NetworkConfig, roots: list[Network
                    ranks: Mapping[str, tuple[int, float | None]] | None = None) -> Network:
     """The network of ``kind`` for a model's roots (not yet applied)."""
     from .network import Network
-    from .targets import enumerate_targets
 
     targets = enumerate_targets(roots, conv3x3=config.conv_dim is not None)
     return Network.create(kind, config, targets, ranks=ranks)
