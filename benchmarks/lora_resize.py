@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # kohya's names, listed independently for the tests
 CHARFW = str(Path(sys.executable).with_name("charfw"))
 DEFAULT_FILE = Path(tempfile.gettempdir()) / "charfw-bench" / "sd15-Lora3x3-128-conv128.safetensors"
 

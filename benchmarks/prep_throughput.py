@@ -39,6 +39,10 @@ os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
 import numpy as np
 from PIL import Image, ImageDraw
 
+# the tiny stand-in models and the reference WD14 preprocessing live with the tests
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_prep_models import official_prepare
+
 CPU = ["CPUExecutionProvider"]
 
 
@@ -86,19 +90,8 @@ def naive_hashes(images: list[Image.Image]) -> list[object]:
 def naive_wd14(images: list[Image.Image], session: object, size: int) -> list[np.ndarray]:
     """SmilingWolf's wd-tagger app: prepare_image, then one run per image."""
     input_name = session.get_inputs()[0].name
-    outs = []
-    for image in images:
-        canvas = Image.new("RGBA", image.size, (255, 255, 255))
-        canvas.alpha_composite(image.convert("RGBA"))
-        image = canvas.convert("RGB")
-        side = max(image.size)
-        padded = Image.new("RGB", (side, side), (255, 255, 255))
-        padded.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        if side != size:
-            padded = padded.resize((size, size), Image.BICUBIC)
-        arr = np.asarray(padded, dtype=np.float32)[:, :, ::-1]
-        outs.append(session.run(None, {input_name: np.expand_dims(arr, 0)})[0])
-    return outs
+    return [session.run(None, {input_name: np.expand_dims(official_prepare(image, size), 0)})[0]
+            for image in images]
 
 
 class FixedMask:

@@ -229,17 +229,7 @@ class PluginSystem:
             def register(component: Any, _info: PluginInfo = info) -> None:
                 self.registry.add(kind, component, _info)
 
-            if _trace_enabled():
-                sys.stderr.write(f"[charfw plugins] {impl.plugin_name}: {hook}\n")
-            kwargs = {"register": register}
-            try:
-                impl.function(**{k: kwargs[k] for k in impl.argnames})
-            except CharfwError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {info.name} ({info.source}) failed in {hook}: {type(exc).__name__}: {exc}"
-                ) from exc
+            _call(impl, info, hook, register=register)
 
     def add_commands(self, cli: Any) -> list[str]:
         """Call every ``register_commands`` implementation with the ``charfw`` click group,
@@ -252,17 +242,7 @@ class PluginSystem:
         for impl in self.pm.hook.register_commands.get_hookimpls():
             info = self.infos[impl.plugin_name]
             before = dict(cli.commands)
-            if _trace_enabled():
-                sys.stderr.write(f"[charfw plugins] {impl.plugin_name}: register_commands\n")
-            kwargs = {"cli": cli}
-            try:
-                impl.function(**{k: kwargs[k] for k in impl.argnames})
-            except CharfwError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"plugin {info.name} ({info.source}) failed in register_commands: {type(exc).__name__}: {exc}"
-                ) from exc
+            _call(impl, info, "register_commands", cli=cli)
             for name, command in cli.commands.items():
                 if before.get(name) is command:
                     continue  # there before, untouched
@@ -276,6 +256,21 @@ class PluginSystem:
                 owners[name] = info
                 info.commands.append(name)
         return [name for name, owner in owners.items() if owner is not None]
+
+
+def _call(impl: Any, info: PluginInfo, hook: str, **kwargs: Any) -> None:
+    """Call one plugin's implementation of a registration hook ourselves (so that what it
+    registers is tied to it), with the arguments it asks for; a failure names the plugin."""
+    if _trace_enabled():
+        sys.stderr.write(f"[charfw plugins] {impl.plugin_name}: {hook}\n")
+    try:
+        impl.function(**{k: kwargs[k] for k in impl.argnames})
+    except CharfwError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {info.name} ({info.source}) failed in {hook}: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _import_file(path: Path) -> ModuleType:

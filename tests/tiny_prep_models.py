@@ -190,3 +190,21 @@ def build_tiny_blip(folder: Path) -> Path:
     BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     model.save_pretrained(folder)
     return folder
+
+
+def official_prepare(image: Any, size: int) -> Any:
+    """SmilingWolf's wd-tagger ``prepare_image``, step by step: the reference the tests
+    and the benchmark compare charfw's batched preprocessing with."""
+    import numpy as np
+    from PIL import Image
+
+    canvas = Image.new("RGBA", image.size, (255, 255, 255))
+    canvas.alpha_composite(image.convert("RGBA"))
+    image = canvas.convert("RGB")
+    side = max(image.size)
+    padded = Image.new("RGB", (side, side), (255, 255, 255))
+    padded.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    if side != size:
+        padded = padded.resize((size, size), Image.Resampling.BICUBIC)
+    arr = np.asarray(padded, dtype=np.float32)
+    return arr[:, :, ::-1]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_prep_models import official_prepare
 
 from charfw.errors import CharfwError
 from charfw.folders.tag_text import escape_a1111, tag_key
@@ -21,20 +22,6 @@ from charfw.prep.wd14 import (
 )
 
 CPU = ["CPUExecutionProvider"]
-
-
-def official_prepare(image: Image.Image, size: int) -> np.ndarray:
-    """SmilingWolf's wd-tagger ``prepare_image``, step by step, for comparison."""
-    canvas = Image.new("RGBA", image.size, (255, 255, 255))
-    canvas.alpha_composite(image.convert("RGBA"))
-    image = canvas.convert("RGB")
-    side = max(image.size)
-    padded = Image.new("RGB", (side, side), (255, 255, 255))
-    padded.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-    if side != size:
-        padded = padded.resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(padded, dtype=np.float32)
-    return arr[:, :, ::-1]
 
 
 def red(w: int = 200, h: int = 100) -> Image.Image:
