@@ -3,6 +3,9 @@
 Errors a user can fix print as one line and exit with :class:`~charfw.errors.ExitCode`;
 anything else keeps its traceback. Plugins add commands through ``register_commands``.
 Heavy libraries are never imported here, so ``charfw --help`` and a no-op build start fast.
+The entry point is a dispatcher: each command imports the layer it drives (the build
+engine, the folder tools) when it runs, so ``charfw --version`` or a shell completion
+loads neither.
 """
 
 from __future__ import annotations
@@ -14,16 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-
-from charfw.build import atomic
-from charfw.build.manifest import NAME_HINT, NAME_PATTERN, load_manifest
-from charfw.build.plan import make_plan
-from charfw.build.run import BuildOptions, run_build
-from charfw.build.stages import STAGE_NAMES, jobs_default
-from charfw.build.workspace import Workspace
-from charfw.components import KINDS
-from charfw.folders.caption_files import caption_folders
-from charfw.folders.convention import dataset_spec_for_folders, expand_folders, folder_context
 
 from . import __version__, console
 from .errors import CharfwError, ExitCode, display_path
@@ -95,6 +88,7 @@ def _early_options(args: list[str]) -> dict[str, str]:
 
 
 def workspace_from(ctx: click.Context):  # -> Workspace
+    from charfw.build.workspace import Workspace
 
     root = ctx.find_root()
     obj = root.obj if isinstance(root.obj, dict) else {}
@@ -121,6 +115,8 @@ def cli(workspace: Path | None, plugins_dir: Path | None) -> None:
 
 
 def _stage_choice(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from charfw.build.stages import STAGE_NAMES
+
     if value is not None and value not in STAGE_NAMES:
         raise click.BadParameter(f"unknown stage '{value}'; stages: {', '.join(STAGE_NAMES)}")
     return value
@@ -141,6 +137,9 @@ def build(ctx: click.Context, targets: tuple[str, ...], force: bool, only: str |
 
     Every stage writes into build/<target>/<part>/<stage>/ with a record; unchanged
     stages are skipped, so running the same build again does nothing."""
+    from charfw.build.plan import make_plan
+    from charfw.build.run import BuildOptions, run_build
+    from charfw.build.stages import jobs_default
 
     ws = workspace_from(ctx)
     plan = make_plan(ws, list(targets) or None)
@@ -224,6 +223,8 @@ def init(ctx: click.Context, name: str, keyword: str | None, class_tokens: str |
     """Start a character: characters/NAME.yaml and folders for its images."""
     import re
 
+    from charfw.build import atomic
+    from charfw.build.manifest import NAME_HINT, NAME_PATTERN
 
     ws = workspace_from(ctx)
     for n in (name, *bodies):
@@ -238,6 +239,7 @@ def init(ctx: click.Context, name: str, keyword: str | None, class_tokens: str |
         name=name, keyword=keyword, class_tokens=class_tokens or f"{keyword} girl",
         bodies=list(bodies), symmetric=not asymmetric, charfw_version=__version__,
     )
+    from charfw.build.manifest import load_manifest  # check what we are about to write
 
     atomic.write_text(path, text)
     try:
@@ -284,6 +286,7 @@ def tag(ctx: click.Context, folders: tuple[Path, ...], taggers: tuple[str, ...],
     Tags come from the folder name (keyword, class tokens, extra tags) and each file's
     angle code. Images are never touched. Several folders, or a parent folder such as
     4_krnk, can be given at once."""
+    from charfw.folders.caption_files import caption_folders
 
     ws = workspace_from(ctx)
     caption_folders(ws, list(folders), _tagger_chain(ws, taggers), overwrite=overwrite, dry_run=dry_run,
@@ -308,6 +311,8 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
 
     Resolution and batch size come from the image sizes (headers only), class tokens
     from the folder names, num_repeats from <N>_ parent folders, flip from _flip_/_noflip_."""
+    from charfw.build import atomic
+    from charfw.folders.convention import dataset_spec_for_folders, expand_folders, folder_context
 
     ws = workspace_from(ctx)
     component = ws.plugins.registry.get("dataset_writer", writer)
@@ -319,6 +324,7 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
     except ValidationError as exc:
         raise CharfwError(f"--batch-sizes: {exc.errors()[0]['msg']}") from None
     dirs = expand_folders(list(folders))
+    from charfw.build.stages import jobs_default
 
     spec, problems = dataset_spec_for_folders(dirs, relative_to=Path.cwd() if relative else None,
                                               jobs=jobs_default())
@@ -355,6 +361,7 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool, show_options: bool) -> None:
     """List every loaded plugin and what it registers: hooks, commands, components."""
+    from .components import KINDS
 
     ws = workspace_from(ctx)
     system = ws.plugins
