@@ -9,7 +9,7 @@ training images. Images without transparency are used as they are.
 from __future__ import annotations
 
 import charfw
-from charfw.components import BackgroundRemover
+from charfw import BackgroundRemover
 
 
 class FlatBackground(BackgroundRemover):

@@ -21,13 +21,19 @@ import click
 from pydantic import Field
 
 import charfw
-from charfw import console
+from charfw import (
+    BackgroundOptions,
+    BackgroundRemover,
+    CharfwError,
+    ModelCache,
+    color_name,
+    console,
+    parse_color,
+)
 from charfw.build.atomic import write_json
 from charfw.build.images import composite, has_transparency, save_png
 from charfw.build.items import safe_file_stem
-from charfw.components import BackgroundOptions, BackgroundRemover, color_name, parse_color
-from charfw.errors import CharfwError, check_module, display_path
-from charfw.stage_context import ModelCache
+from charfw.errors import check_module, display_path
 
 
 class RembgOptions(BackgroundOptions):

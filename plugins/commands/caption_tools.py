@@ -20,11 +20,11 @@ from pathlib import Path
 import click
 
 import charfw
-from charfw import console
+from charfw import CharfwError, console
 from charfw.build import atomic
 from charfw.cli import workspace_from
 from charfw.default_plugins.taggers.common_tag import CommonTagOptions
-from charfw.errors import CharfwError, display_path
+from charfw.errors import display_path
 from charfw.folders.caption_files import (
     add_common_tags,
     caption_paths,

@@ -19,9 +19,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 import charfw
-from charfw import __version__
-from charfw.components import DatasetWriter, Options
-from charfw.errors import CharfwError
+from charfw import CharfwError, DatasetWriter, Options, __version__
 from charfw.folders import kohya_config
 
 CLASSES = ("LOW", "MID", "HIGH")

@@ -21,11 +21,10 @@ import click
 from pydantic import Field
 
 import charfw
-from charfw import console
+from charfw import CharfwError, ImageFilter, Options, console
 from charfw.build import atomic
 from charfw.build.images import load, to_rgb_or_rgba
-from charfw.components import ImageFilter, Options
-from charfw.errors import CharfwError, display_path
+from charfw.errors import display_path
 
 #: thresholds from the research notes: ≤ 6 bits "the same image", ≤ 10 "probably"
 DEFAULT_THRESHOLD = 6

@@ -21,9 +21,8 @@ from typing import Any, Literal
 from pydantic import field_validator
 
 import charfw
+from charfw import BlockMerger, CharfwError, Options, StageContext, StageOutput
 from charfw.build.items import safe_file_stem
-from charfw.components import BlockMerger, Options
-from charfw.errors import CharfwError
 from charfw.lora.block_weights import (
     apply_block_weights,
     family_of_length,
@@ -33,7 +32,6 @@ from charfw.lora.block_weights import (
     resolve_weights,
 )
 from charfw.lora.outputs import block_weights_suffix, output_stem, remove_other_outputs
-from charfw.stage_context import StageContext, StageOutput
 
 PART_DEFAULTS = {"face": "FACE", "body": "BODY", "group": "BODY"}
 

@@ -16,9 +16,9 @@ from typing import Any
 import click
 
 import charfw
-from charfw import console
+from charfw import CharfwError, console
 from charfw.cli import workspace_from
-from charfw.errors import CharfwError, display_path
+from charfw.errors import display_path
 from charfw.lora.block_weights import (
     BLOCKS20,
     BLOCKS26,

@@ -12,11 +12,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 import charfw
+from charfw import Compressor, Options, StageContext, StageOutput
 from charfw.build import atomic
 from charfw.build.items import safe_file_stem
-from charfw.components import Compressor, Options
 from charfw.lora.outputs import human_size, output_stem, rank_rule_suffix, remove_other_outputs
-from charfw.stage_context import StageContext, StageOutput
 
 
 class SvdOptions(Options):

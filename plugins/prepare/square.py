@@ -20,8 +20,8 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 import charfw
+from charfw import ImagePreparer, Options, parse_color
 from charfw.build.images import border_color, composite
-from charfw.components import ImagePreparer, Options, parse_color
 
 RESAMPLE = {
     "lanczos": Image.Resampling.LANCZOS,

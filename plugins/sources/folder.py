@@ -14,11 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pydantic import Field
 
 import charfw
+from charfw import CharfwError, ImageError, ImageItem, Options, Source
 from charfw.build.angles import parse_code
 from charfw.build.images import DEFAULT_MAX_PIXELS, SOURCE_IMAGE_SUFFIXES, load
-from charfw.build.items import ImageItem, list_images, safe_file_stem
-from charfw.components import Options, Source
-from charfw.errors import CharfwError, ImageError
+from charfw.build.items import list_images, safe_file_stem
 
 
 class FolderOptions(Options):

@@ -15,10 +15,9 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import charfw
+from charfw import CharfwError, Options, Tagger
 from charfw.build.hashing import sha256_file
 from charfw.build.template_library import read_yaml_file
-from charfw.components import Options, Tagger
-from charfw.errors import CharfwError
 
 
 class Condition(BaseModel):

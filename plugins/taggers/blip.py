@@ -18,8 +18,8 @@ import click
 from pydantic import Field
 
 import charfw
-from charfw.components import Options, Tagger
-from charfw.errors import CharfwError, check_module
+from charfw import CharfwError, Options, Tagger
+from charfw.errors import check_module
 from charfw.folders.caption_command import caption_command
 
 

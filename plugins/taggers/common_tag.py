@@ -11,8 +11,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 import charfw
-from charfw.components import Options, Tagger
-from charfw.errors import CharfwError
+from charfw import CharfwError, Options, Tagger
 
 
 class CommonTagOptions(Options):

@@ -31,10 +31,10 @@ import click
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import charfw
+from charfw import CharfwError, Options, Tagger
 from charfw.build.hashing import sha256_file
 from charfw.build.template_library import read_yaml_file
-from charfw.components import Options, Tagger
-from charfw.errors import CharfwError, check_module
+from charfw.errors import check_module
 from charfw.folders.caption_command import caption_command
 from charfw.folders.tag_text import danbooru_to_caption, escape_a1111, tag_key
 from charfw.prep.onnx_runtime import ProviderChoice

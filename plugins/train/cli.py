@@ -10,10 +10,10 @@ from typing import Any
 import click
 
 import charfw
-from charfw import console
+from charfw import CharfwError, console
 from charfw.build.atomic import atomic_dir
 from charfw.build.hashing import HashCache
-from charfw.errors import CharfwError, display_path
+from charfw.errors import display_path
 from charfw.training.command_line import settings_options
 
 

@@ -26,11 +26,9 @@ from typing import Any
 from pydantic import Field
 
 import charfw
-from charfw import console
+from charfw import CharfwError, Options, StageOutput, Trainer, console
 from charfw.build.hashing import fingerprint
-from charfw.components import Options, Trainer
-from charfw.errors import CharfwError, check_module
-from charfw.stage_context import StageOutput
+from charfw.errors import check_module
 from charfw.training.settings import TrainSettings
 
 
