@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from charfw.build.angles import AngleSet
 from charfw.errors import CharfwError
-from charfw.folders.toml_format import toml_value
+from charfw.build.toml_format import toml_value
 
 
 def builtin_dir() -> Path:
