@@ -297,8 +297,8 @@ def register_commands(cli):
         cross terms, ratio×|ratio|) and svd_merge_lora.py (which clamps at the 0.99
         quantile), nothing is approximated but the final rank. Alpha = rank."""
         from charfw.lora.file import read_lora
+        from charfw.lora.merge import MergeSource, merge_loras
         from charfw.lora.safetensors_io import parse_precision
-        from charfw.lora.svd import MergeSource, merge_loras
 
         rule = _rule(sv_ratio, sv_fro, sv_cumulative, rank, conv_rank, tight, default_ratio=False)
         other_value = _other_ratio(other)

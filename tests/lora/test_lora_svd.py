@@ -25,8 +25,9 @@ from lora_support import (
 from charfw.errors import CharfwError
 from charfw.lora.block_weights import BLOCKS26, load_presets, resolve_weights
 from charfw.lora.file import read_lora
+from charfw.lora.merge import MergeSource, merge_loras
 from charfw.lora.safetensors_io import data_sha256
-from charfw.lora.svd import MergeSource, RankRule, merge_loras, resize_lora
+from charfw.lora.svd import RankRule, resize_lora
 
 FP32 = torch.float32
 
