@@ -20,8 +20,10 @@ module                     what it holds
 :mod:`.interrupts`         Ctrl-C acted on at the next step boundary, where state is consistent
 :mod:`.sample_prompts`     kohya's sample-prompt syntax and sampling during training
 :mod:`.lora_output`        the file's ``ss_*`` metadata and saving
-:mod:`.lora_loader`        applying a trained file to a diffusers pipeline (baked ΔW)
 =========================  ===========================================================
+
+Applying a trained file to a diffusers pipeline (baked ΔW) is
+:func:`charfw.generation.lora_patch.bake_lora`, next to generation's LoRA patching.
 
 Importing this package is cheap; torch and diffusers load when training starts.
 """

@@ -89,7 +89,7 @@ def test_diffusers_load_lora_weights_reproduces_the_trainer(trained: dict[str, A
 
 @pytest.mark.parametrize("network", ["lora", "lora3x3", "loha"])
 def test_charfws_loader_reproduces_the_trainer(trained: dict[str, Any], tiny_sd15: Path, network: str) -> None:
-    from charfw.training.lora_loader import bake_into_pipeline
+    from charfw.generation.lora_patch import bake_into_pipeline
 
     run = trained[network]
     pipe = _pipeline(tiny_sd15)
