@@ -51,6 +51,13 @@ _OPTION = re.compile(r"^(n|w|h|d|s|l|ss|cn|ctr|rcfg|fs|g|am)\s+(.*)$", re.DOTALL
 
 def parse_line(line: str, *, where: str = "") -> SamplePrompt:
     """One line of a ``.txt`` prompt file."""
+    return SamplePrompt(**parse_options(line, where=where))
+
+
+def parse_options(line: str, *, where: str = "") -> dict[str, Any]:
+    """The prompt and the options one line gives, by :class:`SamplePrompt`'s field names;
+    options the line does not give are absent (``charfw generate`` fills them from its own
+    defaults). The values are checked as :func:`parse_line` checks them."""
     parts = line.split(" --")
     fields: dict[str, Any] = {"prompt": parts[0].strip()}
     for part in parts[1:]:
@@ -77,7 +84,8 @@ def parse_line(line: str, *, where: str = "") -> SamplePrompt:
             # --cn --ctr --rcfg --fs --g --am belong to other architectures: ignored, as kohya does for SD 1.x
         except ValueError:
             raise CharfwError(f"{where}--{key} expects a number, got '{value}'") from None
-    return _checked(SamplePrompt(**fields), where)
+    _checked(SamplePrompt(**fields), where)
+    return fields
 
 
 def _sampler(value: str, where: str) -> str:

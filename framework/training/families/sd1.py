@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from charfw.generation.prompts import clip_text_states
 from charfw.training.clip_tokenizer import clip_tokenizer_files
 
 from ...errors import CharfwError
@@ -179,12 +180,7 @@ class SD1Family(ModelFamily):
         batch = input_ids.shape[0]
         chunked = input_ids.ndim == 3
         flat = input_ids.reshape(-1, input_ids.shape[-1]).to(text_encoder.device)
-        if clip_skip <= 1:
-            states = run(flat).last_hidden_state
-        else:
-            hidden = run(flat, output_hidden_states=True).hidden_states[-clip_skip]
-            final_norm = getattr(text_encoder, "final_layer_norm", None) or text_encoder.text_model.final_layer_norm
-            states = final_norm(hidden)
+        states = clip_text_states(text_encoder, flat, clip_skip, forward=run)
         if not chunked:
             return states
         states = states.reshape(batch, input_ids.shape[1], input_ids.shape[2], -1)
