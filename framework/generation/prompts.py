@@ -83,6 +83,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from charfw.training.text_states import clip_text_states
+
 from ..errors import CharfwError
 
 if TYPE_CHECKING:
@@ -99,7 +101,6 @@ __all__ = [
     "LoraRef",
     "PromptChunk",
     "PromptLine",
-    "clip_text_states",
     "diffusers_clip_skip",
     "empty_chunk",
     "encode_chunks",
@@ -477,21 +478,6 @@ def diffusers_clip_skip(clip_skip: int) -> int | None:
     if clip_skip < 1:
         raise CharfwError(f"clip skip {clip_skip}: it counts from 1 (the last layer)")
     return None if clip_skip == 1 else clip_skip - 1
-
-
-def clip_text_states(text_encoder: Any, input_ids: torch.Tensor, clip_skip: int, *,
-                     forward: Any = None) -> torch.Tensor:
-    """The CLIP text encoder's token states with clip skip: 1 is the last layer's output, N
-    the N-th hidden state from the end with the final layer norm applied (A1111's
-    ``FrozenCLIPEmbedderWithCustomWords.encode_with_transformers``, kohya's SD 1.x rule; the
-    trainer conditions the same way). ``forward`` runs the model when it is wrapped
-    (DistributedDataParallel); attributes are read from ``text_encoder``."""
-    run = forward if forward is not None else text_encoder
-    if clip_skip <= 1:
-        return run(input_ids).last_hidden_state
-    hidden = run(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
-    final_norm = getattr(text_encoder, "final_layer_norm", None) or text_encoder.text_model.final_layer_norm
-    return final_norm(hidden)
 
 
 def encode_chunks(text_encoder: Any, chunks: Sequence[PromptChunk], *, clip_skip: int = 1,

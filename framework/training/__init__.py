@@ -20,6 +20,7 @@ module                     what it holds
 :mod:`.interrupts`         Ctrl-C acted on at the next step boundary, where state is consistent
 :mod:`.sample_prompts`     kohya's sample-prompt syntax and sampling during training
 :mod:`.lora_output`        the file's ``ss_*`` metadata and saving
+:mod:`.text_states`        the text encoder's states with clip skip (shared with generation)
 =========================  ===========================================================
 
 Applying a trained file to a diffusers pipeline (baked ΔW) is

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from charfw.generation.prompts import clip_text_states
 from charfw.training.clip_tokenizer import clip_tokenizer_files
+from charfw.training.text_states import clip_text_states
 
 from ...errors import CharfwError
 from .. import single_file
