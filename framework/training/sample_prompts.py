@@ -5,7 +5,8 @@ A ``.txt`` file holds one prompt per line; options follow the prompt, each intro
     krnk, 1girl, school uniform --n lowres, bad hands --w 512 --h 768 --d 42 --s 28 --l 7 --ss euler_a
 
 ``--n`` negative prompt, ``--w`` / ``--h`` size, ``--d`` seed, ``--s`` steps, ``--l`` CFG
-scale, ``--ss`` sampler; empty lines and lines starting with ``#`` are skipped. A ``.toml``
+scale, ``--ss`` sampler (kohya's names or A1111's, :mod:`charfw.generation.samplers`);
+empty lines and lines starting with ``#`` are skipped. A ``.toml``
 file has a ``[prompt]`` table of defaults and ``[[prompt.subset]]`` entries; a ``.json``
 file is a list of objects. Both use kohya's keys (``prompt``, ``negative_prompt``,
 ``width``, ``height``, ``seed``, ``sample_steps``, ``scale``, ``sample_sampler``).
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from charfw.build import atomic
 
 from ..errors import CharfwError
-from .settings import SAMPLERS
+from ..generation.samplers import make_scheduler, resolve_sampler
 
 if TYPE_CHECKING:
     from .families import LoadedModel
@@ -89,9 +90,12 @@ def parse_options(line: str, *, where: str = "") -> dict[str, Any]:
 
 
 def _sampler(value: str, where: str) -> str:
+    """kohya's sampler names, and A1111's (one table: :mod:`charfw.generation.samplers`)."""
     name = value.strip().lower()
-    if name not in SAMPLERS:
-        raise CharfwError(f"{where}unknown sampler '{value}'; use one of {', '.join(SAMPLERS)}")
+    try:
+        resolve_sampler(name)
+    except CharfwError as exc:
+        raise CharfwError(f"{where}{exc.message}", hint=exc.hint) from None
     return name
 
 
@@ -137,29 +141,6 @@ def read_prompts(path: Path) -> list[SamplePrompt]:
         if line and not line.startswith("#"):
             out.append(parse_line(line, where=f"{path.name}:{n}: "))
     return out
-
-
-def make_scheduler(name: str, config: dict[str, Any]) -> Any:
-    """A diffusers inference scheduler for a kohya sampler name."""
-    import diffusers
-
-    table = {
-        "ddim": ("DDIMScheduler", {}),
-        "pndm": ("PNDMScheduler", {}),
-        "lms": ("LMSDiscreteScheduler", {}), "k_lms": ("LMSDiscreteScheduler", {}),
-        "euler": ("EulerDiscreteScheduler", {}), "k_euler": ("EulerDiscreteScheduler", {}),
-        "euler_a": ("EulerAncestralDiscreteScheduler", {}), "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
-        "heun": ("HeunDiscreteScheduler", {}),
-        "dpm_2": ("KDPM2DiscreteScheduler", {}), "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
-        "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}), "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-        "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
-        "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-        "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
-    }
-    cls_name, extra = table[name]
-    base = {k: v for k, v in config.items() if not k.startswith("_")}
-    base.setdefault("clip_sample", False)  # SD's value; DDIM warns when a config lacks it
-    return getattr(diffusers, cls_name).from_config({**base, **extra})
 
 
 def generate_samples(model: LoadedModel, prompts: list[SamplePrompt], *, out_dir: Path, name: str, step: int,
