@@ -11,6 +11,8 @@ module                     what it holds
 :mod:`.samplers`           A1111 and kohya sampler names → diffusers schedulers
 :mod:`.lora_patch`         several LoRAs applied exactly from their ΔW, patched once, restored
 :mod:`.openpose`           OpenPose skeletons drawn for every angle code, no detector
+:mod:`.controls`           the control image of an angle code: drawn OpenPose, the
+                           workspace's own file, or canny edges of a template picture
 =========================  ===========================================================
 
 Importing this package is cheap; torch, diffusers and OpenCV load inside functions.
