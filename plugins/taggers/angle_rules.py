@@ -61,6 +61,34 @@ def _load_rules(path: str, digest: str) -> RuleFile:
         raise CharfwError(f"{where}: {err['msg']}", path=path, hint="see the comments at the top of the shipped rules file") from None
 
 
+def rules_path(ctx, rules: str) -> Path:
+    """The rules file an ``angle-rules`` option names: a path under templates/ (a workspace
+    copy overrides charfw's), a workspace-relative or an absolute file path."""
+    candidate = Path(rules)
+    if candidate.is_absolute() or (ctx.workspace_root / candidate).is_file():
+        path = candidate if candidate.is_absolute() else ctx.workspace_root / candidate
+        if not path.is_file():
+            raise CharfwError("tag rules file not found", path=path)
+        return path
+    return ctx.templates.find(rules)
+
+
+def load_rules(path: Path) -> list[Rule]:
+    """The rules of a rules file (validated; cached by content)."""
+    return _load_rules(str(path), sha256_file(path)).rules
+
+
+def rule_tags(rules: list[Rule], angle_set, angle) -> list[str]:
+    """The tags the rules give an angle code of ``angle_set`` (mirrored codes 5-7 follow
+    the code they mirror; ``{framing}`` filled in), in rule order."""
+    base = angle.mirrored()
+    found: list[str] = []
+    for rule in rules:
+        if rule.when.holds(angle_set.name, base.vertical, base.horizontal, base.code):
+            found.extend(t.replace("{framing}", angle_set.framing) for t in rule.tags)
+    return found
+
+
 class AngleRulesOptions(Options):
     #: the rules file: a path under templates/ (a workspace copy overrides charfw's) or a file path
     rules: str = "tags/angle-rules.yaml"
@@ -77,21 +105,14 @@ class AngleRules(Tagger):
         return 4096
 
     def _rules_path(self, ctx, options) -> Path:
-        candidate = Path(options.rules)
-        if candidate.is_absolute() or (ctx.workspace_root / candidate).is_file():
-            path = candidate if candidate.is_absolute() else ctx.workspace_root / candidate
-            if not path.is_file():
-                raise CharfwError("tag rules file not found", path=path)
-            return path
-        return ctx.templates.find(options.rules)
+        return rules_path(ctx, options.rules)
 
     def cache_key(self, ctx, options):
         sets = {name: s.model_dump() for name, s in ctx.templates.angle_sets.items()}
         return [sha256_file(self._rules_path(ctx, options)), sets]
 
     def tag(self, ctx, options, items, images, tags_so_far):
-        path = self._rules_path(ctx, options)
-        rules = _load_rules(str(path), sha256_file(path)).rules
+        rules = load_rules(self._rules_path(ctx, options))
         head = [ctx.part.keyword, *ctx.part.tags]
         by_code: dict[tuple[str, str], list[str]] = {}  # rule results repeat per code
         out: list[list[str] | None] = []
@@ -108,14 +129,9 @@ class AngleRules(Tagger):
                 ctx.problem(item.source, f"no angle set uses the letter '{angle.prefix}'; known: {known}")
                 out.append(None)
                 continue
-            base = angle.mirrored()
-            key = (angle_set.name, base.code)
+            key = (angle_set.name, angle.mirrored().code)
             if key not in by_code:
-                found: list[str] = []
-                for rule in rules:
-                    if rule.when.holds(angle_set.name, base.vertical, base.horizontal, base.code):
-                        found.extend(t.replace("{framing}", angle_set.framing) for t in rule.tags)
-                by_code[key] = found
+                by_code[key] = rule_tags(rules, angle_set, angle)
             out.append(head + by_code[key])
         return out
 
