@@ -17,6 +17,7 @@ what the method works on comes after them.
 ==========  ===========================  ===================================================
 stage       base class                   method to implement
 ==========  ===========================  ===================================================
+draft       :class:`Drafter`             ``run(ctx, options)``
 ingest      :class:`Source`              ``collect(ctx, options)``
 filter      :class:`ImageFilter`         ``select(ctx, options, items)``
 background  :class:`BackgroundRemover`   ``cutout(ctx, options, image, item)``
@@ -280,6 +281,14 @@ class _ModelStage(Component, ABC):
         ``ctx.record_path``); the upstream one is ``ctx.input_file("lora")``."""
 
 
+class Drafter(_ModelStage):
+    """Draft: candidate training images generated for the part's angle codes (before
+    ``ingest``; a person adopts the good ones into the source folder). A body's drafter
+    gets its character's finished face LoRA as ``ctx.input_file("lora")``."""
+
+    kind = "drafter"
+
+
 class Trainer(_ModelStage):
     """Train: a LoRA from the dataset config the dataset stage wrote (``ctx.input_file("config")``)."""
 
@@ -306,6 +315,7 @@ class Sampler(_ModelStage):
 
 #: kind → (base class, the hook that registers it, the noun used in messages)
 KINDS: dict[str, tuple[type[Component], str, str]] = {
+    "drafter": (Drafter, "register_drafters", "drafter"),
     "source": (Source, "register_sources", "image source"),
     "image_filter": (ImageFilter, "register_image_filters", "image filter"),
     "background": (BackgroundRemover, "register_background_removers", "background remover"),

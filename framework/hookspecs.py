@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         BlockMerger,
         Compressor,
         DatasetWriter,
+        Drafter,
         ImageFilter,
         ImagePreparer,
         Sampler,
@@ -44,6 +45,13 @@ hookimpl = pluggy.HookimplMarker("charfw")
 
 
 # --- components a manifest picks by name, in stage order ---------------------------------
+
+
+@hookspec
+def register_drafters(register: Callable[[Drafter], None]) -> None:
+    """Register drafters for the ``draft`` stage (candidate training images generated for
+    each angle code, before ``ingest``; ``charfw adopt`` copies the chosen ones into the
+    source folder)."""
 
 
 @hookspec

@@ -260,7 +260,7 @@ from PIL import Image
 
 import charfw
 from charfw.build import atomic
-from charfw.components import (BackgroundRemover, BlockMerger, Compressor, DatasetWriter, ImageFilter,
+from charfw.components import (BackgroundRemover, BlockMerger, Compressor, DatasetWriter, Drafter, ImageFilter,
                                ImagePreparer, Options, Sampler, Source, Trainer)
 from charfw.build.items import ImageItem
 from charfw.stage_context import StageOutput
@@ -271,6 +271,17 @@ CALLS = Path(__file__).parent.parent / "calls.jsonl"
 def note(**data):
     with open(CALLS, "a") as fh:
         fh.write(json.dumps(data) + "\\n")
+
+
+class Sketch(Drafter):
+    """One candidate per angle code, noting the LoRA it was given (a body: its face's)."""
+    name = "test-drafter"
+
+    def run(self, ctx, options):
+        loras = [json.loads(Path(ctx.path(o.files["lora"])).read_text()) for o in ctx.inputs.values()]
+        out = ctx.stage_dir / "drafts.json"
+        atomic.write_text(out, json.dumps({"codes": list(ctx.part.angles)[:3], "loras": loras}))
+        return StageOutput(files={"drafts": ctx.record_path(out)}, summary=[f"{len(loras)} lora(s)"])
 
 
 class Squares(Source):
@@ -367,6 +378,10 @@ class Look(Sampler):
 
 
 @charfw.hookimpl
+def register_drafters(register):
+    register(Sketch())
+
+@charfw.hookimpl
 def register_sources(register):
     register(Squares())
 
@@ -426,6 +441,7 @@ def build_finished(summary):
 '''
 
 TEST_STAGES = """\
+draft: test-drafter
 ingest: {plugin: test-squares}
 filter: test-no-behind
 background: {plugin: test-halve, colors: [white]}
@@ -457,6 +473,19 @@ def _build(ws: Path, run_cli) -> str:
     code, out, err = run_cli("build", "krnk", cwd=ws)
     assert code == 0, out + err
     return out
+
+
+def test_hook_register_drafters(plugged: Path, run_cli) -> None:
+    out = _build(plugged, run_cli)
+    face = json.loads((plugged / "build/krnk/face/draft/drafts.json").read_text())
+    assert face == {"codes": ["f00", "f01", "f02"], "loras": []}
+    # a body's drafts are made with its character's finished face LoRA
+    body = json.loads((plugged / "build/krnk/krnksf/draft/drafts.json").read_text())
+    assert body["loras"] == [{"config": "dataset.json", "part": "krnk/face", "merged": "face", "compressed": True}]
+    assert "1 lora(s)" in out
+    # nothing reads the draft stage: the body's ingest does not depend on it
+    record = json.loads((plugged / "build/krnk/krnksf/ingest/record.json").read_text())
+    assert record["key"]["inputs"] == {}
 
 
 def test_hook_register_sources(plugged: Path, run_cli) -> None:
@@ -526,19 +555,19 @@ def test_hook_register_commands(plugged: Path, run_cli, monkeypatch: pytest.Monk
 def test_hook_build_started(plugged: Path, run_cli) -> None:
     _build(plugged, run_cli)
     first = calls(plugged)[0]
-    assert first == {"hook": "build_started", "targets": ["krnk"], "stages": 20}
+    assert first == {"hook": "build_started", "targets": ["krnk"], "stages": 22}  # 11 stages x face, body
 
 
 def test_hook_stage_finished(plugged: Path, run_cli) -> None:
     _build(plugged, run_cli)
     finished = [c for c in calls(plugged) if c["hook"] == "stage_finished"]
-    assert [c["key"] for c in finished][:3] == ["krnk/face:ingest", "krnk/face:filter", "krnk/face:background"]
-    assert len(finished) == 20 and {c["status"] for c in finished} == {"ran"}
+    assert [c["key"] for c in finished][:3] == ["krnk/face:draft", "krnk/face:ingest", "krnk/face:filter"]
+    assert len(finished) == 22 and {c["status"] for c in finished} == {"ran"}
     _build(plugged, run_cli)
-    again = [c for c in calls(plugged) if c["hook"] == "stage_finished"][20:]
+    again = [c for c in calls(plugged) if c["hook"] == "stage_finished"][22:]
     assert {c["status"] for c in again} == {"up to date"}
 
 
 def test_hook_build_finished(plugged: Path, run_cli) -> None:
     _build(plugged, run_cli)
-    assert calls(plugged)[-1] == {"hook": "build_finished", "ran": 20, "stopped": []}
+    assert calls(plugged)[-1] == {"hook": "build_finished", "ran": 22, "stopped": []}

@@ -311,7 +311,7 @@ class Planner:
         for part in parts:
             self.part(lm, part, ("face",) if part.kind == "face" else ("bodies", part.name))
         for part in parts:
-            self.link(self.stages_of[part.label], self.dataset_inputs(part))
+            self.link(self.stages_of[part.label], self.dataset_inputs(part), self.lora_inputs(part))
         self.parts_of[lm.name] = parts
         return parts
 
@@ -377,11 +377,16 @@ class Planner:
         return stages
 
     @staticmethod
-    def link(stages: list[PlannedStage], dataset_inputs: dict[str, PlannedStage]) -> None:
+    def link(stages: list[PlannedStage], dataset_inputs: dict[str, PlannedStage],
+             lora_inputs: dict[str, PlannedStage] | None = None) -> None:
         """Each stage reads from the stage before it that is on; the dataset stage reads the
-        last image stage of every part its dataset holds."""
+        last image stage of every part its dataset holds; the draft stage (a side branch
+        that nothing reads) reads the finished LoRAs of the parts it builds on."""
         previous: PlannedStage | None = None
         for ps in stages:
+            if ps.spec.side_branch:
+                ps.deps = dict(lora_inputs or {})
+                continue
             if ps.spec.name == "dataset":
                 ps.deps = dict(dataset_inputs)
             elif previous is not None:
@@ -393,14 +398,24 @@ class Planner:
         return {p.label: self.last_image_stage(p.label) for p in dataset_parts(part)} \
             if part.label in self.stages_of else {}
 
+    def lora_inputs(self, part: PartInfo) -> dict[str, PlannedStage]:
+        """The stages whose finished LoRA a part's drafts use: a body's face."""
+        return {m.label: self.last_lora_stage(m.label) for m in part.members if m.label in self.stages_of}
+
+    def last_lora_stage(self, label: str) -> PlannedStage:
+        lora_stages = [s for s in self.stages_of[label] if s.spec.name in ("train", "merge", "compress")]
+        return [s for s in lora_stages if not s.off][-1]
+
     def last_image_stage(self, label: str) -> PlannedStage:
-        image_stages = [s for s in self.stages_of[label] if s.spec.parts == IMAGE_PARTS]
+        image_stages = [s for s in self.stages_of[label] if s.spec.parts == IMAGE_PARTS and not s.spec.side_branch]
         return [s for s in image_stages if not s.off][-1]
 
     def add(self, stages: list[PlannedStage]) -> None:
+        """Append stages to the order, each after everything it depends on."""
         for ps in stages:
-            if ps not in self.ordered:
-                self.ordered.append(ps)
+            for needed in _closure(ps):
+                if needed not in self.ordered:
+                    self.ordered.append(needed)
 
 
 def make_plan(ws: Workspace, names: list[str] | None = None) -> Plan:

@@ -6,6 +6,7 @@ out by the plugin(s) its manifest picks, looked up in the registry of the stage'
 =========  ==================  ==================  ============================================
 stage      kind                default plugin      parts
 =========  ==================  ==================  ============================================
+draft      drafter             (off)               face, body (+ a body's face LoRA)
 ingest     source              folder              face, body
 filter     image_filter        (off)               face, body
 background background          flat                face, body
@@ -65,6 +66,9 @@ class StageSpec:
     can_disable: bool = True
     #: its outputs hold absolute paths (a dataset config), so moving the workspace re-runs it
     absolute_paths: bool = False
+    #: a side branch of the part (the draft stage): it reads the finished LoRAs of the
+    #: parts it builds on, and no stage of its own part reads it
+    side_branch: bool = False
 
 
 # --- per-image caching -------------------------------------------------------------------
@@ -458,6 +462,9 @@ IDENTITY = ("kind", "keyword", "class_tokens", "tags", "template")
 TRAINING = (*IDENTITY, "repeats", "symmetric", "model", "members", "name")
 
 STAGES: tuple[StageSpec, ...] = (
+    # a side branch: it reads the finished LoRA of the parts it depends on (a body: its
+    # face), and nothing reads it; `charfw adopt` moves chosen drafts into the sources
+    StageSpec("draft", "drafter", None, IMAGE_PARTS, run_model_stage, (*TRAINING, "angles"), side_branch=True),
     StageSpec("ingest", "source", "folder", IMAGE_PARTS, run_ingest,
               ("images_dir", "template", "angles", "symmetric"), can_disable=False),
     StageSpec("filter", "image_filter", None, IMAGE_PARTS, run_filter, chainable=True),
