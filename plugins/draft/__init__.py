@@ -1,0 +1,1 @@
+"""The draft stage's commands: ``charfw adopt`` moves chosen candidates into the sources."""
