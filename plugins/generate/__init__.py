@@ -1,0 +1,1 @@
+"""``charfw generate``: images from a prompt file, with LoRAs, infotext and an index."""

@@ -1,0 +1,173 @@
+"""``charfw generate PROMPTS.txt --base-model M -n N --seed S -o OUT``.
+
+Each line of the prompt file (``positive|||negative`` and/or kohya's ``--n --w --h --d --s
+--l --ss`` options; ``#`` comments) gives ``-n`` images. Image ``k`` of the run (counted
+over all lines) gets the seed ``--seed + k``; a line with ``--d D`` gives its own images
+``D, D+1, …``. Files: ``OUT/<index:05d>-<seed>.png`` with A1111's infotext,
+``OUT/index.jsonl`` (one object per image), and with ``--grid`` ``OUT/grid.png`` (one row
+per prompt line). torch and diffusers load inside the command.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+import charfw
+from charfw import CharfwError, console
+from charfw.errors import display_path
+
+
+def parse_lora_option(text: str) -> Any:
+    """``FILE[:WEIGHT[:BLOCKS]]`` → a :class:`~charfw.generation.lora_patch.LoraSpec`."""
+    from charfw.default_plugins.lora.commands import parse_source
+    from charfw.generation.lora_patch import LoraSpec
+
+    path, weight, blocks = parse_source(text)
+    return LoraSpec(path, weight, blocks)
+
+
+def build_requests(lines: list[Any], *, count: int, seed: int, defaults: dict[str, Any],
+                   loras: tuple[Any, ...]) -> list[tuple[int, Any]]:
+    """(line position, request) for every image of the run, in global-index order."""
+    from charfw.generation.pipeline import ImageRequest
+
+    out = []
+    for position, line in enumerate(lines):
+        for k in range(count):
+            index = len(out)
+            out.append((position, ImageRequest(
+                prompt=line.prompt, negative=line.negative,
+                seed=(line.seed + k) if line.seed is not None else seed + index,
+                width=line.width or defaults["width"], height=line.height or defaults["height"],
+                steps=line.steps or defaults["steps"],
+                cfg_scale=line.scale if line.scale is not None else defaults["cfg"],
+                sampler=line.sampler or defaults["sampler"], clip_skip=defaults["clip_skip"], loras=loras,
+                grayscale=defaults["grayscale"])))
+    return out
+
+
+def index_record(file: str, made: Any) -> dict[str, Any]:
+    r, p = made.request, made.params
+    return {"file": file, "index": made.index, "prompt": r.prompt, "negative": r.negative, "seed": r.seed,
+            "size": [r.width, r.height], "steps": r.steps, "cfg": r.cfg_scale, "sampler": p.sampler,
+            "clip_skip": r.clip_skip,
+            "loras": [{"name": s.path.stem, "weight": s.weight, "te_weight": s.text_encoder_weight,
+                       "blocks": s.blocks if s.blocks is None or isinstance(s.blocks, str) else list(s.blocks),
+                       "hash": h} for s, h in made.loras],
+            "model": p.model_name, "model_hash": p.model_hash, "grayscale": r.grayscale}
+
+
+def write_grid(images: list[list[Any]], dest: Path) -> Path:
+    """One row per prompt line; cells as large as the largest image, top-left aligned."""
+    from PIL import Image
+
+    from charfw.build import atomic
+
+    cells = [im for row in images for im in row]
+    w = max(im.width for im in cells)
+    h = max(im.height for im in cells)
+    mode = "L" if all(im.mode == "L" for im in cells) else "RGB"
+    grid = Image.new(mode, (w * max(len(r) for r in images), h * len(images)), 0)
+    for y, row in enumerate(images):
+        for x, im in enumerate(row):
+            grid.paste(im.convert(mode), (x * w, y * h))
+    with atomic.atomic_path(dest) as tmp:
+        grid.save(tmp, format="PNG")
+    return dest
+
+
+@charfw.hookimpl
+def register_commands(cli):
+    @cli.command("generate")
+    @click.argument("prompts", type=click.Path(path_type=Path))
+    @click.option("--base-model", required=True,
+                  help="A .safetensors checkpoint, a diffusers folder, a Hugging Face id or charfw:tiny-sd15.")
+    @click.option("--vae", help="A VAE file, folder or id instead of the model's own.")
+    @click.option("-n", "--count", type=click.IntRange(1), default=1, show_default=True,
+                  help="Images per prompt line.")
+    @click.option("--seed", type=int, default=0, show_default=True,
+                  help="Seed of the run's first image; image k gets seed + k (a line's --d wins).")
+    @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), required=True,
+                  help="Folder for the images, index.jsonl and grid.png.")
+    @click.option("--lora", "loras", multiple=True, metavar="FILE[:WEIGHT[:BLOCKS]]",
+                  help="A LoRA for every image (repeatable); BLOCKS: a preset (FACE) or ratios.")
+    @click.option("--lora-dir", "lora_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+                  help="Where <lora:name:w> tags are looked up as name.safetensors (repeatable).")
+    @click.option("--sampler", default="Euler a", show_default=True, help="A1111 or kohya sampler name.")
+    @click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
+    @click.option("--cfg", type=float, default=7.0, show_default=True, help="CFG scale.")
+    @click.option("-W", "--width", type=int, default=512, show_default=True)
+    @click.option("-H", "--height", type=int, default=512, show_default=True)
+    @click.option("--batch-size", type=click.IntRange(1), default=1, show_default=True,
+                  help="Images per pipeline call (same size, steps, CFG, sampler and LoRAs).")
+    @click.option("--clip-skip", type=click.IntRange(1, 12), default=1, show_default=True,
+                  help="A1111 numbering: 1 = last layer, 2 = penultimate.")
+    @click.option("--grayscale", is_flag=True, help="Save single-channel (mode L) images.")
+    @click.option("--grid", is_flag=True, help="Also write grid.png, one row per prompt line.")
+    @click.option("--device", help="cuda, cuda:1, cpu (default: cuda when there is one).")
+    @click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]),
+                  help="Default: fp16 on a GPU, fp32 on the CPU.")
+    @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                  help="Built-in models (default: $CHARFW_CACHE or ~/.cache/charfw).")
+    def generate_command(prompts: Path, base_model: str, vae: str | None, count: int, seed: int, output: Path,
+                         loras: tuple[str, ...], lora_dirs: tuple[Path, ...], sampler: str, steps: int, cfg: float,
+                         width: int, height: int, batch_size: int, clip_skip: int, grayscale: bool, grid: bool,
+                         device: str | None, dtype: str | None, cache_dir: Path | None) -> None:
+        """Generate COUNT images per line of a prompt file, with A1111 infotext in each PNG.
+
+        A line is `positive|||negative`, optionally followed by kohya's options
+        (--n NEG --w W --h H --d SEED --s STEPS --l CFG --ss SAMPLER); `#` starts a comment.
+        Prompts use A1111's syntax: (word:1.2), [word], BREAK, <lora:name:0.8>,
+        <lora:name:1:lbw=FACE>.
+
+        \b
+        Examples:
+          charfw generate prompts.txt --base-model model.safetensors -n 4 --seed 1000 -o out/
+          charfw generate prompts.txt --base-model model.safetensors --lora-dir loras/ --grid -o out/
+          charfw generate xray.txt --base-model model.safetensors --grayscale --sampler "DPM++ 2M Karras" -o out/
+        """
+        from charfw.default_plugins.train.cli import default_cache_dir
+        from charfw.generation.infotext import save_png
+        from charfw.generation.pipeline import Generator
+        from charfw.generation.prompts import read_prompt_file
+        from charfw.generation.samplers import resolve_sampler
+
+        if not prompts.is_file():
+            raise CharfwError("prompt file not found", path=prompts)
+        lines = read_prompt_file(prompts)
+        if not lines:
+            raise CharfwError("the prompt file has no prompts", path=prompts)
+        resolve_sampler(sampler)
+        if width % 8 or height % 8 or min(width, height) < 8:
+            raise CharfwError(f"size {width}x{height}: sides must be multiples of 8")
+        specs = tuple(parse_lora_option(text) for text in loras)
+        defaults = {"width": width, "height": height, "steps": steps, "cfg": cfg, "sampler": sampler,
+                    "clip_skip": clip_skip, "grayscale": grayscale}
+        planned = build_requests(lines, count=count, seed=seed, defaults=defaults, loras=specs)
+        generator = Generator(base_model, vae=vae, cache_dir=cache_dir or default_cache_dir(),
+                              lora_dirs=list(lora_dirs), device=device, dtype=dtype)
+        output.mkdir(parents=True, exist_ok=True)
+        records: dict[int, dict[str, Any]] = {}
+        rows: list[list[Any]] = [[None] * count for _ in lines]
+        try:
+            with console.progress(len(planned), "generating") as bar:
+                for made in generator.generate([r for _, r in planned], batch_size=batch_size,
+                                               progress=bar.advance):
+                    name = f"{made.index:05d}-{made.request.seed}.png"
+                    save_png(made.image, output / name, made.params)
+                    records[made.index] = index_record(name, made)
+                    if grid:
+                        rows[planned[made.index][0]][made.index % count] = made.image
+        finally:
+            generator.close()
+        from charfw.build import atomic
+
+        atomic.write_text(output / "index.jsonl",
+                          "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in sorted(records)))
+        if grid:
+            write_grid(rows, output / "grid.png")
+        console.out.print(f"wrote {len(records)} images to {display_path(output)}", markup=False)
