@@ -61,6 +61,9 @@ Where charfw differs from A1111, and why:
   with no sign of why. ``<lyco:…>`` is read as ``<lora:…>``, as A1111 ≥ 1.5 does.
 * The mean is restored per prompt. A1111 takes it over the whole batch of prompts encoded
   together; for a batch of one prompt (or of copies of one prompt) that is the same.
+* A chunk whose weighted mean is near zero (below 1e-4 of its mean absolute value) is not
+  rescaled: A1111 divides by it and gets huge values or NaN (seen with untrained encoders
+  such as charfw's tiny test model); real CLIP encoders' means are far from zero.
 
 Clip skip: charfw (and A1111, and kohya) count 1 as "the last layer"; diffusers' pipelines
 count 0 or ``None`` as the last layer, so charfw's N is diffusers' N - 1
@@ -503,7 +506,12 @@ def encode_chunks(text_encoder: Any, chunks: Sequence[PromptChunk], *, clip_skip
             before = z.mean(dim=(1, 2), keepdim=True)
             weighted = z * weights.unsqueeze(-1)
             if emphasis == "Original":
-                weighted = weighted * (before / weighted.mean(dim=(1, 2), keepdim=True))
+                after = weighted.mean(dim=(1, 2), keepdim=True)
+                # a mean near zero (next to the values' size) makes mean/mean meaningless:
+                # such a chunk keeps its weighted values, as "No norm" would
+                size = weighted.abs().mean(dim=(1, 2), keepdim=True)
+                usable = after.abs() > 1e-4 * size
+                weighted = torch.where(usable, weighted * (before / torch.where(usable, after, 1)), weighted)
             # a chunk without emphasis is left as it is: A1111's z * (mean / mean) is z, but
             # 0 / 0 when a chunk's mean is exactly 0
             plain = (weights == 1).all(dim=1).reshape(-1, 1, 1)

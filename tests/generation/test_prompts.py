@@ -397,3 +397,20 @@ def test_a_bad_prompt_line_names_file_and_line(tmp_path: Path, line: str, messag
 def test_a_missing_prompt_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(CharfwError, match="cannot read the prompt file"):
         read_prompt_file(tmp_path / "nope.txt")
+
+
+def test_a_weighted_chunk_whose_mean_is_near_zero_is_not_blown_up(tiny_sd15: Path) -> None:
+    """charfw's untrained tiny encoder has a chunk mean of about 1e-9: A1111's mean/mean
+    would give huge values or NaN; charfw keeps the weighted values ("No norm")."""
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd15 / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(tiny_sd15 / "text_encoder")
+    plain = encode_prompt(tokenizer, encoder, "red hair, blue eyes")
+    weighted = encode_prompt(tokenizer, encoder, "(red hair:1.3), blue eyes")
+    assert torch.isfinite(weighted).all()
+    assert weighted.abs().max() <= 1.3 * plain.abs().max() + 1e-5
+    no_norm = encode_prompt(tokenizer, encoder, "(red hair:1.3), blue eyes", emphasis="No norm")
+    if abs(float((no_norm).mean())) <= 1e-4 * float(no_norm.abs().mean()):
+        torch.testing.assert_close(weighted, no_norm)
