@@ -77,6 +77,7 @@ ELSEWHERE = {
     "trainer:lora": "tests/build/test_rebuild.py and tests/training (tiny SD 1.5)",
     "block_merger:block-weights": "tests/build/test_rebuild.py and tests/plugins/test_lora_stages.py",
     "compressor:svd": "tests/build/test_rebuild.py and tests/plugins/test_lora_stages.py",
+    "sampler:angle-grid": "tests/plugins/test_sample_grid.py (a quick build of krnk on tiny SD 1.5)",
 }
 
 

@@ -218,7 +218,7 @@ def test_only_chainable_stages_take_lists(tmp_path: Path) -> None:
 
 def test_group_members_are_checked(workspace: Path) -> None:
     path = workspace / "characters" / "krnksf_tyankps.yaml"
-    path.write_text(path.read_text().replace("tyank/tyankps", "tyank/tyankpz") + "  - nobody\n")
+    path.write_text(path.read_text().replace("  - tyank/tyankps\n", "  - tyank/tyankpz\n  - nobody\n"))
     lines = problems(workspace, "krnksf_tyankps")
     assert lines == ["characters/krnksf_tyankps.yaml:10 members[2]: 'nobody' is not '<character>/<body>', for example krnk/krnksf"]
     path.write_text(path.read_text().replace("  - nobody\n", ""))

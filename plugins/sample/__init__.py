@@ -1,0 +1,1 @@
+"""Samplers for the sample stage: images made with each part's finished LoRA."""
