@@ -16,6 +16,15 @@ diffusers ``StableDiffusionPipeline`` on its parts (no safety checker) and turns
   own CPU ``torch.Generator`` seeded with its seed, for the initial noise and the ancestral
   samplers' noise alike, so an image does not depend on its batch neighbours (see
   :meth:`Generator.generate` on bit-exactness) nor on the device.
+* ControlNet: ``request.controls`` (:class:`ControlRequest`: image, model, weight, guidance
+  start/end). Each ControlNet model is loaded once per :class:`Generator` (cached by its
+  name); a ``StableDiffusionControlNetPipeline`` is built on the already loaded modules for
+  each call (no reloading), several controls at once become diffusers' multi-ControlNet.
+  Requests with controls are made one image per pipeline call.
+* Hires fix: ``request.hires`` (:class:`HiresFix`): the image is made at the request's size,
+  enlarged (Lanczos) by ``scale`` and denoised again by img2img with strength ``denoise``
+  (with the controls, if any, at the large size). The infotext keeps the first pass's
+  ``Size`` and adds ``Denoising strength``, ``Hires upscale`` and ``Hires upscaler``, as A1111.
 * Output: a :class:`GeneratedImage` per request with the A1111 infotext parameters
   (:class:`~charfw.generation.infotext.GenerationParams`) to save with
   :func:`~charfw.generation.infotext.save_png`. ``grayscale`` gives a mode ``"L"`` image.
@@ -25,6 +34,7 @@ Importing this module is cheap; torch and diffusers load when a :class:`Generato
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +50,35 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..build.template_library import TemplateLibrary
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """One ControlNet of a request: its control image and model, weight and guidance range.
+
+    ``model`` is a diffusers ControlNet folder, a single ``.safetensors`` file or a Hugging
+    Face id. ``start``/``end`` are fractions of the sampling steps (diffusers'
+    ``control_guidance_start``/``_end``): step i of N uses the ControlNet when
+    ``i/N >= start`` and ``(i+1)/N <= end``."""
+
+    image: Image.Image = field(hash=False)
+    model: str
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def key(self) -> tuple[str, float, float, float]:
+        return (self.model, float(self.weight), float(self.start), float(self.end))
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A1111's hires fix: enlarge by ``scale`` (Lanczos), then img2img with strength
+    ``denoise`` and ``steps`` steps (None: the request's)."""
+
+    scale: float = 1.5
+    denoise: float = 0.7
+    steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +101,10 @@ class ImageRequest:
     grayscale: bool = False
     #: A1111 ≥ 1.9's ``Schedule type`` (``Karras``…); a schedule in ``sampler`` wins
     schedule_type: str | None = None
+    #: ControlNets (several: diffusers' multi-ControlNet)
+    controls: tuple[ControlRequest, ...] = ()
+    #: a second, larger pass (None: off)
+    hires: HiresFix | None = None
 
 
 @dataclass
@@ -111,6 +154,73 @@ def find_lora(name: str, lora_dirs: Sequence[Path], *, prompt: str = "") -> Path
                       hint="give the folder with --lora-dir, or the file with --lora")
 
 
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The hires pass's size: A1111's ``int(side * scale)``, down to a multiple of 8."""
+    return (int(width * scale) // 8 * 8, int(height * scale) // 8 * 8)
+
+
+def controlnet_name(model: str) -> str:
+    """The name a ControlNet goes by in the infotext: a file's stem, a folder's or id's last part."""
+    name = model.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    for suffix in (".safetensors", ".pth", ".ckpt", ".bin"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def control_infotext(controls: Sequence[ControlRequest]) -> OrderedDict[str, str]:
+    """The infotext entries of the controls, as A1111's ControlNet extension writes a unit:
+    ``ControlNet 0: "Module: none, Model: name, Weight: 0.5, Guidance Start: 0, Guidance End: 0.3"``
+    (the extension's ``ControlNetUnit`` serialisation, keys it reads back by name; charfw gives
+    the control image ready made, so the preprocessor module is ``none``)."""
+    out: OrderedDict[str, str] = OrderedDict()
+    for i, c in enumerate(controls):
+        out[f"ControlNet {i}"] = (f"Module: none, Model: {controlnet_name(c.model)}, Weight: {float(c.weight):g}, "
+                                  f"Guidance Start: {float(c.start):g}, Guidance End: {float(c.end):g}")
+    return out
+
+
+def parse_control_infotext(value: str) -> dict[str, str]:
+    """A ``ControlNet N`` infotext value as its fields (``Model`` → name, ``Weight`` → "0.5" …)."""
+    fields = {}
+    for item in value.split(", "):
+        key, sep, text = item.partition(": ")
+        if sep:
+            fields[key.strip()] = text.strip()
+    return fields
+
+
+_WEIGHT_FILES = (".safetensors", ".pth", ".ckpt", ".bin")
+
+
+def load_controlnet(name: str, *, cache_dir: Path) -> Any:
+    """A ``diffusers.ControlNetModel`` from a diffusers folder, a single file or a Hugging
+    Face id; a one-line error naming the file or id when it cannot be found or read."""
+    from diffusers import ControlNetModel
+
+    path = Path(name).expanduser()
+    looks_like_path = path.exists() or name.lower().endswith(_WEIGHT_FILES) or name.startswith((".", "/", "~")) \
+        or name.count("/") > 1 or "\\" in name
+    if looks_like_path and not path.exists():
+        raise CharfwError("ControlNet model not found", path=path,
+                          hint="give a diffusers ControlNet folder, a .safetensors file or a Hugging Face id")
+    try:
+        if path.is_file():
+            return ControlNetModel.from_single_file(str(path))
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise CharfwError("not a diffusers ControlNet folder (no config.json)", path=path)
+            return ControlNetModel.from_pretrained(str(path))
+        return ControlNetModel.from_pretrained(name, cache_dir=str(cache_dir / "huggingface"))
+    except CharfwError:
+        raise
+    except Exception as exc:  # diffusers/hub errors: one line naming the model
+        first = " ".join(str(exc).split())[:200]
+        raise CharfwError(f"cannot load the ControlNet model '{name}' ({type(exc).__name__}: {first})",
+                          hint="give a diffusers ControlNet folder, a .safetensors file or a Hugging Face id "
+                               "(downloads need network access)") from None
+
+
 def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[Any, Any]:
     import torch
 
@@ -156,6 +266,8 @@ class Generator:
         self.pipe = model.family.pipeline(model, self._scheduler(resolve_sampler("Euler a")))
         self.patcher = LoraPatcher(model.unet, model.text_encoders, family=family, templates=templates)
         self._lora_hashes: dict[Path, str] = {}
+        self.cache_dir = Path(cache_dir)
+        self._controlnets: dict[str, Any] = {}
 
     @staticmethod
     def _identity(source: Any) -> tuple[str | None, str | None]:
@@ -177,6 +289,15 @@ class Generator:
             self._lora_hashes[path] = lora_short_hash(path)
         return self._lora_hashes[path]
 
+    def controlnet(self, name: str) -> Any:
+        """The ControlNet model ``name`` (a diffusers folder, a ``.safetensors`` file or a
+        Hugging Face id), loaded once and kept; a one-line error naming it when missing."""
+        if name not in self._controlnets:
+            net = load_controlnet(name, cache_dir=self.cache_dir)
+            net.requires_grad_(False)
+            self._controlnets[name] = net.eval().to(self.device, self.dtype)
+        return self._controlnets[name]
+
     # --- resolving --------------------------------------------------------------------------
 
     def _prepare(self, index: int, request: ImageRequest) -> _Prepared:
@@ -193,6 +314,17 @@ class Generator:
             raise CharfwError(f"steps must be at least 1, got {request.steps}")
         if request.clip_skip < 1:
             raise CharfwError(f"clip skip must be at least 1, got {request.clip_skip}")
+        for control in request.controls:
+            if not 0 <= control.start < control.end <= 1:
+                raise CharfwError(f"ControlNet guidance range {control.start:g}-{control.end:g}: "
+                                  "need 0 <= start < end <= 1")
+            self.controlnet(control.model)
+        if request.hires is not None:
+            if not 0 < request.hires.denoise <= 1 or request.hires.scale < 1:
+                raise CharfwError(f"hires fix: scale {request.hires.scale:g} must be at least 1 and "
+                                  f"denoise {request.hires.denoise:g} between 0 (excluded) and 1")
+            if request.hires.steps is not None and request.hires.steps < 1:
+                raise CharfwError(f"hires fix: steps must be at least 1, got {request.hires.steps}")
         sampler = resolve_sampler(request.sampler, request.schedule_type)
         key = tuple(sorted(_spec_key(s) for s in specs))
         return _Prepared(index, request, text, tuple(specs), sampler, key)
@@ -249,11 +381,13 @@ class Generator:
         for p in group:
             r = p.request
             cond = encodings[(p.text, r.negative, r.clip_skip)][0]
-            shape = (r.width, r.height, r.steps, float(r.cfg_scale), p.sampler, cond.shape[1])
+            shape = (r.width, r.height, r.steps, float(r.cfg_scale), p.sampler, cond.shape[1],
+                     tuple(c.key() for c in r.controls), r.hires)
             shapes.setdefault(shape, []).append(p)
         for members in shapes.values():
-            for start in range(0, len(members), batch_size):
-                batch = members[start : start + batch_size]
+            size = 1 if members[0].request.controls else batch_size
+            for start in range(0, len(members), size):
+                batch = members[start : start + size]
                 images = self._run_batch(batch, encodings)
                 for p, image in zip(batch, images, strict=True):
                     yield self._result(p, image)
@@ -265,13 +399,63 @@ class Generator:
 
         first = batch[0].request
         conds = [encodings[(p.text, p.request.negative, p.request.clip_skip)] for p in batch]
-        self.pipe.scheduler = self._scheduler(batch[0].sampler)
-        generators = [torch.Generator("cpu").manual_seed(int(p.request.seed)) for p in batch]
-        result = self.pipe(prompt_embeds=torch.cat([c for c, _ in conds]),
-                           negative_prompt_embeds=torch.cat([u for _, u in conds]),
-                           width=first.width, height=first.height, num_inference_steps=first.steps,
-                           guidance_scale=float(first.cfg_scale), generator=generators, output_type="pil")
+        embeds = {"prompt_embeds": torch.cat([c for c, _ in conds]),
+                  "negative_prompt_embeds": torch.cat([u for _, u in conds]),
+                  "guidance_scale": float(first.cfg_scale), "output_type": "pil"}
+
+        def generators() -> list[Any]:
+            return [torch.Generator("cpu").manual_seed(int(p.request.seed)) for p in batch]
+
+        pipe, control_args = self._pipeline(batch[0], img2img=False)
+        images = list(pipe(width=first.width, height=first.height, num_inference_steps=first.steps,
+                           generator=generators(), **control_args, **embeds).images)
+        hires = first.hires
+        if hires is None:
+            return images
+        from PIL import Image as PILImage
+
+        width, height = hires_size(first.width, first.height, hires.scale)
+        large = [im.resize((width, height), PILImage.Resampling.LANCZOS) for im in images]
+        pipe, control_args = self._pipeline(batch[0], img2img=True)
+        if "image" in control_args:  # txt2img's control argument is img2img's control_image
+            control_args["control_image"] = control_args.pop("image")
+            control_args.update(width=width, height=height)
+        result = pipe(image=large, strength=float(hires.denoise),
+                      num_inference_steps=hires.steps or first.steps, generator=generators(),
+                      **control_args, **embeds)
         return list(result.images)
+
+    def _pipeline(self, p: _Prepared, *, img2img: bool) -> tuple[Any, dict[str, Any]]:
+        """The pipeline for a batch (built on the loaded modules) and its ControlNet arguments."""
+        import diffusers
+
+        model, controls = self.model, p.request.controls
+        scheduler = self._scheduler(p.sampler)
+        if not controls and not img2img:
+            self.pipe.scheduler = scheduler
+            return self.pipe, {}
+        parts = {"vae": model.vae, "text_encoder": model.text_encoders[0], "tokenizer": model.tokenizers[0],
+                 "unet": model.unet, "scheduler": scheduler, "safety_checker": None, "feature_extractor": None,
+                 "requires_safety_checker": False}
+        args: dict[str, Any] = {}
+        if controls:
+            nets = [self.controlnet(c.model) for c in controls]
+            cls = (diffusers.StableDiffusionControlNetImg2ImgPipeline if img2img
+                   else diffusers.StableDiffusionControlNetPipeline)
+            pipe = cls(controlnet=nets[0] if len(nets) == 1 else nets, **parts)
+            images = [c.image.convert("RGB") for c in controls]
+            if len(controls) == 1:
+                c = controls[0]
+                args = {"image": images[0], "controlnet_conditioning_scale": float(c.weight),
+                        "control_guidance_start": float(c.start), "control_guidance_end": float(c.end)}
+            else:
+                args = {"image": images, "controlnet_conditioning_scale": [float(c.weight) for c in controls],
+                        "control_guidance_start": [float(c.start) for c in controls],
+                        "control_guidance_end": [float(c.end) for c in controls]}
+        else:
+            pipe = diffusers.StableDiffusionImg2ImgPipeline(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, args
 
     def _result(self, p: _Prepared, image: Any) -> GeneratedImage:
         r = p.request
@@ -289,7 +473,14 @@ class Generator:
             prompt=prompt, negative=r.negative, steps=r.steps, sampler=p.sampler.display_name,
             cfg_scale=r.cfg_scale, seed=r.seed, width=r.width, height=r.height, model_hash=self.model_hash,
             model_name=self.model_name, vae_hash=self.vae_hash, vae_name=self.vae_name, clip_skip=r.clip_skip,
-            lora_hashes=hashes)
+            lora_hashes=hashes, extra=control_infotext(r.controls))
+        if r.hires is not None:
+            params.denoising_strength = float(r.hires.denoise)
+            params.hires_upscale = float(r.hires.scale)
+            extra = [("Hires upscaler", "Lanczos")]
+            if r.hires.steps is not None:
+                extra.insert(0, ("Hires steps", str(r.hires.steps)))
+            params.extra = OrderedDict([*extra, *params.extra.items()])
         return GeneratedImage(image=image, params=params, request=r, index=p.index, loras=loras)
 
     def close(self) -> None:

@@ -1,0 +1,153 @@
+"""ControlNet and the hires fix in charfw.generation.pipeline, on the tiny SD 1.5 (64 px, 3
+steps) and tiny ControlNets made from its UNet with ``ControlNetModel.from_unet``.
+
+``from_unet`` starts the zero convolutions at zero (a ControlNet that changes nothing), so
+the fixture fills them with random values: the control image then changes the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lora_support import one_torch_thread
+from PIL import Image, ImageDraw
+
+from charfw.errors import CharfwError
+from charfw.generation.infotext import format_infotext, parse_infotext
+from charfw.generation.pipeline import (
+    ControlRequest,
+    Generator,
+    HiresFix,
+    ImageRequest,
+    parse_control_infotext,
+)
+
+pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
+
+SMALL = {"width": 64, "height": 64, "steps": 3, "prompt": "a girl, black background", "seed": 5}
+
+
+def make_tiny_controlnet(unet, folder: Path, seed: int) -> Path:
+    """A ControlNet copied from the tiny UNet, its zero convolutions made random; saved as a
+    diffusers folder. Three 2× downsamplings in the conditioning embedding: the tiny VAE's
+    factor 8 (four entries, as SD's (16, 32, 96, 256))."""
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
+    gen = torch.Generator().manual_seed(seed)
+    zero = [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]
+    with torch.no_grad():
+        for conv in zero:
+            scale = 2.0 if conv is zero[0] else 0.3  # the image's way in: strong
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * scale)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.3)
+    net.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_sd15: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Generator]:
+    root = tmp_path_factory.mktemp("cn")
+    gen = Generator(str(tiny_sd15), cache_dir=root / "cache", device="cpu")
+    yield gen
+    gen.close()
+
+
+@pytest.fixture(scope="module")
+def controlnets(generator: Generator, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("controlnets")
+    return (str(make_tiny_controlnet(generator.model.unet, root / "cn-a", 1)),
+            str(make_tiny_controlnet(generator.model.unet, root / "cn-b", 2)))
+
+
+def figure(offset: int = 0) -> Image.Image:
+    """A skeleton-like drawing; ``offset`` moves it and turns the background white."""
+    image = Image.new("RGB", (64, 64), (255, 255, 255) if offset else (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    draw.line((20 + offset, 8, 20 + offset, 56), fill=(255, 0, 0), width=4)
+    draw.ellipse((30, 10 + offset, 50, 30 + offset), fill=(0, 255, 85))
+    return image
+
+
+def make(gen: Generator, **values) -> tuple[np.ndarray, object]:
+    [out] = list(gen.generate([ImageRequest(**{**SMALL, **values})]))
+    return np.asarray(out.image, dtype=np.int16), out
+
+
+def test_the_control_image_changes_the_output_and_zero_weight_equals_none(generator, controlnets) -> None:
+    plain, _ = make(generator)
+    a, out = make(generator, controls=(ControlRequest(figure(), controlnets[0], 0.5),))
+    a_again, _ = make(generator, controls=(ControlRequest(figure(), controlnets[0], 0.5),))
+    other, _ = make(generator, controls=(ControlRequest(figure(12), controlnets[0], 0.5),))
+    zero, _ = make(generator, controls=(ControlRequest(figure(), controlnets[0], 0.0),))
+    assert np.array_equal(a, a_again)
+    assert np.abs(a - plain).mean() > 1
+    assert np.abs(a - other).mean() > 0.05  # the tiny ControlNet reacts weakly, but it does
+    assert np.array_equal(zero, plain)
+    assert len(generator._controlnets) == 1 + (controlnets[1] in generator._controlnets)  # loaded once
+    params = parse_infotext(format_infotext(out.params))
+    assert parse_control_infotext(params.extra["ControlNet 0"]) == {
+        "Module": "none", "Model": "cn-a", "Weight": "0.5", "Guidance Start": "0", "Guidance End": "1"}
+
+
+def test_the_control_is_not_used_after_control_guidance_end(generator, controlnets, monkeypatch) -> None:
+    """3 steps, end 0.34: step 0 uses the ControlNet, steps 1 and 2 call it with scale 0."""
+    net = generator.controlnet(controlnets[0])
+    scales: list[float] = []
+    original = type(net).forward
+
+    def forward(self, *args, **kwargs):
+        scales.append(float(kwargs["conditioning_scale"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(net), "forward", forward)
+    _, out = make(generator, controls=(ControlRequest(figure(), controlnets[0], 0.5, 0.0, 0.34),))
+    assert scales == [0.5, 0.0, 0.0]
+    assert 'Guidance End: 0.34"' in format_infotext(out.params)
+    scales.clear()
+    make(generator, controls=(ControlRequest(figure(), controlnets[0], 0.5, 0.5, 1.0),))
+    assert scales == [0.0, 0.0, 0.5]
+
+
+def test_two_controlnets_at_once(generator, controlnets) -> None:
+    one, _ = make(generator, controls=(ControlRequest(figure(), controlnets[0], 0.5),))
+    both, out = make(generator, controls=(ControlRequest(figure(), controlnets[0], 0.5),
+                                          ControlRequest(figure(12), controlnets[1], 0.6, 0.0, 0.5)))
+    with_zero, _ = make(generator, controls=(ControlRequest(figure(), controlnets[0], 0.5),
+                                             ControlRequest(figure(12), controlnets[1], 0.0)))
+    assert np.abs(both - one).mean() > 1
+    assert np.array_equal(with_zero, one)
+    extra = parse_infotext(format_infotext(out.params)).extra
+    assert parse_control_infotext(extra["ControlNet 1"])["Model"] == "cn-b"
+    assert parse_control_infotext(extra["ControlNet 1"])["Guidance End"] == "0.5"
+
+
+@pytest.mark.parametrize("controlled", [False, True])
+def test_hires_fix_enlarges_and_records_its_infotext(generator, controlnets, controlled: bool) -> None:
+    controls = (ControlRequest(figure(), controlnets[0], 0.5, 0, 0.3),) if controlled else ()
+    base, _ = make(generator, controls=controls)
+    large, out = make(generator, controls=controls, hires=HiresFix(scale=1.5, denoise=0.7))
+    assert out.image.size == (96, 96) and base.shape == (64, 64, 3)
+    enlarged = np.asarray(Image.fromarray(base.astype(np.uint8)).resize((96, 96), Image.Resampling.LANCZOS),
+                          dtype=np.int16)
+    assert np.abs(large - enlarged).mean() > 1  # the img2img pass changed it
+    params = parse_infotext(format_infotext(out.params))
+    assert (params.width, params.height) == (64, 64)  # A1111: Size is the first pass's
+    assert (params.denoising_strength, params.hires_upscale) == (0.7, 1.5)
+    assert params.extra["Hires upscaler"] == "Lanczos"
+
+
+def test_missing_controlnet_and_bad_ranges_are_one_line_errors(generator, tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "control_openpose.safetensors"
+    with pytest.raises(CharfwError, match="ControlNet model not found") as exc:
+        make(generator, controls=(ControlRequest(figure(), str(missing)),))
+    assert exc.value.path == missing and "\n" not in str(exc.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CharfwError, match=r"no config\.json"):
+        make(generator, controls=(ControlRequest(figure(), str(tmp_path / "empty")),))
+    with pytest.raises(CharfwError, match=r"guidance range 0\.5-0\.2"):
+        make(generator, controls=(ControlRequest(figure(), str(missing), 1.0, 0.5, 0.2),))
