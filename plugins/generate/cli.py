@@ -148,26 +148,92 @@ def register_commands(cli):
         defaults = {"width": width, "height": height, "steps": steps, "cfg": cfg, "sampler": sampler,
                     "clip_skip": clip_skip, "grayscale": grayscale}
         planned = build_requests(lines, count=count, seed=seed, defaults=defaults, loras=specs)
+        # under `accelerate launch` / torchrun every process makes one contiguous share; file
+        # names come from the global index, so the folder is the same as one process makes
+        world = Processes.detect()
+        start, stop = world.share(len(planned))
         generator = Generator(base_model, vae=vae, cache_dir=cache_dir or default_cache_dir(),
-                              lora_dirs=list(lora_dirs), device=device, dtype=dtype)
+                              lora_dirs=list(lora_dirs), device=device or world.device, dtype=dtype)
         output.mkdir(parents=True, exist_ok=True)
         records: dict[int, dict[str, Any]] = {}
-        rows: list[list[Any]] = [[None] * count for _ in lines]
         try:
-            with console.progress(len(planned), "generating") as bar:
-                for made in generator.generate([r for _, r in planned], batch_size=batch_size,
-                                               progress=bar.advance):
+            with console.progress(stop - start, "generating") as bar:
+                for made in generator.generate([r for _, r in planned[start:stop]], batch_size=batch_size,
+                                               progress=bar.advance, first_index=start):
                     name = f"{made.index:05d}-{made.request.seed}.png"
                     save_png(made.image, output / name, made.params)
                     records[made.index] = index_record(name, made)
-                    if grid:
-                        rows[planned[made.index][0]][made.index % count] = made.image
         finally:
             generator.close()
         from charfw.build import atomic
 
+        if world.size > 1:
+            atomic.write_text(output / f".index-{world.rank}.jsonl",
+                              "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in sorted(records)))
+            world.wait()
+            if not world.main:
+                world.close()
+                return
+            records = {}
+            for rank in range(world.size):
+                part = output / f".index-{rank}.jsonl"
+                for line in part.read_text("utf-8").splitlines():
+                    record = json.loads(line)
+                    records[record["index"]] = record
+                part.unlink()
         atomic.write_text(output / "index.jsonl",
                           "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in sorted(records)))
         if grid:
+            from PIL import Image
+
+            rows: list[list[Any]] = [[None] * count for _ in lines]
+            for i, record in records.items():
+                with Image.open(output / record["file"]) as im:
+                    rows[planned[i][0]][i % count] = im.copy()
             write_grid(rows, output / "grid.png")
+        world.close()
         console.out.print(f"wrote {len(records)} images to {display_path(output)}", markup=False)
+
+
+class Processes:
+    """This process's place among the processes of a multi-process launch (accelerate
+    launch, torchrun: ``WORLD_SIZE`` > 1); one process otherwise."""
+
+    def __init__(self, size: int = 1, rank: int = 0, device: str | None = None) -> None:
+        self.size, self.rank, self.device = size, rank, device
+        self._state: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def detect(cls) -> Processes:
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        state = PartialState()
+        world = cls(state.num_processes, state.process_index, str(state.device))
+        world._state = state
+        return world
+
+    def share(self, total: int) -> tuple[int, int]:
+        """The contiguous range of the run's images this process makes."""
+        per = -(-total // self.size)
+        return min(total, self.rank * per), min(total, (self.rank + 1) * per)
+
+    def wait(self) -> None:
+        if self._state is not None:
+            self._state.wait_for_everyone()
+
+    def close(self) -> None:
+        if self._state is not None:
+            import torch.distributed as dist
+
+            self._state.wait_for_everyone()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self._state = None
