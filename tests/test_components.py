@@ -78,6 +78,7 @@ ELSEWHERE = {
     "block_merger:block-weights": "tests/build/test_rebuild.py and tests/plugins/test_lora_stages.py",
     "compressor:svd": "tests/build/test_rebuild.py and tests/plugins/test_lora_stages.py",
     "sampler:angle-grid": "tests/plugins/test_sample_grid.py (a quick build of krnk on tiny SD 1.5)",
+    "drafter:controlnet": "tests/plugins/test_draft_stage.py (a quick build of krnk with a tiny ControlNet)",
 }
 
 

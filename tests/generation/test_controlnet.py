@@ -2,7 +2,7 @@
 steps) and tiny ControlNets made from its UNet with ``ControlNetModel.from_unet``.
 
 ``from_unet`` starts the zero convolutions at zero (a ControlNet that changes nothing), so
-the fixture fills them with random values: the control image then changes the output.
+:func:`controlnet_support.make_tiny_controlnet` fills them with random values.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from controlnet_support import make_tiny_controlnet
 from lora_support import one_torch_thread
 from PIL import Image, ImageDraw
 
@@ -29,24 +29,6 @@ from charfw.generation.pipeline import (
 pytestmark = pytest.mark.usefixtures(one_torch_thread.__name__)
 
 SMALL = {"width": 64, "height": 64, "steps": 3, "prompt": "a girl, black background", "seed": 5}
-
-
-def make_tiny_controlnet(unet, folder: Path, seed: int) -> Path:
-    """A ControlNet copied from the tiny UNet, its zero convolutions made random; saved as a
-    diffusers folder. Three 2× downsamplings in the conditioning embedding: the tiny VAE's
-    factor 8 (four entries, as SD's (16, 32, 96, 256))."""
-    from diffusers import ControlNetModel
-
-    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8, 8, 16))
-    gen = torch.Generator().manual_seed(seed)
-    zero = [net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block]
-    with torch.no_grad():
-        for conv in zero:
-            scale = 2.0 if conv is zero[0] else 0.3  # the image's way in: strong
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * scale)
-            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.3)
-    net.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

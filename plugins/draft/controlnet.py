@@ -1,0 +1,365 @@
+"""``controlnet``: the draft stage. Candidate training images for every angle code, made with
+ControlNet from the code's control image, as the method makes its training images
+(METHOD.md, "Generating the training images").
+
+For each angle code of the part (or the ``codes`` option), ``candidates`` images with seeds
+``seed``, ``seed + 1`` … are made from the code's control image
+(:func:`charfw.generation.controls.control_image`: ``openpose`` drawn by charfw, the
+workspace's ``file`` under ``templates/controls/``, or ``canny`` edges of
+``templates/pictures/``) through the ControlNet ``controlnet`` at ``weight``, guidance
+``guidance_start`` → ``guidance_end`` (the method: 0.4–0.6, 0 → 0.3), CFG ``cfg_scale``
+(8–14) and optionally a hires-fix pass (``hires: {scale: 1.5, denoise: 0.7}``; the method:
+denoising 0.6–0.8).
+
+The prompt of a code, in this order (A1111 syntax; tags joined with ``, ``):
+
+1. the background: ``(black background:1.3), simple background`` (``white`` with
+   ``background: white``, for light hair);
+2. the framing: ``upper body`` for a face; ``full body, standing, straight standing`` for a body;
+3. a face only: ``(nude, completely nude, naked:1.4)`` (nudity until it holds);
+4. the tags the ``angle-rules`` file gives the code (the captions' rules, so the drafts are
+   prompted as they will be tagged), without their background and framing tags (items 1–2
+   say those) and without ``from horizontal`` (not a tag the base model knows);
+   ``from above``, ``from below`` and ``from behind`` get the method's emphasis,
+   ``(from above:1.3)``; ``from side`` and ``looking away`` (every code but ``?x0``) come
+   from the rules as they are;
+5. a body only: its face's keyword (the finished face LoRA is applied at ``lora_weight``, so
+   the face it learned answers its keyword); the part's own keyword and class tokens are
+   left out, since no model knows them before this part is trained;
+6. the part's tags (a body's outfit: ``school uniform, serafuku`` …);
+7. the ``prompt`` option: the character's own description (``1girl, short hair, cat ears,
+   black choker`` …), written by the user.
+
+``negative`` is the negative prompt. Each candidate is ``<stage dir>/<code>-<k>.png`` with its
+infotext (prompt, the face LoRA, the ControlNet unit, the hires fix), and
+``contact-sheet.png`` shows one row per code, the candidates side by side, each labelled with
+the name ``charfw adopt`` takes (``f00-2``). Candidates of earlier runs are removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+import charfw
+from charfw import CharfwError, Options, StageContext, StageOutput
+from charfw.build import atomic
+from charfw.build.angles import parse_code
+from charfw.build.hashing import fingerprint, sha256_file
+from charfw.components import Drafter
+from charfw.default_plugins.taggers.angle_rules import load_rules, rule_tags, rules_path
+
+#: the method's emphasis on the view tags
+EMPHASIS = {"from above": 1.3, "from below": 1.3, "from behind": 1.3}
+#: rule tags the prompt says itself (items 1-2 of the prompt rule) or the base model does not know
+DROPPED = {"upper body", "full body", "cowboy shot", "portrait", "standing", "straight standing", "from horizontal",
+           "nude", "completely nude"}
+NUDE = "(nude, completely nude, naked:1.4)"
+#: contact-sheet cells are at least this large (smaller images enlarged, nearest neighbour)
+MIN_CELL = 128
+
+
+class HiresOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(1.5, ge=1, le=4)
+    denoise: float = Field(0.7, gt=0, le=1)
+    steps: int | None = Field(None, ge=1, le=150)
+
+
+class ControlNetDraftOptions(Options):
+    #: the ControlNet model: a diffusers folder, a .safetensors file, a Hugging Face id
+    controlnet: str
+    #: where each code's control image comes from: openpose (drawn), file, canny
+    control: Literal["openpose", "file", "canny"] = "openpose"
+    weight: float = Field(0.5, ge=0, le=2)
+    guidance_start: float = Field(0.0, ge=0, le=1)
+    guidance_end: float = Field(0.3, gt=0, le=1)
+    #: images per code (seeds seed, seed + 1, ...)
+    candidates: int = Field(4, ge=1, le=64)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(10.0, ge=0, le=30)
+    sampler: str = "Euler a"
+    #: one number (square) or [width, height], multiples of 8
+    size: int | list[int] = 512
+    #: a hires-fix pass ({scale: 1.5, denoise: 0.7}); off when not given
+    hires: HiresOptions | None = None
+    #: the character's own description, after the method's tags
+    prompt: str = ""
+    negative: str = ""
+    #: black for dark hair, white for light hair
+    background: Literal["black", "white"] = "black"
+    #: the face LoRA's weight in a body's drafts
+    lora_weight: float = Field(1.0, ge=0, le=2)
+    #: the codes to draft (default: the part's angle codes); a part takes those of its own
+    #: angle set, so one list can name face and body codes
+    codes: list[str] | None = None
+    #: the angle-rules file (as the tagger's ``rules`` option)
+    rules: str = "tags/angle-rules.yaml"
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, v: str) -> str:
+        from charfw.generation.samplers import resolve_sampler
+
+        try:
+            resolve_sampler(v)
+        except CharfwError as exc:
+            raise ValueError(exc.message) from None
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: int | list[int]) -> int | list[int]:
+        values = [v] if isinstance(v, int) else v
+        if len(values) not in (1, 2):
+            raise ValueError("give one size or [width, height]")
+        for n in values:
+            if n < 32 or n > 4096 or n % 8:
+                raise ValueError(f"{n} is not a multiple of 8 between 32 and 4096")
+        return v
+
+    @field_validator("codes")
+    @classmethod
+    def _codes(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        for code in v:
+            if parse_code(code) is None or len(code) != 3:
+                raise ValueError(f"'{code}' is not an angle code like f00")
+        if not v:
+            raise ValueError("give at least one code, or leave codes out")
+        return v
+
+    @model_validator(mode="after")
+    def _range(self) -> ControlNetDraftOptions:
+        if self.guidance_start >= self.guidance_end:
+            raise ValueError(f"guidance_start {self.guidance_start:g} must be before guidance_end "
+                             f"{self.guidance_end:g}")
+        return self
+
+    @property
+    def width_height(self) -> tuple[int, int]:
+        return (self.size, self.size) if isinstance(self.size, int) else (self.size[0], self.size[-1])
+
+
+# --- prompts ----------------------------------------------------------------------------
+
+
+def emphasise(tag: str) -> str:
+    weight = EMPHASIS.get(tag)
+    escaped = tag
+    for ch in "\\()[]":
+        escaped = escaped.replace(ch, "\\" + ch)
+    return f"({escaped}:{weight:g})" if weight else escaped
+
+
+def draft_codes(ctx: StageContext, options: ControlNetDraftOptions) -> list[str]:
+    part = ctx.part
+    if part.template is None:
+        raise CharfwError(f"{part.label} draft: a {part.kind} has no angle template to draft")
+    if options.codes is None:
+        return list(part.angles)
+    angle_set = ctx.templates.angle_sets[part.template]
+    known = angle_set.codes(part.symmetric)
+    # one list serves the face and the bodies: codes of another angle set are not this part's
+    mine = [c for c in options.codes if ctx.templates.angle_set_for_prefix(parse_code(c).prefix) is angle_set]
+    if not mine:
+        raise CharfwError(f"{part.label} draft.codes: none of {', '.join(options.codes)} is a code of the "
+                          f"'{part.template}' template ({known[0]} … {known[-1]})")
+    for code in mine:
+        if code not in known:
+            raise CharfwError(f"{part.label} draft.codes: '{code}' is not a code of the '{part.template}' template "
+                              f"({'symmetric' if part.symmetric else 'asymmetric'}: {known[0]} … {known[-1]})")
+    return mine
+
+
+def draft_prompt(ctx: StageContext, options: ControlNetDraftOptions, code: str, rules=None) -> str:
+    """The generation prompt of one code (the rule in the module docstring)."""
+    part = ctx.part
+    angle = parse_code(code)
+    angle_set = ctx.templates.angle_set_for_prefix(angle.prefix) if angle else None
+    if angle is None or angle_set is None:
+        raise CharfwError(f"{part.label} draft: '{code}' belongs to no angle set")
+    if rules is None:
+        rules = load_rules(rules_path(ctx, options.rules))
+    body = part.kind == "body"
+    items = [f"({options.background} background:1.3)", "simple background"]
+    items += ["full body", "standing", "straight standing"] if body else ["upper body", NUDE]
+    seen = {"simple background", *DROPPED}
+    for tag in rule_tags(rules, angle_set, angle):
+        if tag in seen or tag.endswith(" background"):
+            continue
+        seen.add(tag)
+        items.append(emphasise(tag))
+    if body:
+        face = next((m for m in part.members if m.kind == "face"), None)
+        if face is not None:
+            items.append(emphasise(face.keyword))
+    items += [emphasise(t) for t in part.tags if t not in seen]
+    if options.prompt.strip():
+        items.append(options.prompt.strip())
+    return ", ".join(items)
+
+
+# --- the contact sheet ------------------------------------------------------------------
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def contact_sheet(rows: list[tuple[str, list[tuple[str, Any]]]]) -> Any:
+    """One row per code (``(code, [(name, image), ...])``), candidates side by side, each
+    labelled with its name under it and the code at the row's left."""
+    from PIL import Image, ImageDraw
+
+    side = max([max(im.size) for _, row in rows for _, im in row] or [MIN_CELL])
+    cell = side * max(1, -(-MIN_CELL // side))
+    pad, caption, label_w = 6, 18, 48
+    ncols = max(len(row) for _, row in rows) if rows else 0
+    canvas = Image.new("RGB", (label_w + ncols * (cell + pad) + pad, len(rows) * (cell + caption + pad) + pad),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(14)
+    for i, (code, row) in enumerate(rows):
+        top = pad + i * (cell + caption + pad)
+        draw.text((pad, top + cell // 2), code, font=font, fill=(0, 0, 0), anchor="lm")
+        for j, (name, image) in enumerate(row):
+            left = label_w + j * (cell + pad)
+            fit = min(cell / image.width, cell / image.height)
+            shown = image.convert("RGB").resize((max(1, round(image.width * fit)), max(1, round(image.height * fit))),
+                                                Image.Resampling.NEAREST)
+            canvas.paste(shown, (left + (cell - shown.width) // 2, top + (cell - shown.height) // 2))
+            draw.text((left + cell // 2, top + cell + caption // 2), name, font=font, fill=(0, 0, 0), anchor="mm")
+    return canvas
+
+
+# --- the component ----------------------------------------------------------------------
+
+
+class ControlNetDrafter(Drafter):
+    name = "controlnet"
+    version = "1"
+    description = ("candidate training images per angle code, made with ControlNet from the code's control image "
+                   "and the method's prompt rules, with a contact sheet for `charfw adopt`")
+    Options = ControlNetDraftOptions
+
+    def _angle_set(self, ctx: StageContext):
+        return ctx.templates.angle_sets[ctx.part.template]
+
+    def check(self, ctx: StageContext, options: ControlNetDraftOptions) -> None:
+        from charfw.training.model_sources import resolve_source
+
+        if not ctx.part.model.base:
+            raise CharfwError(f"{ctx.part.label}: no base model to draft with",
+                              hint="set model.base in the manifest")
+        resolve_source(ctx.part.model.base, cache_dir=ctx.cache_dir)
+        codes = draft_codes(ctx, options)
+        load_rules(rules_path(ctx, options.rules))
+        path = Path(options.controlnet).expanduser()
+        if (options.controlnet.lower().endswith((".safetensors", ".pth", ".ckpt", ".bin"))
+                or options.controlnet.startswith((".", "/", "~"))) and not path.exists():
+            raise CharfwError(f"{ctx.part.label} draft: ControlNet model not found", path=path)
+        if options.control != "openpose":
+            self._controls(ctx, options, codes[:1])  # a missing file fails before any work
+
+    def _controls(self, ctx: StageContext, options: ControlNetDraftOptions, codes: list[str]) -> dict[str, Any]:
+        from charfw.generation.controls import control_image
+
+        return {code: control_image(ctx.templates, self._angle_set(ctx), code, options.control, options.width_height)
+                for code in codes}
+
+    def cache_key(self, ctx: StageContext, options: ControlNetDraftOptions) -> Any:
+        """The base model, the ControlNet's files, the rules and every control image's pixels."""
+        from charfw.training.model_sources import resolve_source, source_identity
+
+        model = ctx.part.model
+        pairs: list[Any] = []
+        if model.base:
+            src = resolve_source(model.base, cache_dir=ctx.cache_dir)
+            pairs.append([f"base model {src.name}", fingerprint(source_identity(src, ctx.sha256))])
+        path = Path(options.controlnet).expanduser()
+        if path.is_file():
+            pairs.append(["controlnet", sha256_file(path)])
+        elif path.is_dir():
+            pairs.append(["controlnet", [[p.relative_to(path).as_posix(), sha256_file(p)]
+                                         for p in sorted(path.rglob("*")) if p.is_file()]])
+        pairs.append(["rules", sha256_file(rules_path(ctx, options.rules))])
+        controls = self._controls(ctx, options, draft_codes(ctx, options))
+        pairs.append(["controls", {c: hashlib.sha256(im.tobytes()).hexdigest() for c, im in controls.items()}])
+        return pairs
+
+    def generator(self, ctx: StageContext):
+        from charfw.generation.pipeline import Generator
+
+        model = ctx.part.model
+        key = ("charfw.generation.Generator", model.base, model.vae, str(ctx.cache_dir))
+        return ctx.models.get(key, lambda: Generator(model.base, vae=model.vae, cache_dir=ctx.cache_dir))
+
+    def run(self, ctx: StageContext, options: ControlNetDraftOptions) -> StageOutput:
+        from charfw.generation.infotext import save_png
+        from charfw.generation.lora_patch import LoraSpec
+        from charfw.generation.pipeline import ControlRequest, HiresFix, ImageRequest
+
+        codes = draft_codes(ctx, options)
+        rules = load_rules(rules_path(ctx, options.rules))
+        controls = self._controls(ctx, options, codes)
+        loras = (LoraSpec(ctx.input_file("lora"), options.lora_weight),) if ctx.part.kind == "body" else ()
+        hires = (HiresFix(options.hires.scale, options.hires.denoise, options.hires.steps)
+                 if options.hires is not None else None)
+        width, height = options.width_height
+        names, requests = [], []
+        for code in codes:
+            prompt = draft_prompt(ctx, options, code, rules)
+            control = ControlRequest(controls[code], options.controlnet, options.weight, options.guidance_start,
+                                     options.guidance_end)
+            for k in range(options.candidates):
+                names.append(f"{code}-{k}")
+                requests.append(ImageRequest(
+                    prompt=prompt, negative=options.negative, seed=options.seed + k, width=width, height=height,
+                    steps=options.steps, cfg_scale=options.cfg_scale, sampler=options.sampler,
+                    clip_skip=ctx.part.model.clip_skip, loras=loras, controls=(control,), hires=hires))
+        gen = self.generator(ctx)
+        written: dict[str, Path] = {}
+        images: dict[str, Any] = {}
+        with ctx.progress(len(requests), "candidates") as bar:
+            for out in gen.generate(requests):
+                name = names[out.index]
+                path = ctx.stage_dir / f"{name}.png"
+                save_png(out.image, path, out.params)
+                written[name] = path
+                images[name] = out.image
+                bar.advance(1)
+        sheet = contact_sheet([(code, [(f"{code}-{k}", images[f"{code}-{k}"]) for k in range(options.candidates)])
+                               for code in codes])
+        sheet_path = ctx.stage_dir / "contact-sheet.png"
+        with atomic.atomic_path(sheet_path) as tmp:
+            sheet.save(tmp, format="PNG")
+        keep = {p.name for p in written.values()} | {sheet_path.name}
+        for entry in ctx.stage_dir.glob("*.png"):
+            if entry.name not in keep:
+                entry.unlink()
+        first = " ".join(f"{code}-0" for code in codes[:3]) + (" …" if len(codes) > 3 else "")
+        return StageOutput(
+            files={"contact_sheet": ctx.record_path(sheet_path)},
+            data={"candidates": {name: ctx.record_path(p) for name, p in written.items()},
+                  "prompts": {code: draft_prompt(ctx, options, code, rules) for code in codes}},
+            summary=[f"{len(written)} candidates for {len(codes)} codes in {ctx.record_path(ctx.stage_dir)}/ "
+                     f"(contact sheet: {sheet_path.name}); adopt with charfw adopt {ctx.part.target} "
+                     f"{ctx.part.name} {first}"],
+        )
+
+
+@charfw.hookimpl
+def register_drafters(register):
+    register(ControlNetDrafter())
