@@ -459,7 +459,8 @@ def plugged(workspace: Path) -> Path:
     plugin_file(workspace, "everything", TEST_PLUGIN)
     path = workspace / "characters/krnk.yaml"
     text = path.read_text().replace("stages:\n", "stages:\n" + textwrap.indent(TEST_STAGES, "  "), 1)
-    text = "\n".join(line for line in text.splitlines() if not line.startswith(("  background: {plugin: flat", "  prepare: {plugin: square", "  dataset: {plugin: kohya")))
+    text = "\n".join(line for line in text.splitlines() if not line.startswith(
+        ("  background: {plugin: flat", "  prepare: {plugin: square", "  dataset: {plugin: kohya", "  sample: {plugin: angle-grid")))
     path.write_text(text + "\n")
     os.environ["CHARFW_PLUGINS"] = "everything"
     return workspace
