@@ -25,7 +25,9 @@ def _quick(workspace: Path, steps: int = 2) -> None:
         manifest = workspace / "characters" / f"{name}.yaml"
         manifest.write_text(manifest.read_text("utf-8") + quick, "utf-8")
     group = workspace / "characters" / "krnksf_tyankps.yaml"
-    group.write_text(group.read_text("utf-8") + "stages:\n" + quick, "utf-8")
+    text = group.read_text("utf-8")
+    # the group's stages block (if it has one) is the end of the file
+    group.write_text(text + ("" if "\nstages:\n" in text else "stages:\n") + quick, "utf-8")
 
 
 def _merge_plugins_installed() -> bool:
