@@ -232,3 +232,31 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True
     return True
+
+
+# --- what a build finished -----------------------------------------------------------------
+
+#: the stages whose record names a part's LoRA, the last one that ran being the finished one
+LORA_STAGES = ("compress", "merge", "train")
+
+
+def finished_loras(build_dir: Path, root: Path) -> dict[str, Path]:
+    """The finished LoRA of every built part, by the names a prompt may use for it:
+    ``<target>/<part>`` always, and the short name: the character's name for its face
+    (``krnk``), the body's name for a body (``krnksf``), the group's name for a group.
+    Read from the records of the last LoRA stage that ran (compress, else merge, else
+    train); parts not built yet are left out."""
+    found: dict[str, Path] = {}
+    for part_dir in sorted(p for p in build_dir.glob("*/*") if p.is_dir() and not p.parent.name.startswith(".")):
+        for stage in LORA_STAGES:
+            record = read_record(part_dir / stage)
+            lora = record.output.files.get("lora") if record is not None else None
+            if lora is None:
+                continue
+            path = Path(lora) if os.path.isabs(lora) else root / lora
+            if path.is_file():
+                target, part = part_dir.parent.name, part_dir.name
+                found[f"{target}/{part}"] = path
+                found.setdefault(target if part in ("face", "group") else part, path)
+            break
+    return found

@@ -29,13 +29,16 @@ diffusers ``StableDiffusionPipeline`` on its parts (no safety checker) and turns
   (:class:`~charfw.generation.infotext.GenerationParams`) to save with
   :func:`~charfw.generation.infotext.save_png`. ``grayscale`` gives a mode ``"L"`` image.
 
+:meth:`Generator.from_loaded` wraps parts already loaded (the trainer's, with its network
+attached, for the samples during training) without loading, moving or freeing them.
+
 Importing this module is cheap; torch and diffusers load when a :class:`Generator` is made.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from ..build.template_library import TemplateLibrary
+    from ..training.families import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -142,14 +146,19 @@ def _short(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def find_lora(name: str, lora_dirs: Sequence[Path], *, prompt: str = "") -> Path:
-    """``<name>.safetensors`` in the first of ``lora_dirs`` that has it; a one-line error
-    naming the prompt and the folders searched otherwise."""
+def find_lora(name: str, lora_dirs: Sequence[Path], *, prompt: str = "",
+              named: Mapping[str, Path] | None = None) -> Path:
+    """``<name>.safetensors`` in the first of ``lora_dirs`` that has it, else the LoRA
+    ``named`` gives that name (a build's finished LoRAs: ``krnk``, ``krnksf``); a one-line
+    error naming the prompt and the places searched otherwise."""
     for folder in lora_dirs:
         candidate = Path(folder) / f"{name}.safetensors"
         if candidate.is_file():
             return candidate
-    where = ", ".join(str(d) for d in lora_dirs) if lora_dirs else "no LoRA folder given"
+    if named and name in named:
+        return Path(named[name])
+    places = [str(d) for d in lora_dirs] + (["the build's finished LoRAs"] if named else [])
+    where = ", ".join(places) if places else "no LoRA folder given"
     raise CharfwError(f"LoRA '{name}' of the prompt '{_short(prompt)}' not found (searched: {where})",
                       hint="give the folder with --lora-dir, or the file with --lora")
 
@@ -245,12 +254,14 @@ class Generator:
 
     def __init__(self, base: str, *, vae: str | None = None, cache_dir: Path, lora_dirs: Sequence[Path] = (),
                  device: str | None = None, dtype: str | None = None, family: str = "sd1",
-                 templates: TemplateLibrary | None = None) -> None:
+                 templates: TemplateLibrary | None = None, named_loras: Mapping[str, Path] | None = None) -> None:
         from ..training.families import get_family
         from ..training.model_sources import resolve_source
         from .lora_patch import LoraPatcher
 
         self.lora_dirs = [Path(d) for d in lora_dirs]
+        #: LoRAs by name besides the folders (``charfw generate`` in a workspace: the build's)
+        self.named_loras = dict(named_loras or {})
         self.family_name = family
         source = resolve_source(base, cache_dir=Path(cache_dir))
         vae_source = resolve_source(vae, cache_dir=Path(cache_dir), what="VAE") if vae else None
@@ -268,13 +279,54 @@ class Generator:
         self._lora_hashes: dict[Path, str] = {}
         self.cache_dir = Path(cache_dir)
         self._controlnets: dict[str, Any] = {}
+        #: whether this generator loaded the model (False: :meth:`from_loaded` wraps someone's)
+        self.owns_model = True
+
+    @classmethod
+    def from_loaded(cls, model: LoadedModel, *, device: Any, dtype: Any, lora_dirs: Sequence[Path] = (),
+                    model_name: str | None = None, model_hash: str | None = None, vae_name: str | None = None,
+                    vae_hash: str | None = None, cache_dir: Path | None = None,
+                    templates: TemplateLibrary | None = None) -> Generator:
+        """A generator on parts someone else loaded and keeps (the trainer's, with its network
+        attached): nothing is loaded, moved, cast, frozen or switched to eval.
+
+        ``device`` is where the parts are, ``dtype`` the UNet's (a ``torch.dtype`` or
+        ``fp16``/``bf16``/``fp32``): the text encodings are cast to it. Weights are patched
+        only for a request's own LoRAs and restored after each :meth:`generate`; requests
+        without LoRAs leave every weight alone. :meth:`close` drops the references only.
+        ``model_name`` defaults to the source's name (no hash: hashing a checkpoint is the
+        caller's choice, ``model_hash``). ``cache_dir`` is where Hugging Face ControlNets are
+        downloaded (Hugging Face's own cache when None)."""
+        import torch
+
+        from .lora_patch import LoraPatcher
+
+        self = cls.__new__(cls)
+        self.lora_dirs = [Path(d) for d in lora_dirs]
+        self.family_name = model.family.name
+        if isinstance(dtype, str):
+            dtype = _device_and_dtype("cpu", dtype)[1]
+        self.device, self.dtype = torch.device(device), dtype
+        self.model = model
+        self.model_name = model_name if model_name is not None else cls._identity(model.source, hashed=False)[0]
+        self.model_hash = model_hash
+        self.vae_name, self.vae_hash = vae_name, vae_hash
+        if vae_name is None and model.vae_source is not None:
+            self.vae_name = cls._identity(model.vae_source, hashed=False)[0]
+        self.pipe = model.family.pipeline(model, self._scheduler(resolve_sampler("Euler a")))
+        self.patcher = LoraPatcher(model.unet, model.text_encoders, family=self.family_name, templates=templates)
+        self._lora_hashes = {}
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache"
+        self._controlnets = {}
+        self.owns_model = False
+        return self
 
     @staticmethod
-    def _identity(source: Any) -> tuple[str | None, str | None]:
+    def _identity(source: Any, *, hashed: bool = True) -> tuple[str | None, str | None]:
         """A1111's ``Model``/``Model hash`` (``VAE``/``VAE hash``): a file's stem and hash;
         a folder's or id's name and no hash (A1111 hashes single files only)."""
         if source.kind == "single_file":
-            return source.path.stem, model_hash(source.path)
+            return source.path.stem, model_hash(source.path) if hashed else None
         if source.kind == "builtin":
             return source.ref.split(":", 1)[1], None
         return source.name.rstrip("/").rsplit("/", 1)[-1], None
@@ -302,7 +354,8 @@ class Generator:
 
     def _prepare(self, index: int, request: ImageRequest) -> _Prepared:
         text, refs = extract_loras(request.prompt)
-        specs = [LoraSpec(find_lora(r.name, self.lora_dirs, prompt=request.prompt), r.unet, r.blocks, r.te)
+        specs = [LoraSpec(find_lora(r.name, self.lora_dirs, prompt=request.prompt, named=self.named_loras),
+                          r.unet, r.blocks, r.te)
                  for r in refs]
         specs += list(request.loras)
         for spec in request.loras:
@@ -484,7 +537,8 @@ class Generator:
         return GeneratedImage(image=image, params=params, request=r, index=p.index, loras=loras)
 
     def close(self) -> None:
-        """Restore the LoRA-patched weights and let the model go."""
+        """Restore the LoRA-patched weights and let the model go (a model from
+        :meth:`from_loaded` is only let go: its owner keeps it as it was)."""
         patcher = getattr(self, "patcher", None)
         if patcher is not None:
             patcher.restore()

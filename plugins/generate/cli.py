@@ -113,7 +113,8 @@ def register_commands(cli):
                   help="Default: fp16 on a GPU, fp32 on the CPU.")
     @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
                   help="Built-in models (default: $CHARFW_CACHE or ~/.cache/charfw).")
-    def generate_command(prompts: Path, base_model: str, vae: str | None, count: int, seed: int, output: Path,
+    @click.pass_context
+    def generate_command(ctx: click.Context, prompts: Path, base_model: str, vae: str | None, count: int, seed: int, output: Path,
                          loras: tuple[str, ...], lora_dirs: tuple[Path, ...], sampler: str, steps: int, cfg: float,
                          width: int, height: int, batch_size: int, clip_skip: int, grayscale: bool, grid: bool,
                          device: str | None, dtype: str | None, cache_dir: Path | None) -> None:
@@ -153,7 +154,8 @@ def register_commands(cli):
         world = Processes.detect()
         start, stop = world.share(len(planned))
         generator = Generator(base_model, vae=vae, cache_dir=cache_dir or default_cache_dir(),
-                              lora_dirs=list(lora_dirs), device=device or world.device, dtype=dtype)
+                              lora_dirs=list(lora_dirs), device=device or world.device, dtype=dtype,
+                              named_loras=_build_loras(ctx))
         output.mkdir(parents=True, exist_ok=True)
         records: dict[int, dict[str, Any]] = {}
         try:
@@ -193,6 +195,19 @@ def register_commands(cli):
             write_grid(rows, output / "grid.png")
         world.close()
         console.out.print(f"wrote {len(records)} images to {display_path(output)}", markup=False)
+
+
+def _build_loras(ctx: click.Context) -> dict[str, Path]:
+    """The workspace's finished LoRAs by name (``<lora:krnk:0.8>`` is krnk's face LoRA,
+    ``<lora:krnksf:1>`` its body's), when the command runs in a built workspace."""
+    from charfw.build.records import finished_loras
+    from charfw.cli import workspace_from
+
+    try:
+        ws = workspace_from(ctx)
+    except CharfwError:
+        return {}
+    return finished_loras(ws.build_dir, ws.root) if ws.build_dir.is_dir() else {}
 
 
 class Processes:
