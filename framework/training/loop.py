@@ -312,8 +312,9 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
         if prompts and main:
             result.samples += generate_samples(
                 model, prompts, out_dir=sample_dir, name=name, step=step, default_seed=s.seed,
-                default_sampler=s.sample_sampler, clip_skip=job.clip_skip, max_token_length=s.max_token_length,
-                device=device, autocast=autocast)
+                default_sampler=s.sample_sampler, clip_skip=job.clip_skip, device=device, dtype=weight_dtype,
+                autocast=autocast, model_hash=(metadata.get("ss_new_sd_model_hash") or "")[:10] or None,
+                vae_hash=(metadata.get("ss_new_vae_hash") or "")[:10] or None)
 
     #: the step of the newest state on disk (saved by this run, or resumed from)
     saved_step = resumed_from

@@ -11,10 +11,14 @@ file has a ``[prompt]`` table of defaults and ``[[prompt.subset]]`` entries; a `
 file is a list of objects. Both use kohya's keys (``prompt``, ``negative_prompt``,
 ``width``, ``height``, ``seed``, ``sample_steps``, ``scale``, ``sample_sampler``).
 
-Samples are generated with the training's own conditioning (clip skip, long prompts)
-through the loaded parts with the network applied, so they show what the LoRA does at that
-step. A prompt without ``--d`` uses the run's seed, so samples of successive steps are
-comparable.
+Samples are rendered by :class:`charfw.generation.pipeline.Generator` (the code of
+``charfw generate`` and the ``sample`` stage) on the loaded parts with the network applied,
+so they show what the LoRA does at that step, and each PNG carries A1111's infotext. The
+prompt is read as A1111 reads it: ``(word:1.3)``/``(word)``/``[word]`` weights, ``BREAK`` and
+75-token chunks for long prompts, with the training's clip skip; the training's
+``max_token_length`` does not truncate sample prompts (kohya's sample images parse the same
+weights for SD). A prompt without ``--d`` uses the run's seed, so samples of successive
+steps are comparable.
 """
 
 from __future__ import annotations
@@ -26,10 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from charfw.build import atomic
-
 from ..errors import CharfwError
-from ..generation.samplers import make_scheduler, resolve_sampler
+from ..generation.samplers import resolve_sampler
 
 if TYPE_CHECKING:
     from .families import LoadedModel
@@ -144,40 +146,40 @@ def read_prompts(path: Path) -> list[SamplePrompt]:
 
 
 def generate_samples(model: LoadedModel, prompts: list[SamplePrompt], *, out_dir: Path, name: str, step: int,
-                     default_seed: int, default_sampler: str, clip_skip: int, max_token_length: int | None,
-                     device: Any, autocast: Any) -> list[Path]:
-    """Generate one image per prompt and write ``<name>_<step>_<index>_<seed>.png``.
+                     default_seed: int, default_sampler: str, clip_skip: int, device: Any, dtype: Any,
+                     autocast: Any, model_hash: str | None = None, vae_hash: str | None = None) -> list[Path]:
+    """Generate one image per prompt and write ``<name>_<step>_<index>_<seed>.png`` with its
+    infotext, through :meth:`Generator.from_loaded <charfw.generation.pipeline.Generator.from_loaded>`
+    (A1111 prompt weighting and 75-token chunks; no ``max_token_length`` truncation).
 
-    The training's random generators are left untouched (sampling has its own)."""
+    ``dtype`` is the UNet's; ``autocast`` the training's autocast context (the VAE stays in
+    float32 under mixed precision). The training's random generators are left untouched
+    (each image has its own seeded generator) and the parts get their train/eval modes back."""
     import torch
 
+    from ..generation.infotext import save_png
+    from ..generation.pipeline import Generator, ImageRequest
 
-    family = model.family
-    written = []
+    requests = [ImageRequest(prompt=p.prompt, negative=p.negative, seed=default_seed if p.seed is None else p.seed,
+                             width=p.width, height=p.height, steps=p.steps, cfg_scale=p.scale,
+                             sampler=p.sampler or default_sampler, clip_skip=clip_skip) for p in prompts]
+    written: list[Path] = []
     out_dir.mkdir(parents=True, exist_ok=True)
     cpu_state = torch.get_rng_state()
     cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    parts = [model.unet, *model.text_encoders]
+    parts = [model.unet, *model.text_encoders, model.vae]
     modes = [m.training for m in parts]
     for m in parts:
         m.eval()
+    generator = Generator.from_loaded(model, device=device, dtype=dtype, model_hash=model_hash, vae_hash=vae_hash)
     try:
-        for i, p in enumerate(prompts):
-            seed = default_seed if p.seed is None else p.seed
-            scheduler = make_scheduler(p.sampler or default_sampler, model.scheduler_config)
-            pipe = family.pipeline(model, scheduler)
-            with torch.no_grad(), autocast():
-                ids = family.tokenize(model, [p.prompt, p.negative], max_token_length)
-                states = family.encode_text(model, ids, clip_skip=clip_skip)
-                generator = torch.Generator(device=device).manual_seed(seed)
-                image = pipe(prompt_embeds=states[:1], negative_prompt_embeds=states[1:], width=p.width,
-                             height=p.height, num_inference_steps=p.steps, guidance_scale=p.scale,
-                             generator=generator).images[0]
-            dest = out_dir / f"{name}_{step:06d}_{i:02d}_{seed}.png"
-            with atomic.atomic_path(dest) as tmp:
-                image.save(tmp, format="PNG")
-            written.append(dest)
+        with torch.no_grad(), autocast():
+            images = sorted(generator.generate(requests), key=lambda g: g.index)
+        for i, made in enumerate(images):
+            dest = out_dir / f"{name}_{step:06d}_{i:02d}_{made.request.seed}.png"
+            written.append(save_png(made.image, dest, made.params))
     finally:
+        generator.close()
         for m, mode in zip(parts, modes, strict=True):
             m.train(mode)
         torch.set_rng_state(cpu_state)

@@ -57,9 +57,12 @@ def trained(tiny_sd15: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     for network in ("lora", "lora3x3", "loha"):
         captured: dict[str, Any] = {}
 
-        def capture(model: Any, net: Any, captured: dict[str, Any] = captured) -> None:
+        def capture(model: Any, net: Any, captured: dict[str, Any] = captured, out: Path = root / network) -> None:
             captured["own"] = _outputs(model.unet, model.text_encoders[0], model.tokenizers[0])
             captured["deltas"] = net.delta_weights()
+            last = sorted(out.rglob("*_000003_00_5.png"))
+            if last:  # the last sample, made again from its infotext by generate's code
+                captured["regenerated"] = _regenerate(model, last[0])
 
         extra: dict[str, Any] = {}
         if network == "lora3x3":  # also: sampling during training and TensorBoard logs
@@ -68,6 +71,23 @@ def trained(tiny_sd15: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
                        after_training=capture, **extra)
         runs[network] = {"result": train(job), **captured, "root": root / network}
     return runs
+
+
+def _regenerate(model: Any, sample: Path) -> Any:
+    """The image :meth:`Generator.from_loaded` makes on the trainer's parts (the network
+    still attached) for the request a sample PNG's infotext describes."""
+    from charfw.generation.infotext import parse_infotext, read_png_infotext
+    from charfw.generation.pipeline import Generator, ImageRequest
+
+    params = parse_infotext(read_png_infotext(sample) or "")
+    request = ImageRequest(prompt=params.prompt, negative=params.negative, seed=params.seed, width=params.width,
+                           height=params.height, steps=params.steps, cfg_scale=params.cfg_scale,
+                           sampler=params.sampler, clip_skip=params.clip_skip or 1)
+    for part in (model.unet, *model.text_encoders):
+        part.eval()
+    with Generator.from_loaded(model, device="cpu", dtype=torch.float32) as generator:
+        (made,) = generator.generate([request])
+    return made.image
 
 
 @pytest.mark.parametrize("network", ["lora", "lora3x3"])
@@ -171,6 +191,29 @@ def test_samples_and_tensorboard_logs(trained: dict[str, Any]) -> None:
     assert Image.open(result.samples[0]).size == (64, 64)
     events = list((trained["lora3x3"]["root"] / "logs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_samples_carry_infotext_and_are_generates_images(trained: dict[str, Any]) -> None:
+    """A training sample is made by the generation package: its PNG carries A1111's
+    infotext, and the same request through ``Generator.from_loaded`` on the trainer's parts
+    gives the same pixels."""
+    import numpy as np
+    from PIL import Image
+
+    from charfw.generation.infotext import parse_infotext, read_png_infotext
+
+    run = trained["lora3x3"]
+    last = run["result"].samples[-1]
+    params = parse_infotext(read_png_infotext(last) or "")
+    assert (params.prompt, params.negative, params.seed, params.steps) == ("krnk, white background", "lowres", 5, 2)
+    assert (params.width, params.height, params.cfg_scale) == (64, 64, 5.0)
+    assert params.model_name == "tiny-sd15"
+    with Image.open(last) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert np.array_equal(pixels, np.asarray(run["regenerated"].convert("RGB")))
+    # the step-2 sample was made by another state of the LoRA: the comparison can fail
+    with Image.open(run["result"].samples[0]) as earlier:
+        assert not np.array_equal(pixels, np.asarray(earlier.convert("RGB")))
 
 
 def test_continue_from_an_existing_lora(trained: dict[str, Any], tiny_sd15: Path, tmp_path: Path) -> None:
