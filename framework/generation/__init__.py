@@ -4,6 +4,9 @@
 =========================  ===========================================================
 module                     what it holds
 =========================  ===========================================================
+:mod:`.pipeline`           the ``Generator``: diffusers pipelines on the loaded modules,
+                           per-image seeds, LoRA sets, ControlNet, hires fix, infotext
+:mod:`.options`            the options every image-making stage takes
 :mod:`.prompts`            A1111 prompt syntax: emphasis, escapes, ``BREAK``,
                            ``<lora:…>`` tags (with LoRA Block Weight's ``lbw=``), the
                            75-token chunks and A1111's weighted encoding; prompt files

@@ -42,15 +42,16 @@ import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 import charfw
-from charfw import CharfwError, Options, StageContext, StageOutput
+from charfw import CharfwError, StageContext, StageOutput
 from charfw.build import atomic
 from charfw.build.angles import parse_code
 from charfw.build.hashing import fingerprint, sha256_file
 from charfw.components import Drafter
 from charfw.default_plugins.taggers.angle_rules import load_rules, rule_tags, rules_path
+from charfw.generation.options import GenerationOptions
 
 #: the method's emphasis on the view tags
 EMPHASIS = {"from above": 1.3, "from below": 1.3, "from behind": 1.3}
@@ -70,7 +71,12 @@ class HiresOptions(BaseModel):
     steps: int | None = Field(None, ge=1, le=150)
 
 
-class ControlNetDraftOptions(Options):
+class ControlNetDraftOptions(GenerationOptions):
+    """Prompt (the character's own description, after the method's tags), negative,
+    steps, CFG, sampler, size, seed (candidate k gets seed + k), codes (a part takes those
+    of its own angle set, so one list can name face and body codes) and rules as every
+    generation stage takes them, and the ControlNet settings."""
+
     #: the ControlNet model: a diffusers folder, a .safetensors file, a Hugging Face id
     controlnet: str
     #: where each code's control image comes from: openpose (drawn), file, canny
@@ -80,60 +86,14 @@ class ControlNetDraftOptions(Options):
     guidance_end: float = Field(0.3, gt=0, le=1)
     #: images per code (seeds seed, seed + 1, ...)
     candidates: int = Field(4, ge=1, le=64)
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    steps: int = Field(20, ge=1, le=150)
+    #: the method's CFG scale is 8-14
     cfg_scale: float = Field(10.0, ge=0, le=30)
-    sampler: str = "Euler a"
-    #: one number (square) or [width, height], multiples of 8
-    size: int | list[int] = 512
     #: a hires-fix pass ({scale: 1.5, denoise: 0.7}); off when not given
     hires: HiresOptions | None = None
-    #: the character's own description, after the method's tags
-    prompt: str = ""
-    negative: str = ""
     #: black for dark hair, white for light hair
     background: Literal["black", "white"] = "black"
     #: the face LoRA's weight in a body's drafts
     lora_weight: float = Field(1.0, ge=0, le=2)
-    #: the codes to draft (default: the part's angle codes); a part takes those of its own
-    #: angle set, so one list can name face and body codes
-    codes: list[str] | None = None
-    #: the angle-rules file (as the tagger's ``rules`` option)
-    rules: str = "tags/angle-rules.yaml"
-
-    @field_validator("sampler")
-    @classmethod
-    def _known_sampler(cls, v: str) -> str:
-        from charfw.generation.samplers import resolve_sampler
-
-        try:
-            resolve_sampler(v)
-        except CharfwError as exc:
-            raise ValueError(exc.message) from None
-        return v
-
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v: int | list[int]) -> int | list[int]:
-        values = [v] if isinstance(v, int) else v
-        if len(values) not in (1, 2):
-            raise ValueError("give one size or [width, height]")
-        for n in values:
-            if n < 32 or n > 4096 or n % 8:
-                raise ValueError(f"{n} is not a multiple of 8 between 32 and 4096")
-        return v
-
-    @field_validator("codes")
-    @classmethod
-    def _codes(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        for code in v:
-            if parse_code(code) is None or len(code) != 3:
-                raise ValueError(f"'{code}' is not an angle code like f00")
-        if not v:
-            raise ValueError("give at least one code, or leave codes out")
-        return v
 
     @model_validator(mode="after")
     def _range(self) -> ControlNetDraftOptions:
@@ -141,10 +101,6 @@ class ControlNetDraftOptions(Options):
             raise ValueError(f"guidance_start {self.guidance_start:g} must be before guidance_end "
                              f"{self.guidance_end:g}")
         return self
-
-    @property
-    def width_height(self) -> tuple[int, int]:
-        return (self.size, self.size) if isinstance(self.size, int) else (self.size[0], self.size[-1])
 
 
 # --- prompts ----------------------------------------------------------------------------

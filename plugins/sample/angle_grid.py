@@ -29,12 +29,13 @@ from typing import Any
 from pydantic import Field, field_validator
 
 import charfw
-from charfw import CharfwError, Options, Sampler, StageContext, StageOutput
+from charfw import CharfwError, Sampler, StageContext, StageOutput
 from charfw.build import atomic
 from charfw.build.angles import VERTICAL_NAMES, parse_code
 from charfw.build.hashing import fingerprint, sha256_file
 from charfw.build.stages import merge_tags
 from charfw.default_plugins.taggers.angle_rules import load_rules, rule_tags, rules_path
+from charfw.generation.options import GenerationOptions
 
 #: column labels by horizontal digit (45° steps counter-clockwise)
 COLUMN_LABELS = {0: "front", 1: "45°", 2: "side", 3: "135°", 4: "behind", 5: "225°", 6: "270°", 7: "315°"}
@@ -43,48 +44,15 @@ MIN_CELL = 128
 WEIGHTS_LABEL = "LoRA weight"
 
 
-class AngleGridOptions(Options):
-    #: added after each code's caption (A1111 syntax: quality tags, emphasis)
-    prompt: str = ""
-    negative: str = ""
-    steps: int = Field(20, ge=1, le=150)
-    cfg_scale: float = Field(7.0, ge=0, le=30)
-    #: an A1111 or kohya sampler name (``Euler a``, ``DPM++ 2M Karras``, ``euler_a`` …)
-    sampler: str = "Euler a"
-    #: image size: one number (square) or [width, height], multiples of 8
-    size: int | list[int] = 512
-    #: one seed for every image, so the cells differ by angle only
-    seed: int = Field(0, ge=0, le=2**32 - 1)
+class AngleGridOptions(GenerationOptions):
+    """Prompt, negative, steps, CFG, sampler, size, codes and rules as every generation
+    stage takes them; ``prompt`` is added after each code's caption, and ``seed`` is one
+    seed for every image, so that the cells differ by angle only."""
+
     #: the LoRA weights of the last row (front code)
     weights: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0], min_length=1, max_length=16)
-    #: the codes to draw (default: the part's angle codes)
-    codes: list[str] | None = None
-    #: the angle-rules file the captions come from (as the tagger's ``rules`` option)
-    rules: str = "tags/angle-rules.yaml"
     #: images per generator call
     batch_size: int = Field(1, ge=1, le=64)
-
-    @field_validator("sampler")
-    @classmethod
-    def _known_sampler(cls, v: str) -> str:
-        from charfw.generation.samplers import resolve_sampler
-
-        try:
-            resolve_sampler(v)
-        except CharfwError as exc:
-            raise ValueError(exc.message + (f"; {exc.hint.split('?')[0]}?" if exc.hint and '?' in exc.hint else "")) from None
-        return v
-
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v: int | list[int]) -> int | list[int]:
-        values = [v] if isinstance(v, int) else v
-        if len(values) not in (1, 2):
-            raise ValueError("give one size or [width, height]")
-        for n in values:
-            if n < 32 or n > 4096 or n % 8:
-                raise ValueError(f"{n} is not a multiple of 8 between 32 and 4096")
-        return v
 
     @field_validator("weights")
     @classmethod
@@ -95,27 +63,6 @@ class AngleGridOptions(Options):
         if len(set(v)) != len(v):
             raise ValueError("a weight is given twice")
         return v
-
-    @field_validator("codes")
-    @classmethod
-    def _codes(cls, v: list[str] | None) -> list[str] | None:
-        if v is None:
-            return v
-        out = []
-        for code in v:
-            angle = parse_code(code)
-            if angle is None or len(code) != 3:
-                raise ValueError(f"'{code}' is not an angle code like f00")
-            out.append(angle.code)
-        if not out:
-            raise ValueError("give at least one code, or leave codes out")
-        return out
-
-    @property
-    def width_height(self) -> tuple[int, int]:
-        if isinstance(self.size, int):
-            return (self.size, self.size)
-        return (self.size[0], self.size[-1])
 
 
 # --- what to draw -----------------------------------------------------------------------
