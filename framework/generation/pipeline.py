@@ -550,3 +550,12 @@ class Generator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def part_generator(ctx: Any) -> Generator:
+    """The build's generator for a part's base model and VAE (``ctx.part.model``), loaded
+    once per build through the stage context's model cache and shared by every stage that
+    makes images (sample, draft)."""
+    model = ctx.part.model
+    key = ("charfw.generation.Generator", model.base, model.vae, str(ctx.cache_dir))
+    return ctx.models.get(key, lambda: Generator(model.base, vae=model.vae, cache_dir=ctx.cache_dir))

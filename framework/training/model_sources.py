@@ -131,3 +131,20 @@ def old_webui_hash(path: Path) -> str:
     with open(path, "rb") as fh:
         fh.seek(0x100000)
         return hashlib.sha256(fh.read(0x10000)).hexdigest()[:8]
+
+
+def model_key_pairs(model: Any, *, cache_dir: Path, sha256: Any) -> list[list[Any]]:
+    """A part's base model and VAE as ``[name, fingerprint]`` pairs for a stage's
+    ``cache_key`` (what the engine cannot see: the models' content), so that a rebuild
+    says which one changed. ``model`` is the part's ``ModelRefs``; ``sha256`` hashes a file
+    (the stage context's stat-cached ``ctx.sha256``)."""
+    from charfw.build.hashing import fingerprint
+
+    pairs: list[list[Any]] = []
+    if model.base:
+        src = resolve_source(model.base, cache_dir=cache_dir)
+        pairs.append([f"base model {src.name}", fingerprint(source_identity(src, sha256))])
+    if model.vae:
+        src = resolve_source(model.vae, cache_dir=cache_dir, what="VAE")
+        pairs.append([f"VAE {src.name}", fingerprint(source_identity(src, sha256))])
+    return pairs

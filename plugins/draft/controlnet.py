@@ -48,7 +48,7 @@ import charfw
 from charfw import CharfwError, StageContext, StageOutput
 from charfw.build import atomic
 from charfw.build.angles import parse_code
-from charfw.build.hashing import fingerprint, sha256_file
+from charfw.build.hashing import sha256_file
 from charfw.components import Drafter
 from charfw.default_plugins.taggers.angle_rules import load_rules, rule_tags, rules_path
 from charfw.generation.options import GenerationOptions
@@ -236,14 +236,11 @@ class ControlNetDrafter(Drafter):
                 for code in codes}
 
     def cache_key(self, ctx: StageContext, options: ControlNetDraftOptions) -> Any:
-        """The base model, the ControlNet's files, the rules and every control image's pixels."""
-        from charfw.training.model_sources import resolve_source, source_identity
+        """The base model and VAE, the ControlNet's files, the rules and every control image's
+        pixels."""
+        from charfw.training.model_sources import model_key_pairs
 
-        model = ctx.part.model
-        pairs: list[Any] = []
-        if model.base:
-            src = resolve_source(model.base, cache_dir=ctx.cache_dir)
-            pairs.append([f"base model {src.name}", fingerprint(source_identity(src, ctx.sha256))])
+        pairs: list[Any] = model_key_pairs(ctx.part.model, cache_dir=ctx.cache_dir, sha256=ctx.sha256)
         path = Path(options.controlnet).expanduser()
         if path.is_file():
             pairs.append(["controlnet", sha256_file(path)])
@@ -256,11 +253,10 @@ class ControlNetDrafter(Drafter):
         return pairs
 
     def generator(self, ctx: StageContext):
-        from charfw.generation.pipeline import Generator
+        """The build's generator for the part's base model (one load per build)."""
+        from charfw.generation.pipeline import part_generator
 
-        model = ctx.part.model
-        key = ("charfw.generation.Generator", model.base, model.vae, str(ctx.cache_dir))
-        return ctx.models.get(key, lambda: Generator(model.base, vae=model.vae, cache_dir=ctx.cache_dir))
+        return part_generator(ctx)
 
     def run(self, ctx: StageContext, options: ControlNetDraftOptions) -> StageOutput:
         from charfw.generation.infotext import save_png

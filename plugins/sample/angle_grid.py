@@ -32,7 +32,7 @@ import charfw
 from charfw import CharfwError, Sampler, StageContext, StageOutput
 from charfw.build import atomic
 from charfw.build.angles import VERTICAL_NAMES, parse_code
-from charfw.build.hashing import fingerprint, sha256_file
+from charfw.build.hashing import sha256_file
 from charfw.build.stages import merge_tags
 from charfw.default_plugins.taggers.angle_rules import load_rules, rule_tags, rules_path
 from charfw.generation.options import GenerationOptions
@@ -293,16 +293,9 @@ class AngleGrid(Sampler):
 
     def cache_key(self, ctx: StageContext, options: AngleGridOptions) -> Any:
         """The base model's and VAE's content, the rules file and the angle sets."""
-        from charfw.training.model_sources import resolve_source, source_identity
+        from charfw.training.model_sources import model_key_pairs
 
-        model = ctx.part.model
-        pairs: list[Any] = []
-        if model.base:
-            src = resolve_source(model.base, cache_dir=ctx.cache_dir)
-            pairs.append([f"base model {src.name}", fingerprint(source_identity(src, ctx.sha256))])
-        if model.vae:
-            src = resolve_source(model.vae, cache_dir=ctx.cache_dir, what="VAE")
-            pairs.append([f"VAE {src.name}", fingerprint(source_identity(src, ctx.sha256))])
+        pairs: list[Any] = model_key_pairs(ctx.part.model, cache_dir=ctx.cache_dir, sha256=ctx.sha256)
         if ctx.part.template is not None:
             pairs.append(["rules", sha256_file(rules_path(ctx, options.rules))])
             pairs.append(["angle set", ctx.templates.angle_sets[ctx.part.template].model_dump()])
@@ -310,11 +303,9 @@ class AngleGrid(Sampler):
 
     def generator(self, ctx: StageContext):
         """The build's generator for the part's base model (one load per build)."""
-        from charfw.generation.pipeline import Generator
+        from charfw.generation.pipeline import part_generator
 
-        model = ctx.part.model
-        key = ("charfw.generation.Generator", model.base, model.vae, str(ctx.cache_dir))
-        return ctx.models.get(key, lambda: Generator(model.base, vae=model.vae, cache_dir=ctx.cache_dir))
+        return part_generator(ctx)
 
     def run(self, ctx: StageContext, options: AngleGridOptions) -> StageOutput:
         from charfw.generation.infotext import save_png

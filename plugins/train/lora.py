@@ -27,7 +27,6 @@ from pydantic import Field
 
 import charfw
 from charfw import CharfwError, Options, StageOutput, Trainer, console
-from charfw.build.hashing import fingerprint
 from charfw.errors import check_module
 from charfw.training.settings import TrainSettings
 
@@ -86,16 +85,9 @@ class LoraTrainer(Trainer):
     def cache_key(self, ctx: Any, options: LoraTrainerOptions) -> Any:
         """What the engine cannot see: the base model's and VAE's content, the files the
         options name. As [name, hash] pairs, so a rebuild says which one changed."""
-        from charfw.training.model_sources import resolve_source, source_identity
+        from charfw.training.model_sources import model_key_pairs
 
-        model = ctx.part.model
-        pairs = []
-        if model.base:
-            src = resolve_source(model.base, cache_dir=ctx.cache_dir)
-            pairs.append([f"base model {src.name}", fingerprint(source_identity(src, ctx.sha256))])
-        if model.vae:
-            src = resolve_source(model.vae, cache_dir=ctx.cache_dir, what="VAE")
-            pairs.append([f"VAE {src.name}", fingerprint(source_identity(src, ctx.sha256))])
+        pairs = model_key_pairs(ctx.part.model, cache_dir=ctx.cache_dir, sha256=ctx.sha256)
         for key, path in self._paths(options, ctx).items():
             pairs.append([f"{key} {path.name}", ctx.sha256(path)])
         return pairs
