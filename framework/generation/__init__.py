@@ -9,7 +9,8 @@ module                     what it holds
 :mod:`.options`            the options every image-making stage takes
 :mod:`.prompts`            A1111 prompt syntax: emphasis, escapes, ``BREAK``,
                            ``<lora:…>`` tags (with LoRA Block Weight's ``lbw=``), the
-                           75-token chunks and A1111's weighted encoding; prompt files
+                           75-token chunks and A1111's weighted encoding
+:mod:`.prompt_files`       prompt files: ``positive|||negative`` and kohya's line options
 :mod:`.infotext`           A1111's ``parameters`` text (what PNG Info reads): write and parse
 :mod:`.samplers`           A1111 and kohya sampler names → diffusers schedulers
 :mod:`.lora_patch`         several LoRAs applied exactly from their ΔW, patched once, restored

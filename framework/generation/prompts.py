@@ -69,7 +69,7 @@ Clip skip: charfw (and A1111, and kohya) count 1 as "the last layer"; diffusers'
 count 0 or ``None`` as the last layer, so charfw's N is diffusers' N - 1
 (:func:`diffusers_clip_skip`).
 
-Prompt files (:func:`read_prompt_file`, for ``charfw generate``): one prompt per line;
+Prompt files (:mod:`charfw.generation.prompt_files`, for ``charfw generate``): one prompt per line;
 blank lines and lines starting with ``#`` are skipped; ``positive|||negative`` (the format
 of the method's generation notebook) and kohya's sample-prompt options after the prompt
 (`` --n --w --h --d --s --l --ss``, read by :func:`charfw.training.sample_prompts.parse_options`).
@@ -83,7 +83,6 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from charfw.training.text_states import clip_text_states
@@ -98,12 +97,10 @@ __all__ = [
     "CHUNK_LENGTH",
     "COMMA_PADDING_BACKTRACK",
     "EMPHASIS_MODES",
-    "NEGATIVE_SEPARATOR",
     "Emphasis",
     "ExtraNetwork",
     "LoraRef",
     "PromptChunk",
-    "PromptLine",
     "diffusers_clip_skip",
     "empty_chunk",
     "encode_chunks",
@@ -114,8 +111,6 @@ __all__ = [
     "is_break",
     "lora_ref",
     "parse_attention",
-    "parse_prompt_line",
-    "read_prompt_file",
     "tokenize_prompt",
 ]
 
@@ -546,73 +541,3 @@ def encode_pair(tokenizer: Any, text_encoder: Any, prompt: str, negative: str = 
     uncond += [empty] * (count - len(uncond))
     z = encode_chunks(text_encoder, cond + uncond, clip_skip=clip_skip, emphasis=emphasis, device=device)
     return z[:count].reshape(1, -1, z.shape[-1]), z[count:].reshape(1, -1, z.shape[-1])
-
-
-# --- prompt files --------------------------------------------------------------------------
-
-NEGATIVE_SEPARATOR = "|||"
-
-
-@dataclass(frozen=True)
-class PromptLine:
-    """One prompt of a prompt file. ``prompt`` is as written, ``<lora:…>`` tags included
-    (the infotext keeps them; :func:`extract_loras` removes them for encoding). An option
-    the line does not give is ``None``: the command's own setting applies."""
-
-    prompt: str
-    negative: str = ""
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None
-    steps: int | None = None
-    scale: float | None = None
-    sampler: str | None = None
-    #: the line's number in its file (1-based; 0 when not from a file)
-    line: int = 0
-
-    def options(self) -> dict[str, Any]:
-        """The options the line gives (width, height, seed, steps, scale, sampler)."""
-        names = ("width", "height", "seed", "steps", "scale", "sampler")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-
-
-def parse_prompt_line(text: str, *, line: int = 0) -> PromptLine:
-    """One line: ``positive|||negative`` and/or kohya's `` --n --w --h --d --s --l --ss``
-    options, which come last (``a, b|||lowres --w 512 --d 7``)."""
-    from charfw.training.sample_prompts import parse_options
-
-    fields = parse_options(text)
-    prompt = fields.pop("prompt")
-    if NEGATIVE_SEPARATOR in prompt:
-        prompt, negative = prompt.split(NEGATIVE_SEPARATOR, 1)
-        if NEGATIVE_SEPARATOR in negative:
-            raise CharfwError(f"'{NEGATIVE_SEPARATOR}' appears more than once",
-                              hint="write positive|||negative, once per line")
-        if "negative" in fields:
-            raise CharfwError(f"the negative prompt is given twice ('{NEGATIVE_SEPARATOR}' and --n)",
-                              hint="use one of them")
-        fields["negative"] = negative.strip()
-        prompt = prompt.strip()
-    return PromptLine(prompt, **fields, line=line)
-
-
-def read_prompt_file(path: str | Path) -> list[PromptLine]:
-    """The prompts of a prompt file (see the module docstring). A bad line is an error that
-    names ``file:line``."""
-    path = Path(path)
-    try:
-        text = path.read_text("utf-8")
-    except UnicodeDecodeError:
-        raise CharfwError("not UTF-8 text", path=path, hint="save the prompt file as UTF-8") from None
-    except OSError as exc:
-        raise CharfwError(f"cannot read the prompt file ({exc.strerror or exc})", path=path) from None
-    out = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        try:
-            out.append(parse_prompt_line(stripped, line=number))
-        except CharfwError as exc:
-            raise CharfwError(exc.message, path=path, line=number, hint=exc.hint) from None
-    return out

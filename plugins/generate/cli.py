@@ -134,7 +134,7 @@ def register_commands(cli):
         from charfw.default_plugins.train.cli import default_cache_dir
         from charfw.generation.infotext import save_png
         from charfw.generation.pipeline import Generator
-        from charfw.generation.prompts import read_prompt_file
+        from charfw.generation.prompt_files import read_prompt_file
         from charfw.generation.samplers import resolve_sampler
 
         if not prompts.is_file():

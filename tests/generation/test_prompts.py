@@ -14,17 +14,16 @@ from typing import Any
 import pytest
 
 from charfw.errors import CharfwError
+from charfw.generation.prompt_files import PromptLine, read_prompt_file
 from charfw.generation.prompts import (
     BREAK,
     LoraRef,
-    PromptLine,
     diffusers_clip_skip,
     encode_pair,
     encode_prompt,
     extract_extra_networks,
     extract_loras,
     parse_attention,
-    read_prompt_file,
     tokenize_prompt,
 )
 
