@@ -30,10 +30,59 @@ def parse_lora_option(text: str) -> Any:
     return LoraSpec(path, weight, blocks)
 
 
+def parse_controlnet_option(text: str) -> tuple[str, float, float, float]:
+    """``MODEL[:WEIGHT[:START:END]]`` → (model, weight, start, end); the model may itself
+    hold colons (numbers are only taken from the end)."""
+    parts = text.split(":")
+    numbers: list[float] = []
+    while len(parts) > 1 and len(numbers) < 3:
+        try:
+            numbers.insert(0, float(parts[-1]))
+        except ValueError:
+            break
+        parts.pop()
+    if len(numbers) == 2:
+        raise CharfwError(f"--controlnet {text}: give MODEL, MODEL:WEIGHT or MODEL:WEIGHT:START:END")
+    weight = numbers[0] if numbers else 1.0
+    start, end = (numbers[1], numbers[2]) if len(numbers) == 3 else (0.0, 1.0)
+    return ":".join(parts), weight, start, end
+
+
+def load_controls(images: tuple[Path, ...], models: tuple[str, ...]) -> list[tuple[Any, str, float, float, float]]:
+    """The ``--control`` images paired in order with the ``--controlnet`` models."""
+    from PIL import Image
+
+    if len(images) != len(models):
+        raise CharfwError(f"{len(images)} --control image(s) for {len(models)} --controlnet model(s)",
+                          hint="give one --control IMAGE for each --controlnet MODEL, in the same order")
+    out = []
+    for path, spec in zip(images, models, strict=True):
+        try:
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        except OSError as exc:
+            raise CharfwError(f"cannot read the control image ({exc})", path=path) from None
+        out.append((image, *parse_controlnet_option(spec)))
+    return out
+
+
 def build_requests(lines: list[Any], *, count: int, seed: int, defaults: dict[str, Any],
-                   loras: tuple[Any, ...]) -> list[tuple[int, Any]]:
-    """(line position, request) for every image of the run, in global-index order."""
-    from charfw.generation.pipeline import ImageRequest
+                   loras: tuple[Any, ...], controls: list[tuple[Any, str, float, float, float]] = ()
+                   ) -> list[tuple[int, Any]]:
+    """(line position, request) for every image of the run, in global-index order. Control
+    images are resized (Lanczos) to each request's size, once per size."""
+    from PIL import Image
+
+    from charfw.generation.pipeline import ControlRequest, ImageRequest
+
+    sized: dict[tuple[int, int], tuple[Any, ...]] = {}
+
+    def controls_at(width: int, height: int) -> tuple[Any, ...]:
+        if (width, height) not in sized:
+            sized[(width, height)] = tuple(
+                ControlRequest(image.resize((width, height), Image.Resampling.LANCZOS), model, weight, start, end)
+                for image, model, weight, start, end in controls)
+        return sized[(width, height)]
 
     out = []
     for position, line in enumerate(lines):
@@ -46,7 +95,8 @@ def build_requests(lines: list[Any], *, count: int, seed: int, defaults: dict[st
                 steps=line.steps or defaults["steps"],
                 cfg_scale=line.scale if line.scale is not None else defaults["cfg"],
                 sampler=line.sampler or defaults["sampler"], clip_skip=defaults["clip_skip"], loras=loras,
-                grayscale=defaults["grayscale"])))
+                grayscale=defaults["grayscale"],
+                controls=controls_at(line.width or defaults["width"], line.height or defaults["height"]))))
     return out
 
 
@@ -58,7 +108,8 @@ def index_record(file: str, made: Any) -> dict[str, Any]:
             "loras": [{"name": s.path.stem, "weight": s.weight, "te_weight": s.text_encoder_weight,
                        "blocks": s.blocks if s.blocks is None or isinstance(s.blocks, str) else list(s.blocks),
                        "hash": h} for s, h in made.loras],
-            "model": p.model_name, "model_hash": p.model_hash, "grayscale": r.grayscale}
+            "model": p.model_name, "model_hash": p.model_hash, "grayscale": r.grayscale,
+            "controls": [{"model": c.model, "weight": c.weight, "start": c.start, "end": c.end} for c in r.controls]}
 
 
 def write_grid(images: list[list[Any]], dest: Path) -> Path:
@@ -97,6 +148,11 @@ def register_commands(cli):
                   help="A LoRA for every image (repeatable); BLOCKS: a preset (FACE) or ratios.")
     @click.option("--lora-dir", "lora_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
                   help="Where <lora:name:w> tags are looked up as name.safetensors (repeatable).")
+    @click.option("--control", "control_images", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+                  help="A control image (repeatable; paired in order with --controlnet).")
+    @click.option("--controlnet", "controlnets", multiple=True, metavar="MODEL[:WEIGHT[:START:END]]",
+                  help="A ControlNet (folder, .safetensors or id) for the --control image of the same "
+                       "position, with its weight and guidance range (e.g. hed:0.5:0:0.3).")
     @click.option("--sampler", default="Euler a", show_default=True, help="A1111 or kohya sampler name.")
     @click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
     @click.option("--cfg", type=float, default=7.0, show_default=True, help="CFG scale.")
@@ -115,7 +171,8 @@ def register_commands(cli):
                   help="Built-in models (default: $CHARFW_CACHE or ~/.cache/charfw).")
     @click.pass_context
     def generate_command(ctx: click.Context, prompts: Path, base_model: str, vae: str | None, count: int, seed: int, output: Path,
-                         loras: tuple[str, ...], lora_dirs: tuple[Path, ...], sampler: str, steps: int, cfg: float,
+                         loras: tuple[str, ...], lora_dirs: tuple[Path, ...], control_images: tuple[Path, ...],
+                         controlnets: tuple[str, ...], sampler: str, steps: int, cfg: float,
                          width: int, height: int, batch_size: int, clip_skip: int, grayscale: bool, grid: bool,
                          device: str | None, dtype: str | None, cache_dir: Path | None) -> None:
         """Generate COUNT images per line of a prompt file, with A1111 infotext in each PNG.
@@ -148,7 +205,8 @@ def register_commands(cli):
         specs = tuple(parse_lora_option(text) for text in loras)
         defaults = {"width": width, "height": height, "steps": steps, "cfg": cfg, "sampler": sampler,
                     "clip_skip": clip_skip, "grayscale": grayscale}
-        planned = build_requests(lines, count=count, seed=seed, defaults=defaults, loras=specs)
+        planned = build_requests(lines, count=count, seed=seed, defaults=defaults, loras=specs,
+                                 controls=load_controls(control_images, controlnets))
         # under `accelerate launch` / torchrun every process makes one contiguous share; file
         # names come from the global index, so the folder is the same as one process makes
         world = Processes.detect()
