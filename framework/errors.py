@@ -133,3 +133,16 @@ def require_module(module: str, *, extra: str, purpose: str) -> object:
         return importlib.import_module(module)
     except ImportError as exc:
         raise _missing(module, extra, purpose, str(exc)) from None
+
+
+def read_text(path: str | os.PathLike[str], *, what: str = "", hint: str = "save it as UTF-8",
+              encoding: str = "utf-8") -> str:
+    """A text file's contents, or a one-line :class:`CharfwError` naming it: ``not UTF-8
+    text`` (with ``hint``) or ``cannot read <what> (<reason>)``."""
+    try:
+        with open(path, encoding=encoding) as fh:
+            return fh.read()
+    except UnicodeDecodeError:
+        raise CharfwError("not UTF-8 text", path=path, hint=hint) from None
+    except OSError as exc:
+        raise CharfwError(f"cannot read{' ' + what if what else ''} ({exc.strerror or exc})", path=path) from None

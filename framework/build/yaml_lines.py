@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from charfw.errors import CharfwError
+from charfw.errors import CharfwError, read_text
 
 Loc = tuple[str | int, ...]
 
@@ -60,12 +60,7 @@ def _yaml_error(exc: yaml.YAMLError, path: Path) -> CharfwError:
 
 
 def load_with_lines(path: Path) -> tuple[Any, LineMap]:
-    try:
-        text = path.read_text("utf-8")
-    except UnicodeDecodeError:
-        raise CharfwError("not UTF-8 text", path=path, hint="save the file as UTF-8") from None
-    except OSError as exc:
-        raise CharfwError(f"cannot read ({exc.strerror or exc})", path=path) from None
+    text = read_text(path, hint="save the file as UTF-8")
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()

@@ -26,7 +26,7 @@ from charfw import console
 from charfw.build import atomic
 from charfw.build.stages import jobs_default
 from charfw.build.template_library import read_yaml_file
-from charfw.errors import CharfwError, display_path
+from charfw.errors import CharfwError, display_path, read_text
 from charfw.folders.convention import CaptionWriter, expand_folders, plan_captions, write_captions
 from charfw.folders.tag_text import join_caption, split_caption, tag_key, unique_tags
 from charfw.stage_context import ModelCache
@@ -106,12 +106,7 @@ def caption_paths(folders: Iterable[Path], *, recursive: bool = True) -> list[Pa
 
 
 def read_caption(path: Path) -> list[str]:
-    try:
-        return split_caption(path.read_text("utf-8-sig"))
-    except UnicodeDecodeError:
-        raise CharfwError("not UTF-8 text", path=path, hint="save it as UTF-8") from None
-    except OSError as exc:
-        raise CharfwError(f"cannot read ({exc.strerror or exc})", path=path) from None
+    return split_caption(read_text(path, encoding="utf-8-sig"))
 
 
 # --- a common tag ------------------------------------------------------------------------

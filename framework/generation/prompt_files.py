@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from charfw.errors import CharfwError
+from charfw.errors import CharfwError, read_text
 
 NEGATIVE_SEPARATOR = "|||"
 
@@ -62,12 +62,7 @@ def read_prompt_file(path: str | Path) -> list[PromptLine]:
     """The prompts of a prompt file (see the module docstring). A bad line is an error that
     names ``file:line``."""
     path = Path(path)
-    try:
-        text = path.read_text("utf-8")
-    except UnicodeDecodeError:
-        raise CharfwError("not UTF-8 text", path=path, hint="save the prompt file as UTF-8") from None
-    except OSError as exc:
-        raise CharfwError(f"cannot read the prompt file ({exc.strerror or exc})", path=path) from None
+    text = read_text(path, what="the prompt file", hint="save the prompt file as UTF-8")
     out = []
     for number, raw in enumerate(text.splitlines(), 1):
         stripped = raw.strip()
