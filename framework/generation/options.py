@@ -4,11 +4,16 @@ sampler, size, seed, which angle codes, and the rules file their prompts come fr
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from pydantic import Field, field_validator
 
 from charfw.build.angles import parse_code
 from charfw.components import Options
 from charfw.errors import CharfwError
+
+if TYPE_CHECKING:
+    from charfw.build.angles import AngleCode, AngleSet
 
 
 class GenerationOptions(Options):
@@ -68,3 +73,25 @@ class GenerationOptions(Options):
     @property
     def width_height(self) -> tuple[int, int]:
         return (self.size, self.size) if isinstance(self.size, int) else (self.size[0], self.size[-1])
+
+
+def check_part_codes(ctx: Any, codes: list[str], stage: str) -> list[str]:
+    """``codes`` if each is a code of the part's template (symmetric or not), else a
+    one-line error naming the first that is not."""
+    part = ctx.part
+    angle_set = ctx.templates.angle_sets[part.template]
+    known = angle_set.codes(part.symmetric)
+    for code in codes:
+        if code not in known:
+            raise CharfwError(f"{part.label} {stage}.codes: '{code}' is not a code of the '{angle_set.name}' template "
+                              f"({'symmetric' if part.symmetric else 'asymmetric'}: {known[0]} … {known[-1]})")
+    return list(codes)
+
+
+def code_angle(ctx: Any, code: str, stage: str) -> tuple[AngleCode, AngleSet]:
+    """An angle code and the angle set it belongs to, or a one-line error."""
+    angle = parse_code(code)
+    angle_set = ctx.templates.angle_set_for_prefix(angle.prefix) if angle else None
+    if angle is None or angle_set is None:
+        raise CharfwError(f"{ctx.part.label} {stage}: '{code}' belongs to no angle set")
+    return angle, angle_set

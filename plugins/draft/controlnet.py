@@ -51,7 +51,7 @@ from charfw.build.angles import parse_code
 from charfw.build.hashing import sha256_file
 from charfw.components import Drafter
 from charfw.default_plugins.taggers.angle_rules import load_rules, rule_tags, rules_path
-from charfw.generation.options import GenerationOptions
+from charfw.generation.options import GenerationOptions, check_part_codes, code_angle
 
 #: the method's emphasis on the view tags
 EMPHASIS = {"from above": 1.3, "from below": 1.3, "from behind": 1.3}
@@ -127,20 +127,13 @@ def draft_codes(ctx: StageContext, options: ControlNetDraftOptions) -> list[str]
     if not mine:
         raise CharfwError(f"{part.label} draft.codes: none of {', '.join(options.codes)} is a code of the "
                           f"'{part.template}' template ({known[0]} … {known[-1]})")
-    for code in mine:
-        if code not in known:
-            raise CharfwError(f"{part.label} draft.codes: '{code}' is not a code of the '{part.template}' template "
-                              f"({'symmetric' if part.symmetric else 'asymmetric'}: {known[0]} … {known[-1]})")
-    return mine
+    return check_part_codes(ctx, mine, "draft")
 
 
 def draft_prompt(ctx: StageContext, options: ControlNetDraftOptions, code: str, rules=None) -> str:
     """The generation prompt of one code (the rule in the module docstring)."""
     part = ctx.part
-    angle = parse_code(code)
-    angle_set = ctx.templates.angle_set_for_prefix(angle.prefix) if angle else None
-    if angle is None or angle_set is None:
-        raise CharfwError(f"{part.label} draft: '{code}' belongs to no angle set")
+    angle, angle_set = code_angle(ctx, code, "draft")
     if rules is None:
         rules = load_rules(rules_path(ctx, options.rules))
     body = part.kind == "body"

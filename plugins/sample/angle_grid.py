@@ -35,7 +35,7 @@ from charfw.build.angles import VERTICAL_NAMES, parse_code
 from charfw.build.hashing import sha256_file
 from charfw.build.stages import merge_tags
 from charfw.default_plugins.taggers.angle_rules import load_rules, rule_tags, rules_path
-from charfw.generation.options import GenerationOptions
+from charfw.generation.options import GenerationOptions, check_part_codes, code_angle
 
 #: column labels by horizontal digit (45° steps counter-clockwise)
 COLUMN_LABELS = {0: "front", 1: "45°", 2: "side", 3: "135°", 4: "behind", 5: "225°", 6: "270°", 7: "315°"}
@@ -106,23 +106,14 @@ def part_codes(ctx: StageContext, options: AngleGridOptions) -> list[str]:
         return []
     if options.codes is None:
         return list(part.angles)
-    angle_set = ctx.templates.angle_sets[part.template]
-    known = angle_set.codes(part.symmetric)
-    for code in options.codes:
-        if code not in known:
-            raise CharfwError(f"{part.label} sample.codes: '{code}' is not a code of the '{angle_set.name}' template "
-                              f"({'symmetric' if part.symmetric else 'asymmetric'}: {known[0]} … {known[-1]})")
-    return list(options.codes)
+    return check_part_codes(ctx, options.codes, "sample")
 
 
 def code_prompt(ctx: StageContext, options: AngleGridOptions, code: str, rules=None) -> str:
     """The prompt for one angle code: the angle-rules caption of an image of that code,
     then the ``prompt`` option."""
     part = ctx.part
-    angle = parse_code(code)
-    angle_set = ctx.templates.angle_set_for_prefix(angle.prefix) if angle else None
-    if angle is None or angle_set is None:
-        raise CharfwError(f"{part.label} sample: '{code}' belongs to no angle set")
+    angle, angle_set = code_angle(ctx, code, "sample")
     if rules is None:
         rules = load_rules(rules_path(ctx, options.rules))
     tags = merge_tags([], [part.keyword, *part.tags, *rule_tags(rules, angle_set, angle)])
