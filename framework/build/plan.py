@@ -327,9 +327,8 @@ class Planner:
                         members=tuple(members))
         stages = self.part(lm, part, None)
         self.link(stages, self.dataset_inputs(part))
-        # the group needs its members' image stages, not their training
-        for member in self.dataset_inputs(part).values():
-            self.add(_closure(member))
+        # add() puts what the group's stages need first: its members' image stages (the
+        # dataset reads them), not their training
         self.add(stages)
 
     def member(self, lm: LoadedManifest, index: int, ref: str) -> PartInfo | None:
