@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from charfw import console
 from charfw.build import atomic
@@ -140,7 +141,10 @@ def plan_captions(ws, folders: list[Path], chain: list, *, strict: bool, jobs: i
 
     changes: list[CaptionChange] = []
     problems: list[str] = []
-    for folder in folders:
+    listed = [list_images(folder, KOHYA_IMAGE_SUFFIXES) for folder in folders]
+    # the check charfw toml makes, for all folders at once (worker processes for large sets)
+    sizes = iter(image_sizes([p for files in listed for p in files], jobs, "checking images"))
+    for folder, files in zip(folders, listed, strict=True):
         info = parse_folder(folder)
         part = PartInfo(
             target=folder.name, name=folder.name, kind="folder", keyword=info.keyword,
@@ -148,10 +152,13 @@ def plan_captions(ws, folders: list[Path], chain: list, *, strict: bool, jobs: i
             symmetric=info.flip is not False,
         )
         ctx = folder_context(ws, folder, stage="tag", part=part, models=models, strict=strict, jobs=jobs)
-        files = list_images(folder, KOHYA_IMAGE_SUFFIXES)
         by_caption: dict[str, Path] = {}
         items = []
         for path in files:
+            size = next(sizes)
+            if isinstance(size, Unusable):  # no caption for a file kohya cannot read
+                ctx.problem(path, size.message, size.hint)
+                continue
             dest = path.with_suffix(".txt")
             other = by_caption.get(dest.name.casefold())
             if other is not None:
@@ -163,7 +170,7 @@ def plan_captions(ws, folders: list[Path], chain: list, *, strict: bool, jobs: i
             # model_construct: these values are ours, no need to validate 10,000 of them
             items.append(ImageItem.model_construct(
                 id=path.stem, path=str(path), sha256="", source=str(path),
-                code=code.code if code else None, width=0, height=0, background=None,
+                code=code.code if code else None, width=size[0], height=size[1], background=None,
                 tags=[], meta={}))
         folder_changes: list[CaptionChange] = []
         for item in tag_items(ctx, chain, items):
@@ -262,15 +269,22 @@ def write_captions(changes: list[CaptionChange], *, overwrite: bool, jobs: int =
 # --- charfw toml: a dataset config from folders ------------------------------------------
 
 
-def _image_sizes(files: list[Path]) -> list[tuple[int, int] | str]:
-    """(width, height) from each file's header, or the one-line reason it is unusable."""
+class Unusable(NamedTuple):
+    """Why an image file cannot be used (picklable: it comes back from worker processes)."""
 
-    out: list[tuple[int, int] | str] = []
+    message: str
+    hint: str | None
+
+
+def _image_sizes(files: list[Path]) -> list[tuple[int, int] | Unusable]:
+    """(width, height) from each file's header, or why it is unusable."""
+
+    out: list[tuple[int, int] | Unusable] = []
     for path in files:
         try:
             info = probe(path, max_pixels=None)
         except ImageError as exc:
-            out.append(str(exc))
+            out.append(Unusable(exc.message, exc.hint))
         else:
             out.append((info.width, info.height))
     return out
@@ -281,8 +295,10 @@ PARALLEL_SIZES_FROM = 2000
 CHUNK = 250
 
 
-def _sizes_in_chunks(files: list[Path], jobs: int, description: str) -> list[tuple[int, int] | str]:
-    """Header reads are Python work in Pillow (the GIL makes threads useless), so large
+def image_sizes(files: list[Path], jobs: int, description: str) -> list[tuple[int, int] | Unusable]:
+    """The one check of training-folder images that ``charfw tag`` and ``charfw toml``
+    share: each file's (width, height) from its header, or why it is unusable (empty, not
+    an image, truncated header). Header reads are Python work in Pillow (the GIL makes threads useless), so large
     sets are read by forked worker processes, in chunks, in order. The workers are forked
     before the progress bar starts its thread (a fork copies no running thread)."""
     import contextlib
@@ -293,7 +309,7 @@ def _sizes_in_chunks(files: list[Path], jobs: int, description: str) -> list[tup
     chunks = [files[i:i + CHUNK] for i in range(0, len(files), CHUNK)]
     parallel = (jobs > 1 and len(files) >= PARALLEL_SIZES_FROM
                 and "fork" in multiprocessing.get_all_start_methods())
-    results: list[tuple[int, int] | str] = []
+    results: list[tuple[int, int] | Unusable] = []
     with contextlib.ExitStack() as stack:
         if parallel:
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=jobs,
@@ -316,14 +332,14 @@ def dataset_spec_for_folders(folders: list[Path], *, relative_to: Path | None, j
     problems: list[str] = []
     listed = [(folder, parse_folder(folder), list_images(folder, KOHYA_IMAGE_SUFFIXES)) for folder in folders]
     every = [path for _, _, files in listed for path in files]
-    results = iter(_sizes_in_chunks(every, jobs, "reading image sizes"))
+    results = iter(image_sizes(every, jobs, "reading image sizes"))
     subsets = []
     for folder, info, files in listed:
         sizes = []
-        for _ in files:
+        for path in files:
             result = next(results)
-            if isinstance(result, str):
-                problems.append(result)
+            if isinstance(result, Unusable):
+                problems.append(str(ImageError(result.message, path=path, hint=result.hint)))
             else:
                 sizes.append(result)
         if not sizes:

@@ -102,6 +102,21 @@ def test_tag_reports_bad_names_and_clashing_captions(seed_tree: Path, run_cli) -
     assert "skipped 2 file(s)" in out
 
 
+def test_tag_warns_about_unusable_images_as_toml_does(seed_tree: Path, run_cli) -> None:
+    folder = seed_tree / "krnk girl_f0512"
+    (folder / "f14.png").write_bytes(b"")
+    (folder / "f23.png").write_text("not an image")
+    code, out, err = run_cli("tag", folder)
+    assert code == 0
+    assert "f14.png: empty file (0 bytes) (skipped)" in err
+    assert "f23.png: not an image, or a format Pillow cannot read (skipped)" in err
+    assert "skipped 2 file(s)" in out
+    assert not (folder / "f14.txt").exists() and not (folder / "f23.txt").exists()
+    assert (folder / "f00.txt").is_file()
+    _code, _out, toml_err = run_cli("toml", folder, "--dry-run")
+    assert "f14.png: empty file" in toml_err and "f23.png: not an image" in toml_err
+
+
 def test_tag_that_cannot_write_a_caption_says_which_in_one_line(seed_tree: Path, run_cli) -> None:
     blocked = seed_tree / "krnk girl_f1024" / "b00.txt"
     blocked.mkdir()  # a folder where the caption goes
