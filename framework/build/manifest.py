@@ -44,6 +44,10 @@ from charfw.errors import ManifestError, display_path
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 NAME_HINT = "use ASCII letters, digits, '.', '-' and '_' (it becomes a folder and file name)"
 RESERVED_PART_NAMES = {"face", "group"}
+#: the most repeats (kohya's num_repeats) a manifest, a folder name or a dataset config may
+#: give: an epoch lists every image this often, so 10^12 would exhaust the memory; more
+#: training comes from more steps or epochs
+MAX_REPEATS = 1000
 MEMBER_PATTERN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)/([A-Za-z0-9][A-Za-z0-9._-]*)$")
 
 Name = Annotated[StrictStr, Field(pattern=NAME_PATTERN)]
@@ -115,7 +119,7 @@ class Part(_Strict):
     #: tags written after the keyword in every caption of this part
     tags: list[TagText] = []
     #: how often each image is repeated per epoch (kohya's num_repeats)
-    repeats: StrictInt | None = Field(None, ge=1)
+    repeats: StrictInt | None = Field(None, ge=1, le=MAX_REPEATS)
     #: per-stage plugin choices for this part; they override the character's
     stages: dict[str, Any] = {}
 
@@ -185,7 +189,7 @@ class CharacterManifest(_Strict):
     class_tokens: StrictStr | None = None
     #: true: angles 0-4 and flip augmentation; false: angles 0-7 and no flipping
     symmetric: StrictBool = True
-    repeats: StrictInt = Field(1, ge=1)
+    repeats: StrictInt = Field(1, ge=1, le=MAX_REPEATS)
     model: ModelSection = ModelSection()
     face: FacePart
     bodies: dict[Name, BodyPart] = {}
@@ -218,6 +222,14 @@ class GroupManifest(_Strict):
     members: list[MemberText] = Field(min_length=1)
     #: base model for the group (default: the first member's)
     model: ModelSection | None = None
+    #: optional folder of pictures of the members together (relative to the manifest), named
+    #: by the members' body angle codes (b00.png …; `charfw adopt` fills it from the group's
+    #: drafts); trained with the members' images, captioned with every member's keyword
+    images: StrictStr | None = None
+    #: tags for the group's own pictures, after the group name (for example [2girls])
+    tags: list[TagText] = []
+    #: how often each group picture is repeated per epoch (default: the first member's)
+    repeats: StrictInt | None = Field(None, ge=1, le=MAX_REPEATS)
     stages: dict[str, Any] = {}
 
     @field_validator("members")

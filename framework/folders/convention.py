@@ -25,6 +25,7 @@ from charfw.build.angles import parse_code
 from charfw.build.hashing import HashCache
 from charfw.build.images import KOHYA_IMAGE_SUFFIXES, is_image_name, probe
 from charfw.build.items import ImageItem, list_images
+from charfw.build.manifest import MAX_REPEATS
 from charfw.build.stages import caption_text, tag_items
 from charfw.components import DatasetSpec, SubsetSpec
 from charfw.errors import CharfwError, ImageError
@@ -70,8 +71,9 @@ def parse_folder(path: Path) -> FolderInfo:
     keyword = first.split(" ", 1)[0]
     tokens = rest.split("_") if rest else []
     flip = True if "flip" in tokens else False if "noflip" in tokens else None
-    if repeats is not None and repeats < 1:
-        raise CharfwError("repeats must be at least 1", path=path)
+    if repeats is not None and not 1 <= repeats <= MAX_REPEATS:
+        raise CharfwError(f"repeats must be 1 to {MAX_REPEATS}, not {repeats}", path=path,
+                          hint="rename the folder '<repeats>_<name>'; for more training raise the steps or epochs")
     return FolderInfo(path, keyword, first, tuple(tags[1:]), repeats, flip)
 
 

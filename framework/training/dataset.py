@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from charfw.build import images
 from charfw.build.images import KOHYA_IMAGE_SUFFIXES
 from charfw.build.items import list_images
+from charfw.build.manifest import MAX_REPEATS
 from charfw.folders import kohya_config
 
 from ..errors import CharfwError, ImageError
@@ -216,8 +217,9 @@ class TrainingData:
                 caption_dropout_every_n_epochs=int(s["caption_dropout_every_n_epochs"]),
                 enable_wildcard=bool(s["enable_wildcard"]), interpolation=interpolation,
             )
-            if subset.num_repeats < 1:
-                raise CharfwError(f"{image_dir}: num_repeats must be at least 1", path=config_path)
+            if not 1 <= subset.num_repeats <= MAX_REPEATS:
+                raise CharfwError(f"{image_dir}: num_repeats must be 1 to {MAX_REPEATS}, not {subset.num_repeats}",
+                                  path=config_path, hint="for more training raise max_train_steps or the epochs")
             block.subsets.append(subset)
             files = list_images(image_dir, KOHYA_IMAGE_SUFFIXES)
             if not files:

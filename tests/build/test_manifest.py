@@ -94,6 +94,16 @@ def test_wrong_types_and_values(tmp_path: Path) -> None:
     assert any(x.startswith("characters/mia.yaml:11 bodies.casual.keyword: expected text") for x in lines)
 
 
+def test_repeats_are_bounded(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "ws"
+    write(tmp_path, GOOD.replace("repeats: 2", "repeats: 1000000000000")
+          .replace("    tags: [hoodie, jeans]", "    tags: [hoodie, jeans]\n    repeats: 1001"))
+    lines = problems(tmp_path)
+    assert "characters/mia.yaml:4 repeats: Input should be less than or equal to 1000" not in lines
+    assert "characters/mia.yaml:4 repeats: should be less than or equal to 1000" in lines
+    assert "characters/mia.yaml:13 bodies.casual.repeats: should be less than or equal to 1000" in lines
+
+
 def test_missing_required_key_points_at_the_parent(tmp_path: Path) -> None:
     tmp_path = tmp_path / "ws"
     write(tmp_path, GOOD.replace("  images: mia/face\n", ""))

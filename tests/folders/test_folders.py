@@ -49,6 +49,11 @@ def test_parse_folder_names() -> None:
         parse_folder(Path("_f0512"))
 
 
+def test_folder_repeats_are_bounded(tmp_path: Path) -> None:
+    with pytest.raises(CharfwError, match="repeats must be 1 to 1000, not 1000000000000"):
+        parse_folder(tmp_path / "1000000000000_krnk" / "krnk girl_f0512")
+
+
 def test_expand_folders_takes_parents_and_rejects_empty(seed_tree: Path, tmp_path: Path) -> None:
     assert [p.name for p in expand_folders([seed_tree])] == [
         "krnk girl, choker, ahoge_noflip_f0768", "krnk girl_f0512", "krnk girl_f1024"]

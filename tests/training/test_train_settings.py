@@ -200,6 +200,12 @@ def test_epochs_are_deterministic_and_differ(tmp_path: Path) -> None:
     assert [b.paths for b in data.epoch_batches(2, 31337)] != [b.paths for b in first]
 
 
+def test_repeats_beyond_the_bound_stop_before_an_epoch_is_listed(tmp_path: Path) -> None:
+    toml = write_dataset(tmp_path, count=1, repeats=1000000000000)
+    with pytest.raises(CharfwError, match="num_repeats must be 1 to 1000, not 1000000000000"):
+        TrainingData.load(toml)
+
+
 def test_unsupported_dataset_settings_stop_with_a_reason(tmp_path: Path) -> None:
     toml = write_dataset(tmp_path, count=1, general="face_crop_aug_range = [2.0, 4.0]")
     with pytest.raises(CharfwError, match="face crop augmentation"):
