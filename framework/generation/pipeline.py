@@ -8,8 +8,9 @@ diffusers ``StableDiffusionPipeline`` on its parts (no safety checker) and turns
   plus ``request.loras``, applied by one :class:`~charfw.generation.lora_patch.LoraPatcher`.
   Requests are grouped by LoRA set, so each set is patched once; the original weights are
   restored when :meth:`Generator.generate` finishes (or fails).
-* Prompts: :func:`~charfw.generation.prompts.encode_pair` (A1111 weighting, ``BREAK``,
-  75-token chunks, clip skip), passed as ``prompt_embeds``/``negative_prompt_embeds``. A
+* Prompts: the family's ``encode_prompts`` (:func:`~charfw.generation.prompts.encode_pair`
+  per text encoder: A1111 weighting, ``BREAK``, 75-token chunks, clip skip), passed as the
+  pipeline's ``prompt_embeds``/``negative_prompt_embeds`` (and SDXL's pooled ones). A
   prompt's encoding is computed once per LoRA set and reused by every image that uses it.
 * Batches: requests with the same size, steps, CFG, sampler and number of 75-token chunks
   (and LoRA set) go through the pipeline together, up to ``batch_size``. Each image has its
@@ -253,7 +254,7 @@ class Generator:
     """
 
     def __init__(self, base: str, *, vae: str | None = None, cache_dir: Path, lora_dirs: Sequence[Path] = (),
-                 device: str | None = None, dtype: str | None = None, family: str = "sd1",
+                 device: str | None = None, dtype: str | None = None, family: str | None = None,
                  templates: TemplateLibrary | None = None, named_loras: Mapping[str, Path] | None = None) -> None:
         from ..training.families import get_family
         from ..training.model_sources import resolve_source
@@ -262,8 +263,12 @@ class Generator:
         self.lora_dirs = [Path(d) for d in lora_dirs]
         #: LoRAs by name besides the folders (``charfw generate`` in a workspace: the build's)
         self.named_loras = dict(named_loras or {})
-        self.family_name = family
         source = resolve_source(base, cache_dir=Path(cache_dir))
+        if family is None:  # told from the checkpoint's files
+            from ..training.families.detect import detect_family
+
+            family = detect_family(source).require_trained(path=source.path).name
+        self.family_name = family
         vae_source = resolve_source(vae, cache_dir=Path(cache_dir), what="VAE") if vae else None
         self.device, self.dtype = _device_and_dtype(device, dtype)
         self.model = get_family(family).load(source, vae_source, cache_dir=Path(cache_dir))
@@ -418,22 +423,20 @@ class Generator:
                       progress: Callable[[int], None] | None) -> Iterator[GeneratedImage]:
         import torch
 
-        from .prompts import encode_pair
-
         self.patcher.apply(group[0].specs)
         model = self.model
-        encodings: dict[tuple[str, str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        encodings: dict[tuple[str, str, int], dict[str, torch.Tensor]] = {}
         with torch.no_grad():
             for p in group:
                 key = (p.text, p.request.negative, p.request.clip_skip)
                 if key not in encodings:
-                    cond, uncond = encode_pair(model.tokenizers[0], model.text_encoders[0], p.text,
-                                               p.request.negative, clip_skip=p.request.clip_skip, device=self.device)
-                    encodings[key] = (cond.to(self.dtype), uncond.to(self.dtype))
+                    embeds = model.family.encode_prompts(model, p.text, p.request.negative,
+                                                         clip_skip=p.request.clip_skip, device=self.device)
+                    encodings[key] = {k: v.to(self.dtype) for k, v in embeds.items()}
         shapes: dict[tuple[Any, ...], list[_Prepared]] = {}
         for p in group:
             r = p.request
-            cond = encodings[(p.text, r.negative, r.clip_skip)][0]
+            cond = encodings[(p.text, r.negative, r.clip_skip)]["prompt_embeds"]
             shape = (r.width, r.height, r.steps, float(r.cfg_scale), p.sampler, cond.shape[1],
                      tuple(c.key() for c in r.controls), r.hires)
             shapes.setdefault(shape, []).append(p)
@@ -452,9 +455,8 @@ class Generator:
 
         first = batch[0].request
         conds = [encodings[(p.text, p.request.negative, p.request.clip_skip)] for p in batch]
-        embeds = {"prompt_embeds": torch.cat([c for c, _ in conds]),
-                  "negative_prompt_embeds": torch.cat([u for _, u in conds]),
-                  "guidance_scale": float(first.cfg_scale), "output_type": "pil"}
+        embeds: dict[str, Any] = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+        embeds.update(guidance_scale=float(first.cfg_scale), output_type="pil")
 
         def generators() -> list[Any]:
             return [torch.Generator("cpu").manual_seed(int(p.request.seed)) for p in batch]
@@ -480,22 +482,16 @@ class Generator:
 
     def _pipeline(self, p: _Prepared, *, img2img: bool) -> tuple[Any, dict[str, Any]]:
         """The pipeline for a batch (built on the loaded modules) and its ControlNet arguments."""
-        import diffusers
-
         model, controls = self.model, p.request.controls
         scheduler = self._scheduler(p.sampler)
         if not controls and not img2img:
             self.pipe.scheduler = scheduler
             return self.pipe, {}
-        parts = {"vae": model.vae, "text_encoder": model.text_encoders[0], "tokenizer": model.tokenizers[0],
-                 "unet": model.unet, "scheduler": scheduler, "safety_checker": None, "feature_extractor": None,
-                 "requires_safety_checker": False}
         args: dict[str, Any] = {}
         if controls:
             nets = [self.controlnet(c.model) for c in controls]
-            cls = (diffusers.StableDiffusionControlNetImg2ImgPipeline if img2img
-                   else diffusers.StableDiffusionControlNetPipeline)
-            pipe = cls(controlnet=nets[0] if len(nets) == 1 else nets, **parts)
+            pipe = model.family.pipeline(model, scheduler, img2img=img2img,
+                                         controlnet=nets[0] if len(nets) == 1 else nets)
             images = [c.image.convert("RGB") for c in controls]
             if len(controls) == 1:
                 c = controls[0]
@@ -506,7 +502,7 @@ class Generator:
                         "control_guidance_start": [float(c.start) for c in controls],
                         "control_guidance_end": [float(c.end) for c in controls]}
         else:
-            pipe = diffusers.StableDiffusionImg2ImgPipeline(**parts)
+            pipe = model.family.pipeline(model, scheduler, img2img=True)
         pipe.set_progress_bar_config(disable=True)
         return pipe, args
 
@@ -558,4 +554,5 @@ def part_generator(ctx: Any) -> Generator:
     makes images (sample, draft)."""
     model = ctx.part.model
     key = ("charfw.generation.Generator", model.base, model.vae, str(ctx.cache_dir))
-    return ctx.models.get(key, lambda: Generator(model.base, vae=model.vae, cache_dir=ctx.cache_dir))
+    return ctx.models.get(key, lambda: Generator(model.base, vae=model.vae, cache_dir=ctx.cache_dir,
+                                                     family=model.family))

@@ -10,7 +10,10 @@ infinite (a VAE precision problem on one image) are reported the same way.
 During training, :meth:`BatchInputs.latents` stacks cached latents, or decodes, augments
 and encodes the images of subsets with colour augmentation or random crops (prefetched on
 a worker thread while the previous step runs); :meth:`BatchInputs.conditioning` takes
-cached text-encoder outputs or runs the text encoder (with gradients when it trains).
+cached text-encoder outputs or runs the text encoder(s) (with gradients when one trains),
+as the family's :class:`~charfw.training.families.TextConditioning`;
+:meth:`BatchInputs.sample_inputs` gives the family's per-sample inputs (SDXL's size and
+crop ids).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from .dataset import Batch, ImageEntry, TrainingData, load_image, make_caption, 
 
 if TYPE_CHECKING:
     from .caches import LatentCache, TextCache
-    from .families import LoadedModel
+    from .families import LoadedModel, TextConditioning
 
 
 class BatchInputs:
@@ -123,7 +126,7 @@ class BatchInputs:
             for start in range(0, len(captions), 16):
                 chunk = captions[start : start + 16]
                 states = self._text(chunk, None)
-                for caption, s in zip(chunk, states, strict=True):
+                for caption, s in zip(chunk, states.unbind(), strict=True):
                     self.text_cache.put(caption, s)
                 bar.advance(len(chunk))
 
@@ -156,14 +159,20 @@ class BatchInputs:
             out.append(lat.to(self.device))
         return torch.stack(out)
 
-    def conditioning(self, batch: Batch, text_encoders: list[Any] | None, *, grad: bool) -> torch.Tensor:
+    def conditioning(self, batch: Batch, text_encoders: list[Any] | None, *, grad: bool) -> TextConditioning:
+        from .families import TextConditioning
+
         captions = [s.caption for s in batch.samples]
         if self.text_cache is not None and all(c in self.text_cache for c in captions):
-            return torch.stack([self.text_cache.get(c) for c in captions])
+            return TextConditioning.stack([self.text_cache.get(c) for c in captions])
         if grad:
             return self._text(captions, text_encoders)
         with torch.no_grad():
             return self._text(captions, text_encoders)
+
+    def sample_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The family's per-sample inputs of the denoiser besides the text."""
+        return self.family.sample_inputs(batch, self.device)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -190,6 +199,6 @@ class BatchInputs:
             dist = vae.encode(images.to(self.device, vae.dtype)).latent_dist
             return (dist.mean * self.model.vae_scaling_factor).float()
 
-    def _text(self, captions: list[str], text_encoders: list[Any] | None) -> torch.Tensor:
+    def _text(self, captions: list[str], text_encoders: list[Any] | None) -> TextConditioning:
         ids = self.family.tokenize(self.model, captions, self.max_token_length)
         return self.family.encode_text(self.model, ids, clip_skip=self.clip_skip, text_encoders=text_encoders)

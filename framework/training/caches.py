@@ -9,9 +9,11 @@ body's dataset, or a re-run with other training settings, find their latents aga
 changed image or another VAE simply misses. Latents are the mean of the VAE's posterior
 (not a random sample), so a cached and an uncached run train on the same numbers.
 
-**Text-encoder outputs.** When the text encoder is not trained and captions are fixed
+**Text-encoder outputs.** When the text encoders are not trained and captions are fixed
 (no shuffling, dropout or wildcards: the method's fixed tags), each caption's conditioning
-is the same every epoch; :class:`TextCache` keeps it in memory, keyed by caption.
+(the family's :class:`~charfw.training.families.TextConditioning`: SD 1.x's token states,
+SDXL's joined states and pooled vector) is the same every epoch; :class:`TextCache` keeps
+one sample's worth in memory, keyed by caption.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
     from .dataset import ImageEntry
+    from .families import TextConditioning
 
 #: bump when the way latents are computed changes (resizing, cropping, encoding)
 LATENT_FORMAT = "1"
@@ -81,19 +84,20 @@ class LatentCache:
 
 
 class TextCache:
-    """Text-encoder outputs by caption (memory only: they are quick to make again)."""
+    """Text-encoder outputs by caption, one sample's conditioning each (memory only: they
+    are quick to make again)."""
 
     def __init__(self) -> None:
-        self._memory: dict[str, torch.Tensor] = {}
+        self._memory: dict[str, TextConditioning] = {}
 
     def __contains__(self, caption: str) -> bool:
         return caption in self._memory
 
-    def get(self, caption: str) -> torch.Tensor:
+    def get(self, caption: str) -> TextConditioning:
         return self._memory[caption]
 
-    def put(self, caption: str, states: torch.Tensor) -> None:
-        self._memory[caption] = states.detach()
+    def put(self, caption: str, conditioning: TextConditioning) -> None:
+        self._memory[caption] = conditioning.detach()
 
     def __len__(self) -> int:
         return len(self._memory)

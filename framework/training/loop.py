@@ -33,6 +33,7 @@ from charfw.training.families import get_family
 from charfw.training.interrupts import StopAtStepBoundary
 from charfw.training.model_sources import resolve_source, source_identity
 from charfw.training.networks import create_network, detect_file_type, network_type
+from charfw.training.networks.targets import select_text_encoders
 from charfw.training.sample_prompts import generate_samples, read_prompts
 
 from .. import console
@@ -117,7 +118,6 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object
-    from diffusers import DDPMScheduler
 
     from .batch_inputs import BatchInputs
 
@@ -143,7 +143,8 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     trackers = _trackers(s.log_with)
     logging_dir = job.logging_dir or output_dir / "logs"
     train_te_lr = s.resolved_text_encoder_lr()
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=train_te_lr > 0 and job.clip_skip > 1)
+    family = get_family(job.family)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=train_te_lr > 0 and family.text_layers_unused(job.clip_skip))
     accelerator = Accelerator(
         mixed_precision=mixed, log_with=trackers or None, kwargs_handlers=[ddp], dynamo_backend="inductor" if s.torch_compile else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)),
@@ -170,7 +171,6 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     generator = torch.Generator(device=device).manual_seed(s.seed + accelerator.process_index)
 
     # --- the base model, frozen ----------------------------------------------------------
-    family = get_family(job.family)
     source = resolve_source(job.base_model, cache_dir=job.cache_dir)
     vae_source = resolve_source(job.vae, cache_dir=job.cache_dir, what="VAE") if job.vae else None
     log(f"loading {source.ref}" + (f" with VAE {vae_source.ref}" if vae_source else ""))
@@ -182,8 +182,8 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     model.unet.to(device, weight_dtype)
     for te in model.text_encoders:
         te.to(device, weight_dtype)
-    noise_scheduler = DDPMScheduler.from_config(model.scheduler_config)
-    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    # noise, timesteps, targets and loss weighting: the family's (DDPM for SD 1.x and SDXL)
+    objective = family.objective(model, s, device)
 
     # --- the data: images, captions, buckets; unusable images found before training -------
     data = TrainingData.load(job.dataset_config, resolution=s.resolution, default_resolution=family.default_resolution,
@@ -193,7 +193,7 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
         warn(line)
     vae_identity = str(source_identity(vae_source or source, sha256)) + ("/vae" if vae_source else "/base")
     latent_cache = LatentCache(s.cache_latents, job.cache_dir, vae_identity)
-    text_frozen = train_te_lr == 0 or s.train_unet_only
+    text_frozen = train_te_lr == 0 or s.train_unet_only or s.text_encoders == []
     text_cache = TextCache() if (s.cache_text_encoder_outputs and text_frozen and data.fixed_captions) else None
     inputs = BatchInputs(model, latent_cache=latent_cache, text_cache=text_cache, device=device, sha256=sha256,
                          clip_skip=job.clip_skip, max_token_length=s.max_token_length, vae_batch_size=s.vae_batch_size)
@@ -218,9 +218,7 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
 
     # --- the network, attached to the UNet and the text encoder --------------------------
     kind = network_type(s.network)
-    roots = family.network_roots(model)
-    if s.train_unet_only:
-        roots = [r for r in roots if r.root != "text_encoder"]
+    roots = select_text_encoders(family.network_roots(model), [] if s.train_unet_only else s.text_encoders)
     ranks = None
     continue_state = None
     if s.continue_from:
@@ -254,7 +252,7 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
         model.unet.enable_gradient_checkpointing()
     model.unet.train()
     for te in model.text_encoders:
-        te.train("text_encoder" in trained_roots)
+        te.train("text_encoder" in trained_roots and any(p.requires_grad for p in te.parameters()))
 
     # --- optimizer, schedule, and how long the run is ------------------------------------
     groups = network.parameter_groups(lrs)
@@ -266,10 +264,14 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     total_epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = optimizers.make_scheduler(s, optimizer, total_steps)
     unet = accelerator.prepare(model.unet)
-    text_encoders = [accelerator.prepare(te) for te in model.text_encoders] if "text_encoder" in trained_roots \
-        else model.text_encoders
+    # a text encoder with adapters (its own parameters are frozen) trains when the text
+    # encoders' rate is above 0; only those are wrapped for distributed training
+    trained_tes = [("text_encoder" in trained_roots and any(p.requires_grad for p in te.parameters()))
+                   for te in model.text_encoders]
+    text_encoders = [accelerator.prepare(te) if trained else te
+                     for te, trained in zip(model.text_encoders, trained_tes, strict=True)]
     optimizer = accelerator.prepare(optimizer)
-    trained_models = [unet, *(text_encoders if "text_encoder" in trained_roots else [])]
+    trained_models = [unet, *(te for te, trained in zip(text_encoders, trained_tes, strict=True) if trained)]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     scaler = accelerator.scaler
 
@@ -409,30 +411,20 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
                         # latents and conditioning: cached, or encoded now
                         latents = inputs.latents(batch, index)
                         conditioning = inputs.conditioning(batch, text_encoders, grad="text_encoder" in trained_roots)
-                        # forward diffusion: noise at random timesteps (plus kohya's noise offset)
-                        noise = torch.randn(latents.shape, generator=generator, device=device)
-                        if s.noise_offset:
-                            noise += s.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator,
-                                                                  device=device)
-                        timesteps = torch.randint(s.min_timestep, s.max_timestep, (latents.shape[0],),
-                                                  generator=generator, device=device)
-                        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                        extra_inputs = inputs.sample_inputs(batch)
+                        # forward diffusion: the family's objective draws noise and timesteps
+                        # (DDPM: plus kohya's noise offset) and says what to predict
+                        noised = objective.noise(latents, generator)
+                        noisy = noised.noisy
                         if s.channels_last:
                             noisy = noisy.contiguous(memory_format=torch.channels_last)
-                        # the UNet predicts the noise (or the velocity for v-prediction models)
                         with autocast():
-                            prediction = family.predict(unet, noisy, timesteps, conditioning.to(weight_dtype))
-                        target = noise if model.prediction_type == "epsilon" else \
-                            noise_scheduler.get_velocity(latents, noise, timesteps)
-                        loss = torch.nn.functional.mse_loss(prediction.float(), target.float(), reduction="none")
-                        loss = loss.mean(dim=(1, 2, 3))
-                        # per-sample weights: regularisation images, then min-SNR weighting
+                            prediction = family.predict(unet, noisy, noised.timesteps, conditioning.to(weight_dtype),
+                                                        extra_inputs)
+                        # per-sample weights (regularisation images) and the objective's own
+                        # weighting (min-SNR)
                         weights = torch.tensor([x.weight for x in batch.samples], device=device)
-                        if s.min_snr_gamma:
-                            snr = noise_scheduler.alphas_cumprod[timesteps] / (1 - noise_scheduler.alphas_cumprod[timesteps])
-                            divisor = snr if model.prediction_type == "epsilon" else snr + 1
-                            weights = weights * torch.clamp(snr, max=s.min_snr_gamma) / divisor
-                        loss = (loss * weights).mean()
+                        loss = objective.loss(prediction, noised, weights)
                         accelerator.backward(loss / group_size)
                     if not sync:
                         continue
@@ -555,3 +547,4 @@ def _shard(batches: list[Any], rank: int, world: int) -> list[Any]:
     per = math.ceil(len(batches) / world)
     padded = batches + batches[: per * world - len(batches)]
     return padded[rank::world]
+

@@ -89,6 +89,9 @@ class TrainSettings(BaseModel):
     conv_alpha: str | float | None = Field(None, description="default: alpha applied to conv_dim")
     network_dropout: float | None = Field(None, ge=0, lt=1, description="dropout on the down projections (lora)")
     train_unet_only: bool = Field(False, description="no text-encoder modules (kohya's network_train_unet_only)")
+    text_encoders: list[int] | None = Field(None, description="which text encoders get modules, counted from 1 "
+                                            "(SDXL: [1] CLIP-L only, [2] OpenCLIP-G only, [] none); default: all "
+                                            "the model family trains")
     continue_from: str | None = Field(None, description="continue training from this LoRA file (the seed's "
                                       "'continue' argument; kohya's network_weights)")
 

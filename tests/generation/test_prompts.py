@@ -280,6 +280,7 @@ def test_the_trainer_conditions_short_captions_the_same_way(tokenizer: Any, text
     family = SD1Family()
     with torch.no_grad():
         trainer = family.encode_text(model, family.tokenize(model, ["krnk, 1girl"], None), clip_skip=2)
+        trainer = trainer["encoder_hidden_states"]
     torch.testing.assert_close(encode_prompt(tokenizer, text_encoder, "krnk, 1girl", clip_skip=2), trainer)
 
 

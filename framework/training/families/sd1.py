@@ -32,7 +32,7 @@ from ..networks.targets import (
     NetworkRoot,
     text_model_prefix,
 )
-from . import LoadedModel, ModelFamily
+from . import LoadedModel, ModelFamily, TextConditioning
 
 CHUNK = 75
 
@@ -172,7 +172,7 @@ class SD1Family(ModelFamily):
         return torch.stack(chunks, dim=1)
 
     def encode_text(self, model: LoadedModel, input_ids: torch.Tensor, *, clip_skip: int,
-                    text_encoders: list[Any] | None = None) -> torch.Tensor:
+                    text_encoders: list[Any] | None = None) -> TextConditioning:
         text_encoder = model.text_encoders[0]
         # the forward may go through a wrapper (DistributedDataParallel); attributes are read
         # from the model itself
@@ -181,15 +181,13 @@ class SD1Family(ModelFamily):
         chunked = input_ids.ndim == 3
         flat = input_ids.reshape(-1, input_ids.shape[-1]).to(text_encoder.device)
         states = clip_text_states(text_encoder, flat, clip_skip, forward=run)
-        if not chunked:
-            return states
-        states = states.reshape(batch, input_ids.shape[1], input_ids.shape[2], -1)
-        middle = [states[:, i, 1:-1] for i in range(states.shape[1])]
-        return torch.cat([states[:, 0, :1], *middle, states[:, -1, -1:]], dim=1)
+        if chunked:
+            states = join_chunks(states.reshape(batch, input_ids.shape[1], input_ids.shape[2], -1))
+        return TextConditioning({"encoder_hidden_states": states})
 
     def predict(self, unet: Any, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
-                conditioning: torch.Tensor) -> torch.Tensor:
-        return unet(noisy_latents, timesteps, conditioning, return_dict=False)[0]
+                conditioning: TextConditioning, inputs: Any) -> torch.Tensor:
+        return unet(noisy_latents, timesteps, conditioning["encoder_hidden_states"], return_dict=False)[0]
 
     # --- files and sampling --------------------------------------------------------------
 
@@ -202,12 +200,34 @@ class SD1Family(ModelFamily):
             "modelspec.prediction_type": model.prediction_type,
         }
 
-    def pipeline(self, model: LoadedModel, scheduler: Any) -> Any:
-        from diffusers import StableDiffusionPipeline
+    def pipeline(self, model: LoadedModel, scheduler: Any, *, img2img: bool = False,
+                 controlnet: Any = None) -> Any:
+        import diffusers
 
-        pipe = StableDiffusionPipeline(
-            vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0], unet=model.unet,
-            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        parts = {"vae": model.vae, "text_encoder": model.text_encoders[0], "tokenizer": model.tokenizers[0],
+                 "unet": model.unet, "scheduler": scheduler, "safety_checker": None, "feature_extractor": None,
+                 "requires_safety_checker": False}
+        if controlnet is not None:
+            cls = (diffusers.StableDiffusionControlNetImg2ImgPipeline if img2img
+                   else diffusers.StableDiffusionControlNetPipeline)
+            pipe = cls(controlnet=controlnet, **parts)
+        else:
+            cls = diffusers.StableDiffusionImg2ImgPipeline if img2img else diffusers.StableDiffusionPipeline
+            pipe = cls(**parts)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def encode_prompts(self, model: LoadedModel, prompt: str, negative: str, *, clip_skip: int,
+                       device: Any) -> dict[str, torch.Tensor]:
+        from charfw.generation.prompts import encode_pair
+
+        cond, uncond = encode_pair(model.tokenizers[0], model.text_encoders[0], prompt, negative,
+                                   clip_skip=clip_skip, device=device)
+        return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
+
+
+def join_chunks(states: torch.Tensor) -> torch.Tensor:
+    """kohya's long captions: (B, chunks, 77, dim) states of chunks encoded one by one →
+    ``start + chunk1 + chunk2 (+ chunk3) + end`` along the token axis."""
+    middle = [states[:, i, 1:-1] for i in range(states.shape[1])]
+    return torch.cat([states[:, 0, :1], *middle, states[:, -1, -1:]], dim=1)

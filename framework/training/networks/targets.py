@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ...errors import CharfwError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -50,6 +52,9 @@ class Target:
     root: str
     #: a convolution with a kernel larger than 1x1: trains at conv_dim / conv_alpha
     is_conv3x3: bool
+    #: the layer's dotted name in a diffusers/peft-format file (``transformer.transformer_blocks.0.attn.to_q``),
+    #: for families whose files use that format (SD 3.5); None for kohya files
+    file_key: str | None = None
 
 
 def is_conv3x3(layer: nn.Module) -> bool:
@@ -64,11 +69,13 @@ def find_targets(
     classes: tuple[str, ...],
     path_prefix: str = "",
     conv3x3: bool,
+    file_root: str | None = None,
 ) -> list[Target]:
     """The layers of ``model`` kohya would wrap, in kohya's order, with kohya's names.
 
     ``path_prefix`` is prepended to module paths (``"text_model."`` for a flattened
-    ``CLIPTextModel``); ``conv3x3`` adds convolutions larger than 1x1.
+    ``CLIPTextModel``); ``conv3x3`` adds convolutions larger than 1x1; ``file_root`` (a
+    diffusers part, ``transformer``) gives each target its peft-format file key.
     """
     found: list[Target] = []
     seen: set[int] = set()
@@ -82,8 +89,9 @@ def find_targets(
             if conv and not conv3x3:
                 continue
             seen.add(id(child))
-            full = f"{prefix}.{path_prefix}{path}.{child_path}".replace(".", "_")
-            found.append(Target(full, child, root, conv))
+            dotted = f"{path_prefix}{path}.{child_path}"
+            full = f"{prefix}.{dotted}".replace(".", "_")
+            found.append(Target(full, child, root, conv, f"{file_root}.{dotted}" if file_root else None))
     return found
 
 
@@ -106,6 +114,9 @@ class NetworkRoot:
     classes: tuple[str, ...]
     conv_classes: tuple[str, ...]
     path_prefix: str = ""
+    #: the diffusers part name files of this family use as the key's first part
+    #: (``transformer``, ``text_encoder``, ``text_encoder_2``); None: kohya names
+    file_root: str | None = None
 
 
 def enumerate_targets(roots: list[NetworkRoot], *, conv3x3: bool) -> list[Target]:
@@ -114,5 +125,19 @@ def enumerate_targets(roots: list[NetworkRoot], *, conv3x3: bool) -> list[Target
     for r in sorted(roots, key=lambda r: r.root != "text_encoder"):
         classes = r.conv_classes if conv3x3 else r.classes
         out += find_targets(r.model, prefix=r.prefix, root=r.root, classes=classes,
-                            path_prefix=r.path_prefix, conv3x3=conv3x3)
+                            path_prefix=r.path_prefix, conv3x3=conv3x3, file_root=r.file_root)
     return out
+
+
+def select_text_encoders(roots: list[NetworkRoot], chosen: list[int] | None) -> list[NetworkRoot]:
+    """The network roots with only the ``chosen`` text encoders (counted from 1 in the
+    model's order; None: all of them, an empty list: none)."""
+    if chosen is None:
+        return roots
+    text = [r for r in roots if r.root == "text_encoder"]
+    unknown = sorted(set(chosen) - set(range(1, len(text) + 1)))
+    if unknown:
+        raise CharfwError(f"text_encoders: this model has {len(text)} text encoder(s), there is no number {unknown[0]}",
+                          hint=f"use numbers from 1 to {len(text)}")
+    keep = {id(text[i - 1]) for i in chosen}
+    return [r for r in roots if r.root != "text_encoder" or id(r) in keep]
