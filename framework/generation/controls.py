@@ -85,10 +85,26 @@ def control_image(
     *,
     low: int = CANNY_LOW,
     high: int = CANNY_HIGH,
+    figures: int = 1,
 ) -> Image.Image:
     """The RGB control image of ``kind`` for one angle ``code`` of ``angle_set``, at ``size``
-    (one side, or width and height)."""
+    (one side, or width and height). ``figures`` > 1 puts that many copies side by side
+    (a group's members, each turned as the code says), each in an equal slot of the width,
+    centred on black."""
     width, height = (size, size) if isinstance(size, int) else size
+    if figures > 1:
+        from PIL import Image as PILImage
+
+        slot = width // figures
+        if slot < 8:
+            raise CharfwError(f"a {width} px wide image has no room for {figures} figures side by side",
+                              hint="make the image wider (size: [width, height])")
+        one = control_image(templates, angle_set, code, kind, (slot, height), low=low, high=high)
+        canvas = PILImage.new("RGB", (width, height))
+        margin = (width - slot * figures) // 2
+        for i in range(figures):
+            canvas.paste(one, (margin + i * slot, 0))
+        return canvas
     if kind == "openpose":
         check_module("cv2", extra="generate", purpose="drawing OpenPose control images")
         from charfw.generation.openpose import draw_set

@@ -75,11 +75,11 @@ class GenerationOptions(Options):
         return (self.size, self.size) if isinstance(self.size, int) else (self.size[0], self.size[-1])
 
 
-def check_part_codes(ctx: Any, codes: list[str], stage: str) -> list[str]:
-    """``codes`` if each is a code of the part's template (symmetric or not), else a
-    one-line error naming the first that is not."""
+def check_part_codes(ctx: Any, codes: list[str], stage: str, template: str | None = None) -> list[str]:
+    """``codes`` if each is a code of the part's template (or ``template``; symmetric or
+    not), else a one-line error naming the first that is not."""
     part = ctx.part
-    angle_set = ctx.templates.angle_sets[part.template]
+    angle_set = ctx.templates.angle_sets[template or part.template]
     known = angle_set.codes(part.symmetric)
     for code in codes:
         if code not in known:

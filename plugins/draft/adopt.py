@@ -4,7 +4,8 @@ The ``draft`` stage writes candidates as ``build/<character>/<part>/draft/<code>
 (k = 0, 1, ... per angle code). ``charfw adopt krnk face f00-2 f01-0`` copies candidate 2
 of f00 and candidate 0 of f01 into the face's images folder as ``f00.png`` and ``f01.png``;
 ``--all-first`` takes candidate 0 of every code that has drafts. The next ``charfw build``
-then runs the usual stages on them.
+then runs the usual stages on them. A group's drafts (the members together) go into the
+group's own ``images`` folder: ``charfw adopt krnksf_tyankps group b00-1``.
 
 This is the one command besides ``charfw tag`` that writes next to source images, so it
 never replaces one without ``--force``; with ``--force`` the replaced file is kept under
@@ -102,12 +103,18 @@ def register_commands(cli):
 
         ws = workspace_from(ctx)
         lm = ws.load(target)
-        if not isinstance(lm.manifest, CharacterManifest):
-            raise CharfwError(f"'{target}' is a group; drafts are adopted into a character's face or body folder")
-        parts = {p.name: p for p in character_parts(ws, lm)}
-        if part not in parts:
-            raise CharfwError(f"character '{target}' has no part '{part}'; its parts: {', '.join(parts)}")
-        info = parts[part]
+        if isinstance(lm.manifest, CharacterManifest):
+            parts = {p.name: p.images_dir for p in character_parts(ws, lm)}
+            if part not in parts:
+                raise CharfwError(f"character '{target}' has no part '{part}'; its parts: {', '.join(parts)}")
+            images_dir = parts[part]
+        else:
+            if part != "group":
+                raise CharfwError(f"'{target}' is a group; its one part is 'group' (charfw adopt {target} group …)")
+            if lm.manifest.images is None:
+                raise CharfwError(f"group '{target}' has no folder for its own pictures", path=lm.path,
+                                  hint=f"add `images: {target}` (pictures of the members together) to the manifest")
+            images_dir = (lm.base_dir / lm.manifest.images).resolve()
         draft_dir = ws.build_dir / target / part / "draft"
         chosen = list(candidates)
         if all_first:
@@ -116,8 +123,8 @@ def register_commands(cli):
         if not chosen:
             raise CharfwError("name the candidates to adopt (e.g. f00-2 f01-0), or pass --all-first",
                               hint=f"the drafts are in {display_path(draft_dir)}/")
-        assert info.images_dir is not None
-        for src, dest in adopt(info.images_dir, draft_dir, chosen, force=force):
+        assert images_dir is not None
+        for src, dest in adopt(images_dir, draft_dir, chosen, force=force):
             console.info(f"{src.stem} -> {display_path(dest)}")
-        console.info(f"adopted {len(chosen)} image(s) into {display_path(info.images_dir)}/; "
+        console.info(f"adopted {len(chosen)} image(s) into {display_path(images_dir)}/; "
                      f"run `charfw build {target}` to prepare and tag them")

@@ -26,9 +26,18 @@ The prompt of a code, in this order (A1111 syntax; tags joined with ``, ``):
 5. a body only: its face's keyword (the finished face LoRA is applied at ``lora_weight``, so
    the face it learned answers its keyword); the part's own keyword and class tokens are
    left out, since no model knows them before this part is trained;
-6. the part's tags (a body's outfit: ``school uniform, serafuku`` …);
+6. the part's tags (a body's outfit: ``school uniform, serafuku`` …); for a group, each
+   member body's keyword followed by its tags (every member's finished body LoRA is
+   applied at ``lora_weight``, so each keyword calls up its character in its outfit);
 7. the ``prompt`` option: the character's own description (``1girl, short hair, cat ears,
-   black choker`` …), written by the user.
+   black choker`` …), written by the user; for a group, the count (``2girls``) and how
+   they stand (``side-by-side``).
+
+A group drafts the body codes of its members' angle set (all members share it) with every
+member in the picture: the control image holds one figure per member side by side, each
+turned as the code says, so a group draft is best made wider than high (``size: [768,
+512]``). Group drafts are pictures of the characters together; they are adopted into the
+group's own ``images`` folder (see ``charfw adopt``).
 
 ``negative`` is the negative prompt. Each candidate is ``<stage dir>/<code>-<k>.png`` with its
 infotext (prompt, the face LoRA, the ControlNet unit, the hires fix), and
@@ -92,7 +101,7 @@ class ControlNetDraftOptions(GenerationOptions):
     hires: HiresOptions | None = None
     #: black for dark hair, white for light hair
     background: Literal["black", "white"] = "black"
-    #: the face LoRA's weight in a body's drafts
+    #: the weight of the LoRAs a draft builds on: a body's face LoRA, a group's member bodies'
     lora_weight: float = Field(1.0, ge=0, le=2)
 
     @model_validator(mode="after")
@@ -114,20 +123,34 @@ def emphasise(tag: str) -> str:
     return f"({escaped}:{weight:g})" if weight else escaped
 
 
+def draft_template(ctx: StageContext) -> str:
+    """The angle set a part drafts: its own, or for a group its member bodies' (one for all)."""
+    part = ctx.part
+    if part.kind != "group":
+        if part.template is None:
+            raise CharfwError(f"{part.label} draft: a {part.kind} has no angle template to draft")
+        return part.template
+    names = sorted({m.template for m in part.members if m.template is not None})
+    if len(names) != 1:
+        raise CharfwError(f"{part.label} draft: the members' bodies follow different angle templates "
+                          f"({', '.join(names) or 'none'}); a group draft turns every member the same way",
+                          hint="give the members' bodies one template, or draft them separately")
+    return names[0]
+
+
 def draft_codes(ctx: StageContext, options: ControlNetDraftOptions) -> list[str]:
     part = ctx.part
-    if part.template is None:
-        raise CharfwError(f"{part.label} draft: a {part.kind} has no angle template to draft")
-    if options.codes is None:
-        return list(part.angles)
-    angle_set = ctx.templates.angle_sets[part.template]
+    template = draft_template(ctx)
+    angle_set = ctx.templates.angle_sets[template]
     known = angle_set.codes(part.symmetric)
+    if options.codes is None:
+        return list(part.angles) if part.kind != "group" else known
     # one list serves the face and the bodies: codes of another angle set are not this part's
     mine = [c for c in options.codes if ctx.templates.angle_set_for_prefix(parse_code(c).prefix) is angle_set]
     if not mine:
         raise CharfwError(f"{part.label} draft.codes: none of {', '.join(options.codes)} is a code of the "
-                          f"'{part.template}' template ({known[0]} … {known[-1]})")
-    return check_part_codes(ctx, mine, "draft")
+                          f"'{template}' template ({known[0]} … {known[-1]})")
+    return check_part_codes(ctx, mine, "draft", template)
 
 
 def draft_prompt(ctx: StageContext, options: ControlNetDraftOptions, code: str, rules=None) -> str:
@@ -136,7 +159,7 @@ def draft_prompt(ctx: StageContext, options: ControlNetDraftOptions, code: str, 
     angle, angle_set = code_angle(ctx, code, "draft")
     if rules is None:
         rules = load_rules(rules_path(ctx, options.rules))
-    body = part.kind == "body"
+    body = part.kind in ("body", "group")
     items = [f"({options.background} background:1.3)", "simple background"]
     items += ["full body", "standing", "straight standing"] if body else ["upper body", NUDE]
     seen = {"simple background", *DROPPED}
@@ -145,11 +168,17 @@ def draft_prompt(ctx: StageContext, options: ControlNetDraftOptions, code: str, 
             continue
         seen.add(tag)
         items.append(emphasise(tag))
-    if body:
+    tags = list(part.tags)
+    if part.kind == "group":
+        tags = [t for m in part.members for t in (m.keyword, *m.tags)] + tags
+    elif body:
         face = next((m for m in part.members if m.kind == "face"), None)
         if face is not None:
-            items.append(emphasise(face.keyword))
-    items += [emphasise(t) for t in part.tags if t not in seen]
+            tags.insert(0, face.keyword)
+    for tag in tags:
+        if tag not in seen:
+            seen.add(tag)
+            items.append(emphasise(tag))
     if options.prompt.strip():
         items.append(options.prompt.strip())
     return ", ".join(items)
@@ -204,7 +233,7 @@ class ControlNetDrafter(Drafter):
     Options = ControlNetDraftOptions
 
     def _angle_set(self, ctx: StageContext):
-        return ctx.templates.angle_sets[ctx.part.template]
+        return ctx.templates.angle_sets[draft_template(ctx)]
 
     def check(self, ctx: StageContext, options: ControlNetDraftOptions) -> None:
         from charfw.training.model_sources import resolve_source
@@ -225,7 +254,9 @@ class ControlNetDrafter(Drafter):
     def _controls(self, ctx: StageContext, options: ControlNetDraftOptions, codes: list[str]) -> dict[str, Any]:
         from charfw.generation.controls import control_image
 
-        return {code: control_image(ctx.templates, self._angle_set(ctx), code, options.control, options.width_height)
+        figures = len(ctx.part.members) if ctx.part.kind == "group" else 1
+        return {code: control_image(ctx.templates, self._angle_set(ctx), code, options.control, options.width_height,
+                                    figures=figures)
                 for code in codes}
 
     def cache_key(self, ctx: StageContext, options: ControlNetDraftOptions) -> Any:
@@ -259,7 +290,9 @@ class ControlNetDrafter(Drafter):
         codes = draft_codes(ctx, options)
         rules = load_rules(rules_path(ctx, options.rules))
         controls = self._controls(ctx, options, codes)
-        loras = (LoraSpec(ctx.input_file("lora"), options.lora_weight),) if ctx.part.kind == "body" else ()
+        # the finished LoRAs this part builds on, in the members' order (none for a face)
+        loras = tuple(LoraSpec(ctx.path(out.files["lora"]), options.lora_weight)
+                      for out in ctx.inputs.values() if "lora" in out.files)
         hires = (HiresFix(options.hires.scale, options.hires.denoise, options.hires.steps)
                  if options.hires is not None else None)
         width, height = options.width_height

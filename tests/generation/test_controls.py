@@ -75,3 +75,16 @@ def test_missing_files_and_bad_kinds_are_one_line(library: TemplateLibrary) -> N
         control_image(library, face, "f00", "depth", 64)
     with pytest.raises(CharfwError, match="canny thresholds"):
         canny_edges(square_picture(), 200, 100)
+
+
+def test_a_group_control_puts_one_figure_per_member_side_by_side(library: TemplateLibrary) -> None:
+    body = library.angle_sets["body"]
+    one = np.asarray(control_image(library, body, "b11", "openpose", (66, 96)))
+    three = np.asarray(control_image(library, body, "b11", "openpose", (200, 96), figures=3))
+    assert three.shape == (96, 200, 3) and one.any()
+    # three slots of 200 // 3 = 66 px, centred: a one-pixel margin each side
+    assert not three[:, :1].any() and not three[:, -1:].any()
+    for left in (1, 67, 133):
+        assert np.array_equal(three[:, left:left + 66], one)
+    with pytest.raises(CharfwError, match="no room for 3 figures"):
+        control_image(library, body, "b11", "openpose", (16, 96), figures=3)

@@ -52,7 +52,8 @@ def test_all_first_and_bad_names(workspace: Path, run_cli) -> None:
         (("krnk", "krnksf", "b14-0"), "no draft candidate 'b14-0'"),
         (("krnk", "nope", "b12-0"), "character 'krnk' has no part 'nope'; its parts: face, krnksf"),
         (("krnk", "face"), "name the candidates to adopt"),
-        (("krnksf_tyankps", "group", "x00-0"), "'krnksf_tyankps' is a group"),
+        (("krnksf_tyankps", "krnksf", "b00-0"), "'krnksf_tyankps' is a group; its one part is 'group'"),
+        (("krnksf_tyankps", "group", "b00-0"), "group 'krnksf_tyankps' has no folder for its own pictures"),
     ]:
         code, _, err = run_cli("adopt", *args, cwd=workspace)
         assert code == 3 and message in err, (args, err)

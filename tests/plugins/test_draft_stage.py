@@ -154,3 +154,83 @@ def test_a_quick_build_drafts_face_and_body_and_adopt_takes_a_candidate(workspac
     assert code == 0, out + err
     adopted = workspace / "characters/krnk/face/f00.png"
     assert adopted.read_bytes() == (workspace / "build/krnk/face/draft/f00-1.png").read_bytes()
+
+
+def group_context() -> StageContext:
+    templates = TemplateLibrary(None)
+    body = templates.angle_sets["body"]
+    krnksf = PartInfo(target="krnk", name="krnksf", kind="body", keyword="krnksf", class_tokens="krnksf girl",
+                      tags=("school uniform",), template="body", angles=tuple(body.codes(True)))
+    tyankps = PartInfo(target="tyank", name="tyankps", kind="body", keyword="tyankps", class_tokens="tyankps girl",
+                       tags=("plugsuit", "school uniform"), template="body", angles=tuple(body.codes(True)))
+    part = PartInfo(target="both", name="group", kind="group", keyword="both", class_tokens="both",
+                    members=(krnksf, tyankps), model=ModelRefs(base="charfw:tiny-sd15"))
+    return StageContext(workspace_root=Path.cwd(), part=part, stage="draft", stage_dir=Path("."), inputs={},
+                        cache_dir=Path("."), hash_cache=HashCache(None), templates=templates)
+
+
+def test_a_group_drafts_every_member_in_its_outfit_on_the_body_codes() -> None:
+    from charfw.default_plugins.draft.controlnet import draft_codes, draft_prompt
+
+    ctx = group_context()
+    assert draft_codes(ctx, options()) == ctx.templates.angle_sets["body"].codes(True)
+    assert draft_codes(ctx, options(codes=["f00", "b11"])) == ["b11"]
+    prompt = draft_prompt(ctx, options(prompt="2girls, side-by-side"), "b11")
+    assert prompt.startswith("(black background:1.3), simple background, full body, standing, straight standing")
+    # each member's keyword and outfit once, in the members' order, then the user's words
+    assert prompt.endswith("krnksf, school uniform, tyankps, plugsuit, 2girls, side-by-side")
+    assert "(from above:1.3)" in prompt and "nude" not in prompt
+    mixed = group_context()
+    object.__setattr__(mixed.part.members[1], "template", "face")
+    with pytest.raises(CharfwError, match="different angle templates"):
+        draft_codes(mixed, options())
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_group_drafts_with_its_members_body_loras_and_adopts_into_its_own_pictures(
+        workspace: Path, tiny_sd15: Path, run_cli) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from charfw.generation.infotext import parse_infotext
+
+    make_tiny_controlnet(UNet2DConditionModel.from_pretrained(tiny_sd15 / "unet"),
+                         workspace / "models/cn-tiny", 3)
+    for name in ("krnk", "tyank"):
+        manifest = workspace / f"characters/{name}.yaml"
+        manifest.write_text(manifest.read_text("utf-8") + QUICK_TRAIN, "utf-8")
+    group = workspace / "characters/krnksf_tyankps.yaml"
+    draft = ("  draft: {plugin: controlnet, controlnet: models/cn-tiny, codes: [b00, b11], candidates: 1, "
+             "size: [96, 64], steps: 2, seed: 3, prompt: 2girls}\n")
+    group.write_text(group.read_text("utf-8") + QUICK_TRAIN + draft, "utf-8")
+    code, out, err = run_cli("build", "krnksf_tyankps", cwd=workspace)
+    assert code == 0, out + err
+    folder = workspace / "build/krnksf_tyankps/group/draft"
+    assert sorted(p.name for p in folder.glob("*.png")) == ["b00-0.png", "b11-0.png", "contact-sheet.png"]
+    member_loras = [next((workspace / f"build/{c}/{b}/compress").glob("*.safetensors")).stem
+                    for c, b in (("krnk", "krnksf"), ("tyank", "tyankps"))]
+    with Image.open(folder / "b11-0.png") as image:
+        assert image.size == (96, 64)
+        params = parse_infotext(image.text["parameters"])
+    assert all(f"<lora:{stem}:1>" in params.prompt for stem in member_loras)
+    assert len(params.lora_hashes) == 2 and "krnksf, school uniform" in params.prompt
+    # the group has no folder for its pictures yet: adopt says where to add one
+    code, _, err = run_cli("adopt", "krnksf_tyankps", "group", "b11-0", cwd=workspace)
+    assert code != 0 and "add `images: krnksf_tyankps`" in err
+    trained = {p: p.read_bytes() for p in (workspace / "build").glob("*/*/train/record.json")}
+    group.write_text(group.read_text("utf-8").replace("stages:", "images: krnksf_tyankps\ntags: [2girls]\n\nstages:"),
+                     "utf-8")
+    code, _, err = run_cli("adopt", "krnksf_tyankps", "group", "b11-0", cwd=workspace)
+    assert code == 0, err
+    adopted = workspace / "characters/krnksf_tyankps/b11.png"
+    assert adopted.read_bytes() == (folder / "b11-0.png").read_bytes()
+    code, out, err = run_cli("build", "krnksf_tyankps", cwd=workspace)
+    assert code == 0, out + err
+    # the group's picture joins its dataset, captioned with every member; the members are untouched
+    captions = list((workspace / "build/krnksf_tyankps/group/dataset/images").glob("*/*_group*/b11.txt"))
+    assert len(captions) == 1
+    caption = captions[0].read_text("utf-8")
+    assert caption.startswith("krnksf_tyankps, 2girls, krnksf, school uniform, serafuku")
+    assert "tyankps, plugsuit, bodysuit" in caption and "from above" in caption
+    for path, before in trained.items():
+        if "krnksf_tyankps" not in str(path):
+            assert path.read_bytes() == before, path
