@@ -25,7 +25,7 @@ from charfw.build.manifest import (
     LoadedManifest,
     pydantic_messages,
 )
-from charfw.build.stages import IMAGE_PARTS, STAGES, StageSpec, dataset_parts
+from charfw.build.stages import IMAGE_PARTS, STAGES, StageSpec, dataset_parts, stage_applies
 from charfw.build.workspace import Workspace
 from charfw.build.yaml_lines import Loc
 from charfw.components import KINDS, Component
@@ -322,11 +322,23 @@ class Planner:
             return
         first = members[0]
         model = _model_refs(lm, g.model) if g.model is not None else first.model
+        own: dict[str, Any] = {}
+        if g.images is not None:
+            # the group's own pictures: the members' body codes (no code is required), each
+            # caption naming every member in its outfit after the group's name and tags
+            templates = sorted({m.template for m in members if m.template})
+            if len(templates) != 1:
+                self.problems.append(lm.problem(("images",), "the members' bodies follow different angle templates "
+                                                f"({', '.join(templates)}); group pictures need one"))
+                return
+            tags = [*g.tags, *(t for m in members for t in (m.keyword, *m.tags))]
+            own = {"images_dir": (lm.base_dir / g.images).resolve(), "template": templates[0],
+                   "tags": tuple(dict.fromkeys(tags)), "repeats": g.repeats or first.repeats}
         part = PartInfo(target=g.name, name="group", kind="group", keyword=g.name, class_tokens=g.name,
-                        repeats=1, symmetric=all(m.symmetric for m in members), model=model,
-                        members=tuple(members))
+                        repeats=own.pop("repeats", 1), symmetric=all(m.symmetric for m in members), model=model,
+                        members=tuple(members), **own)
         stages = self.part(lm, part, None)
-        self.link(stages, self.dataset_inputs(part))
+        self.link(stages, self.dataset_inputs(part), self.lora_inputs(part))
         # add() puts what the group's stages need first: its members' image stages (the
         # dataset reads them), not their training
         self.add(stages)
@@ -359,7 +371,7 @@ class Planner:
             return self.stages_of[part.label]
         stages: list[PlannedStage] = []
         for spec in STAGES:
-            if part.kind not in spec.parts:
+            if not stage_applies(spec, part):
                 continue
             ps = PlannedStage(spec, part, self.ws.build_dir / part.target / part.name / spec.name)
             try:
@@ -398,7 +410,8 @@ class Planner:
             if part.label in self.stages_of else {}
 
     def lora_inputs(self, part: PartInfo) -> dict[str, PlannedStage]:
-        """The stages whose finished LoRA a part's drafts use: a body's face."""
+        """The stages whose finished LoRA a part's drafts use: a body's face, a group's
+        member bodies."""
         return {m.label: self.last_lora_stage(m.label) for m in part.members if m.label in self.stages_of}
 
     def last_lora_stage(self, label: str) -> PlannedStage:

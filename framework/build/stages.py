@@ -6,7 +6,7 @@ out by the plugin(s) its manifest picks, looked up in the registry of the stage'
 =========  ==================  ==================  ============================================
 stage      kind                default plugin      parts
 =========  ==================  ==================  ============================================
-draft      drafter             (off)               face, body (+ a body's face LoRA)
+draft      drafter             (off)               face, body (+ its face's LoRA), group (+ members')
 ingest     source              folder              face, body
 filter     image_filter        (off)               face, body
 background background          flat                face, body
@@ -366,7 +366,7 @@ def run_tag(ctx: StageContext, chain: Chain) -> StageOutput:
 
 def dataset_parts(part: PartInfo) -> list[PartInfo]:
     """The parts whose images a part's dataset holds: itself; a body's face first; a
-    group's members with their faces (each face once)."""
+    group's members with their faces (each face once), then the group's own pictures."""
     if part.kind == "face":
         return [part]
     if part.kind == "body":
@@ -376,7 +376,15 @@ def dataset_parts(part: PartInfo) -> list[PartInfo]:
         for p in dataset_parts(member):
             if p not in out:
                 out.append(p)
+    if part.images_dir is not None:
+        out.append(part)
     return out
+
+
+def stage_applies(spec: StageSpec, part: PartInfo) -> bool:
+    """Whether a part goes through a stage: its kind's stages, and for a group with its
+    own pictures (``images``) the image stages as well."""
+    return part.kind in spec.parts or (spec.parts == IMAGE_PARTS and part.images_dir is not None)
 
 
 def folder_name(part: PartInfo, key: str) -> str:
@@ -462,9 +470,10 @@ IDENTITY = ("kind", "keyword", "class_tokens", "tags", "template")
 TRAINING = (*IDENTITY, "repeats", "symmetric", "model", "members", "name")
 
 STAGES: tuple[StageSpec, ...] = (
-    # a side branch: it reads the finished LoRA of the parts it depends on (a body: its
-    # face), and nothing reads it; `charfw adopt` moves chosen drafts into the sources
-    StageSpec("draft", "drafter", None, IMAGE_PARTS, run_model_stage, (*TRAINING, "angles"), side_branch=True),
+    # a side branch: it reads the finished LoRAs of the parts it builds on (a body: its
+    # face; a group: its members' bodies), and nothing reads it; `charfw adopt` moves
+    # chosen drafts into the sources
+    StageSpec("draft", "drafter", None, ALL_PARTS, run_model_stage, (*TRAINING, "angles"), side_branch=True),
     StageSpec("ingest", "source", "folder", IMAGE_PARTS, run_ingest,
               ("images_dir", "template", "angles", "symmetric"), can_disable=False),
     StageSpec("filter", "image_filter", None, IMAGE_PARTS, run_filter, chainable=True),
