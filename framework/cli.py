@@ -173,6 +173,8 @@ def print_summary(summary: Any) -> None:
         if ps.part.label != last_part:
             last_part = ps.part.label
             out.print(Text(ps.part.label, style="bold"))
+            for note in summary.plan.notes.get(ps.part.label, []):
+                out.print(Text(f"  {note}", style="dim"), highlight=False)
         status = report.status + (f" {report.seconds:.1f}s" if report.status == "ran" else "")
         if summary.dry_run or report.status in ("blocked", "would run", "not selected", "off"):
             details = [report.reason] if report.reason else []

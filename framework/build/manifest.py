@@ -100,7 +100,9 @@ class ModelSection(_Strict):
     vae: StrictStr | None = None
     #: 1 = the text encoder's last layer, 2 = the penultimate (the method's choice)
     clip_skip: StrictInt = Field(2, ge=1, le=12)
-    family: Literal["sd1"] = "sd1"
+    #: the model family; by default told from the checkpoint's tensors (needed only for a
+    #: Hugging Face id that is not downloaded yet, and checked against the files otherwise)
+    family: Literal["sd1", "sdxl", "sd35"] | None = None
 
 
 class Part(_Strict):

@@ -36,7 +36,14 @@ from charfw.stage_context import ModelRefs, PartInfo
 # --- parts -------------------------------------------------------------------------------
 
 
-def _model_refs(lm: LoadedManifest, section: Any) -> ModelRefs:
+def _model_refs(lm: LoadedManifest, section: Any, cache_dir: Path) -> tuple[ModelRefs, str | None]:
+    """The part's model references, with the family told from the base model's files, and
+    the plan's line about it. A base model that is not there (yet) or a Hugging Face id
+    that is neither cached nor downloadable keeps the declared family (or sd1): the train
+    stage's check says what is missing; a checkpoint of an unknown family is a manifest error."""
+    from charfw.training.families.detect import FamilyUnavailable, detect_family
+    from charfw.training.model_sources import resolve_source
+
     def resolve(value: str | None) -> str | None:
         if value is None:
             return None
@@ -45,12 +52,30 @@ def _model_refs(lm: LoadedManifest, section: Any) -> ModelRefs:
             candidate = lm.base_dir / candidate
         return str(candidate.resolve()) if candidate.exists() else value
 
-    return ModelRefs(resolve(section.base), resolve(section.vae), section.clip_skip, section.family)
+    base = resolve(section.base)
+    family, note = section.family or "sd1", None
+    if base is not None:
+        try:
+            source = resolve_source(base, cache_dir=cache_dir)
+        except CharfwError:
+            source = None
+            note = f"model family {family} (as given; the base model is not found)"
+        if source is not None:
+            try:
+                found = detect_family(source, declared=section.family).require_trained()
+                family, note = found.name, f"model family {found.describe()}"
+            except FamilyUnavailable as exc:
+                note = f"model family {family} assumed ({exc.message.partition(': ')[2]})"
+            except CharfwError as exc:
+                key = "family" if section.family and "model.family says" in exc.message else "base"
+                raise lm.error(("model", key), str(exc)) from None
+    return ModelRefs(base, resolve(section.vae), section.clip_skip, family), note
 
 
-def character_parts(ws: Workspace, lm: LoadedManifest) -> list[PartInfo]:
+def character_parts(ws: Workspace, lm: LoadedManifest, model: ModelRefs | None = None) -> list[PartInfo]:
     m: CharacterManifest = lm.manifest  # type: ignore[assignment]
-    model = _model_refs(lm, m.model)
+    if model is None:
+        model = _model_refs(lm, m.model, ws.cache_dir)[0]
     sets = ws.templates.angle_sets
 
     def angles(part: Any) -> tuple[str, ...]:
@@ -259,6 +284,8 @@ class Plan:
     workspace: Workspace
     targets: list[str]
     stages: list[PlannedStage]
+    #: lines shown under a part's name before its stages, by part label
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
     def parts(self) -> list[PartInfo]:
         seen: list[PartInfo] = []
@@ -283,6 +310,8 @@ class Planner:
         self.parts_of: dict[str, list[PartInfo]] = {}
         self.ordered: list[PlannedStage] = []
         self.problems: list[str] = []
+        #: lines the plan shows under a part's name (the model family found), by part label
+        self.notes: dict[str, list[str]] = {}
 
     def plan(self, names: list[str] | None = None) -> Plan:
         loaded = [self.ws.load(n) for n in names] if names else self.ws.load_all()
@@ -299,7 +328,7 @@ class Planner:
                 self.group(lm)
         if self.problems:
             raise ManifestError(self.problems)
-        return Plan(self.ws, [lm.name for lm in loaded], self.ordered)
+        return Plan(self.ws, [lm.name for lm in loaded], self.ordered, self.notes)
 
     # --- characters and groups -----------------------------------------------------------
 
@@ -307,7 +336,10 @@ class Planner:
         """A character's parts, planned and linked (once)."""
         if lm.name in self.parts_of:
             return self.parts_of[lm.name]
-        parts = character_parts(self.ws, lm)
+        model, note = _model_refs(lm, lm.manifest.model, self.ws.cache_dir)  # type: ignore[union-attr]
+        parts = character_parts(self.ws, lm, model)
+        if note:
+            self.notes[parts[0].label] = [note]
         for part in parts:
             self.part(lm, part, ("face",) if part.kind == "face" else ("bodies", part.name))
         for part in parts:
@@ -321,7 +353,12 @@ class Planner:
         if self.problems:
             return
         first = members[0]
-        model = _model_refs(lm, g.model) if g.model is not None else first.model
+        if g.model is not None:
+            model, note = _model_refs(lm, g.model, self.ws.cache_dir)
+        else:
+            model, note = first.model, self.notes.get(self.parts_of[first.target][0].label, [None])[0]
+        if note:
+            self.notes[f"{g.name}/group"] = [note]
         own: dict[str, Any] = {}
         if g.images is not None:
             # the group's own pictures: the members' body codes (no code is required), each

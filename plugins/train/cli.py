@@ -42,6 +42,9 @@ def register_commands(cli):
                   help="The kohya dataset TOML (or give it as the argument).")
     @click.option("--base-model", "--pretrained-model-name-or-path", "--pretrained_model_name_or_path", "base_model",
                   required=True, help="A .safetensors checkpoint, a diffusers folder, a Hugging Face id or charfw:tiny-sd15.")
+    @click.option("--family", type=click.Choice(["sd1", "sdxl", "sd35"]),
+                  help="The model family (default: told from the base model's files; needed only for a "
+                       "Hugging Face id that is not downloaded yet).")
     @click.option("--vae", help="A VAE file (.safetensors/.ckpt), folder or id to use instead of the model's.")
     @click.option("--clip-skip", "--clip_skip", type=click.IntRange(1, 12), default=2, show_default=True,
                   help="1 = the text encoder's last layer, 2 = the penultimate.")
@@ -59,7 +62,7 @@ def register_commands(cli):
     @settings_options
     @click.pass_context
     def train_command(ctx: click.Context, dataset: Path | None, dataset_option: Path | None, base_model: str,
-                      vae: str | None, clip_skip: int, output_dir: Path, keyword: str | None, resume: str | None,
+                      family: str | None, vae: str | None, clip_skip: int, output_dir: Path, keyword: str | None, resume: str | None,
                       logging_dir: Path | None, state_dir: Path | None, cache_dir: Path | None, **values: Any) -> None:
         """Train a LoRA on a kohya dataset config (TOML), like sd-scripts' train_network.py.
 
@@ -97,16 +100,21 @@ def register_commands(cli):
         # every run is tagged, not only those that save state: Ctrl-C saves one in any run,
         # and --resume only continues a state of the same fingerprint (the model hashes are
         # stat-cached, and the run hashes its model for the latent cache anyway)
+        from charfw.training.families.detect import detect_family
         from charfw.training.model_sources import resolve_source, source_identity
 
+        source = resolve_source(base_model, cache_dir=cache)
+        found = detect_family(source, declared=family).require_trained(
+            path=source.path if source.kind in ("single_file", "diffusers") else None)
+        console.info(f"model family {found.describe()}")
         hashes = HashCache(cache / "hash-cache.json")
-        identities = [source_identity(resolve_source(base_model, cache_dir=cache), hashes.sha256)]
+        identities = [source_identity(source, hashes.sha256)]
         if vae:
             identities.append(source_identity(resolve_source(vae, cache_dir=cache, what="VAE"), hashes.sha256))
         hashes.save()
         fingerprint = run_fingerprint(settings, config, identities, clip_skip)
         job = TrainJob(settings=settings, dataset_config=config.resolve(), base_model=base_model, vae=vae,
-                       clip_skip=clip_skip, output_dir=output_dir.resolve(), cache_dir=cache,
+                       clip_skip=clip_skip, family=found.name, output_dir=output_dir.resolve(), cache_dir=cache,
                        keyword=keyword or default_keyword(config), state_dir=state_dir, logging_dir=logging_dir,
                        resume=resume, fingerprint=fingerprint)
         result = train(job)

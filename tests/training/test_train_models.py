@@ -50,6 +50,16 @@ def test_single_file_loads_without_network_as_the_diffusers_folder(checkpoint: P
     assert from_file.scheduler_config["beta_schedule"] == "scaled_linear"
 
 
+def test_the_family_of_the_exported_file_and_of_the_folder(checkpoint: Path, tiny_sd15: Path, tmp_path: Path) -> None:
+    """What real files (not only headers written by hand) are recognised as."""
+    from charfw.training.families.detect import detect_family
+
+    from_file = detect_family(resolve_source(str(checkpoint), cache_dir=tmp_path))
+    from_folder = detect_family(resolve_source(str(tiny_sd15), cache_dir=tmp_path))
+    assert from_file.name == from_folder.name == "sd1"
+    assert "LDM layout" in from_file.evidence and "StableDiffusionPipeline" in from_folder.evidence
+
+
 def test_separate_vae_file_replaces_the_models(checkpoint: Path, tiny_sd15: Path, tmp_path: Path) -> None:
     """A VAE-only file (kl-f8-anime2 style: autoencoder keys without a prefix)."""
     from safetensors.torch import load_file, save_file
