@@ -23,3 +23,30 @@ def make_tiny_controlnet(unet, folder: Path, seed: int) -> Path:
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.3)
     net.save_pretrained(folder)
     return folder
+
+
+def controlnet_to_ldm(net, unet_config, prefix: str = "control_model.") -> dict[str, torch.Tensor]:
+    """A diffusers ControlNet's state dict in the original (lllyasviel) layout: the UNet
+    encoder's LDM names, ``input_hint_block.N`` for the conditioning encoder (a SiLU between
+    every two convolutions), ``zero_convs.N.0`` and ``middle_block_out.0``."""
+    from charfw.training.single_file import _rename, unet_prefix_map
+
+    rules = unet_prefix_map(unet_config)
+    blocks = len(net.controlnet_cond_embedding.blocks)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in net.state_dict().items():
+        head, _, leaf = key.rpartition(".")
+        if head == "controlnet_cond_embedding.conv_in":
+            new = f"input_hint_block.0.{leaf}"
+        elif head.startswith("controlnet_cond_embedding.blocks."):
+            new = f"input_hint_block.{2 * (int(head.split('.')[2]) + 1)}.{leaf}"
+        elif head == "controlnet_cond_embedding.conv_out":
+            new = f"input_hint_block.{2 * (blocks + 1)}.{leaf}"
+        elif head.startswith("controlnet_down_blocks."):
+            new = f"zero_convs.{head.split('.')[1]}.0.{leaf}"
+        elif head == "controlnet_mid_block":
+            new = f"middle_block_out.0.{leaf}"
+        else:
+            new = _rename(key, rules)
+        out[prefix + new] = value.clone()
+    return out

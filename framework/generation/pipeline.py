@@ -203,9 +203,10 @@ def parse_control_infotext(value: str) -> dict[str, str]:
 _WEIGHT_FILES = (".safetensors", ".pth", ".ckpt", ".bin")
 
 
-def load_controlnet(name: str, *, cache_dir: Path) -> Any:
-    """A ``diffusers.ControlNetModel`` from a diffusers folder, a single file or a Hugging
-    Face id; a one-line error naming the file or id when it cannot be found or read."""
+def load_controlnet(name: str, *, cache_dir: Path, unet_config: Mapping[str, Any] | None = None) -> Any:
+    """A ``diffusers.ControlNetModel`` from a diffusers folder, a single file (configured
+    from the base UNet's ``unet_config``, see :mod:`.controlnet_files`) or a Hugging Face
+    id; a one-line error naming the file or id when it cannot be found or read."""
     from diffusers import ControlNetModel
 
     path = Path(name).expanduser()
@@ -216,7 +217,11 @@ def load_controlnet(name: str, *, cache_dir: Path) -> Any:
                           hint="give a diffusers ControlNet folder, a .safetensors file or a Hugging Face id")
     try:
         if path.is_file():
-            return ControlNetModel.from_single_file(str(path))
+            if unet_config is None:
+                raise CharfwError("a single-file ControlNet needs the base model it is used with", path=path)
+            from .controlnet_files import load_single_file
+
+            return load_single_file(path, unet_config)
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise CharfwError("not a diffusers ControlNet folder (no config.json)", path=path)
@@ -350,7 +355,7 @@ class Generator:
         """The ControlNet model ``name`` (a diffusers folder, a ``.safetensors`` file or a
         Hugging Face id), loaded once and kept; a one-line error naming it when missing."""
         if name not in self._controlnets:
-            net = load_controlnet(name, cache_dir=self.cache_dir)
+            net = load_controlnet(name, cache_dir=self.cache_dir, unet_config=self.pipe.unet.config)
             net.requires_grad_(False)
             self._controlnets[name] = net.eval().to(self.device, self.dtype)
         return self._controlnets[name]

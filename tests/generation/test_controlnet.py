@@ -133,3 +133,57 @@ def test_missing_controlnet_and_bad_ranges_are_one_line_errors(generator, tmp_pa
         make(generator, controls=(ControlRequest(figure(), str(tmp_path / "empty")),))
     with pytest.raises(CharfwError, match=r"guidance range 0\.5-0\.2"):
         make(generator, controls=(ControlRequest(figure(), str(missing), 1.0, 0.5, 0.2),))
+
+
+@pytest.mark.parametrize("form", ["ldm.safetensors", "ldm-bare.pth", "diffusers.safetensors"])
+def test_a_single_file_controlnet_loads_offline_as_the_same_model(generator, controlnets, tmp_path: Path,
+                                                                  form: str) -> None:
+    """lllyasviel's layout (with and without ``control_model.``, .pth and .safetensors) and a
+    diffusers state dict in one file: configured from the base UNet, no hub access, the
+    same tensors and the same image as the diffusers folder."""
+    import torch
+    from controlnet_support import controlnet_to_ldm
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    from charfw.generation.pipeline import load_controlnet
+
+    folder = ControlNetModel.from_pretrained(controlnets[0])
+    if form.startswith("ldm"):
+        state = controlnet_to_ldm(folder, generator.model.unet.config, "" if "bare" in form else "control_model.")
+    else:
+        state = {k: v.clone().contiguous() for k, v in folder.state_dict().items()}
+    path = tmp_path / f"control_tiny_{form}"
+    if path.suffix == ".pth":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    net = load_controlnet(str(path), cache_dir=tmp_path / "cache", unet_config=generator.model.unet.config)
+    mine, theirs = net.state_dict(), folder.state_dict()
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    control = figure()
+    a, _ = make(generator, controls=(ControlRequest(control, controlnets[0], 1.0),))
+    b, _ = make(generator, controls=(ControlRequest(control, str(path), 1.0),))
+    assert np.array_equal(a, b)
+
+
+def test_a_single_file_controlnet_for_another_base_model_is_one_line(generator, controlnets,
+                                                                    tmp_path: Path) -> None:
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    from charfw.generation.pipeline import load_controlnet
+
+    state = ControlNetModel.from_pretrained(controlnets[0]).state_dict()
+    wide = dict(generator.model.unet.config)
+    wide["block_out_channels"] = [2 * c for c in wide["block_out_channels"]]
+    path = tmp_path / "cn.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(CharfwError, match="made for another base model") as exc:
+        load_controlnet(str(path), cache_dir=tmp_path, unet_config=wide)
+    assert exc.value.path == path and "\n" not in str(exc.value)
+    lora = tmp_path / "not-a-controlnet.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": state["conv_in.weight"].contiguous()}, str(lora))
+    with pytest.raises(CharfwError, match="not a ControlNet"):
+        load_controlnet(str(lora), cache_dir=tmp_path, unet_config=generator.model.unet.config)
