@@ -305,20 +305,34 @@ def tag(ctx: click.Context, folders: tuple[Path, ...], taggers: tuple[str, ...],
 @click.option("--dry-run", is_flag=True, help="Print the config on stdout; write nothing.")
 @click.option("--writer", default="kohya-toml", show_default=True, help="Dataset-config writer.")
 @click.option("--batch-sizes", metavar="TABLE", help="Batch-size table: default, 12gb (templates/kohya/batch-sizes.yaml).")
+@click.option("--family", type=click.Choice(["sd1", "sdxl", "sd35"]),
+              help="Whose dataset rules apply (default sd1: 512/768/1024; sdxl and sd35: 1024/1536/2048).")
+@click.option("--base-model", metavar="MODEL", help="Take the family from this base model's files instead.")
 @click.option("--relative", is_flag=True, help="Write image_dir relative to the current folder instead of absolute.")
 @click.pass_context
 def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry_run: bool, writer: str,
-         batch_sizes: str | None, relative: bool) -> None:
+         batch_sizes: str | None, family: str | None, base_model: str | None, relative: bool) -> None:
     """Write a kohya dataset config (TOML) for training folders.
 
     Resolution and batch size come from the image sizes (headers only), class tokens
-    from the folder names, num_repeats from <N>_ parent folders, flip from _flip_/_noflip_."""
+    from the folder names, num_repeats from <N>_ parent folders, flip from _flip_/_noflip_.
+    The resolution classes and batch tables are the model family's (--family, or the
+    family of --base-model)."""
     from charfw.build import atomic
     from charfw.folders.convention import dataset_spec_for_folders, expand_folders, folder_context
 
     ws = workspace_from(ctx)
     component = ws.plugins.registry.get("dataset_writer", writer)
-    raw = {"batch_sizes": batch_sizes} if batch_sizes else {}
+    raw: dict[str, Any] = {"batch_sizes": batch_sizes} if batch_sizes else {}
+    if base_model:
+        from charfw.training.families.detect import detect_family
+        from charfw.training.model_sources import resolve_source
+
+        found = detect_family(resolve_source(base_model, cache_dir=ws.cache_dir), declared=family).require_trained()
+        console.info(f"model family {found.describe()}")
+        family = found.name
+    if family:
+        raw["family"] = family
     from pydantic import ValidationError
 
     try:

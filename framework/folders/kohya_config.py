@@ -148,6 +148,87 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# --- the method's dataset rules per model family ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class FamilyDatasetRules:
+    """How the method's dataset rules scale with a model family's native size.
+
+    The seed's resolution classes are SD 1.x's: an image up to 512 px on both sides trains
+    at 512, up to 768 at 768, anything larger at 1024. They are the native size × 1, 1.5
+    and 2, so an SDXL or SD 3.5 dataset (native 1024) trains at 1024, 1536 and 2048. The
+    bucket settings are those sd-scripts' SDXL trainings use (256 to 2048 in steps of 64);
+    SD 1.x keeps sd-scripts' defaults (256 to 1024, 64), which the TOML then leaves out."""
+
+    family: str
+    label: str
+    #: the family's native training size
+    native: int
+    #: the upper bounds of the LOW and MID classes, and the HIGH class's resolution
+    resolutions: tuple[int, int, int]
+    #: what [general] sets for the buckets (None: sd-scripts' default, not written)
+    min_bucket_reso: int | None
+    max_bucket_reso: int | None
+    bucket_reso_steps: int | None
+    #: the multiple sd-scripts' trainer for the family requires of bucket_reso_steps
+    #: (train_network.py 64, sdxl_train_network.py and sd3_train_network.py 32)
+    step_multiple: int
+    #: the family's batch-size tables, a file of the template library
+    batch_sizes_file: str
+    #: the sd-scripts script that trains a LoRA of the family on the file
+    trainer_script: str
+
+
+DATASET_RULES: dict[str, FamilyDatasetRules] = {
+    "sd1": FamilyDatasetRules("sd1", "SD 1.x", 512, (512, 768, 1024), None, None, None, 64,
+                              "kohya/batch-sizes.yaml", "train_network.py"),
+    "sdxl": FamilyDatasetRules("sdxl", "SDXL", 1024, (1024, 1536, 2048), 256, 2048, 64, 32,
+                               "kohya/batch-sizes-sdxl.yaml", "sdxl_train_network.py"),
+    "sd35": FamilyDatasetRules("sd35", "SD 3.5", 1024, (1024, 1536, 2048), 256, 2048, 64, 32,
+                               "kohya/batch-sizes-sd35.yaml", "sd3_train_network.py"),
+}
+
+
+def dataset_rules(family: str) -> FamilyDatasetRules:
+    rules = DATASET_RULES.get(family)
+    if rules is None:
+        raise CharfwError(f"no dataset rules for the model family '{family}'; charfw has them for "
+                          + ", ".join(DATASET_RULES))
+    return rules
+
+
+def _side_pair(resolution: Any) -> tuple[int, int]:
+    return (resolution, resolution) if isinstance(resolution, int) else (int(resolution[0]), int(resolution[1]))
+
+
+def check_buckets(config: KohyaDatasetConfig, *, step_multiple: int = 64, path: Path | None = None) -> None:
+    """What sd-scripts asserts about a dataset's buckets when it builds it (beyond the
+    schema), so that a written TOML does not stop sd-scripts after its model has loaded:
+    ``bucket_reso_steps`` a multiple of ``step_multiple``, and ``min_bucket_reso`` ≤ the
+    resolution ≤ ``max_bucket_reso`` once both are moved to multiples of the step
+    (``train_util.BaseDataset.adjust_min_max_bucket_reso_by_steps``)."""
+    general = config.general.model_dump(exclude_none=True)
+    for i, dataset in enumerate(config.datasets):
+        s = {**DEFAULTS, **general, **dataset.model_dump(exclude_none=True, exclude={"subsets"})}
+        if not s["enable_bucket"] or s["resolution"] is None:
+            continue
+        step = int(s["bucket_reso_steps"])
+        where = f"datasets[{i}]"
+        if step <= 0 or step % step_multiple:
+            raise CharfwError(f"{where}: bucket_reso_steps {step} is not a multiple of {step_multiple}, "
+                              "which sd-scripts requires for this model family", path=path)
+        low = int(s["min_bucket_reso"]) // step * step
+        high = -(-int(s["max_bucket_reso"]) // step) * step
+        width, height = _side_pair(s["resolution"])
+        if min(width, height) < low:
+            raise CharfwError(f"{where}: resolution {width}x{height} is below min_bucket_reso {low}; "
+                              "sd-scripts stops on it", path=path)
+        if max(width, height) > high:
+            raise CharfwError(f"{where}: resolution {width}x{height} is above max_bucket_reso {high}; "
+                              "sd-scripts stops on it", path=path, hint="raise max_bucket_reso")
+
+
 def _format_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():

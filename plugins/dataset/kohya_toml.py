@@ -5,16 +5,22 @@ tokens, flip augmentation and repeats; subsets are grouped into one ``[[datasets
 resolution class and batch size. An image wider or taller than 512 trains at 768 (or
 1024 beyond 768); the rest at 512. The batch size comes from a table keyed by width
 class × height class (LOW ≤ 512 < MID ≤ 768 < HIGH), ``default`` or ``12gb`` from
-``templates/kohya/batch-sizes.yaml`` or a table in the options. The file is rendered
-with ``templates/kohya/dataset.toml.j2`` and checked against sd-scripts' schema before
-it is written.
+``templates/kohya/batch-sizes.yaml`` or a table in the options.
+
+The classes scale with the model family's native size
+(:data:`charfw.folders.kohya_config.DATASET_RULES`): SDXL and SD 3.5 train at 1024, 1536
+and 2048 with classes LOW ≤ 1024 < MID ≤ 1536 < HIGH, buckets from 256 to 2048 in steps
+of 64, and their own tables (``batch-sizes-sdxl.yaml``, ``batch-sizes-sd35.yaml``). The
+family is the part's base model's (``family`` in the options, or ``charfw toml
+--family``, outside a build). The file is rendered with ``templates/kohya/dataset.toml.j2``
+and checked against sd-scripts' schema and its bucket assertions before it is written.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -26,10 +32,14 @@ CLASSES = ("LOW", "MID", "HIGH")
 
 
 class KohyaTomlOptions(Options):
-    #: a table name from templates/kohya/batch-sizes.yaml, or a table {LOW_LOW: 2, ...}
+    #: whose rules apply: sd1, sdxl or sd35 (default: the part's base model's family; sd1
+    #: outside a build)
+    family: Literal["sd1", "sdxl", "sd35"] | None = None
+    #: a table name from the family's templates/kohya/batch-sizes*.yaml, or a table {LOW_LOW: 2, ...}
     batch_sizes: str | dict[str, int] = "default"
-    #: the upper bounds of LOW and MID and the HIGH resolution: 512, 768, 1024
-    resolutions: tuple[int, int, int] = (512, 768, 1024)
+    #: the upper bounds of LOW and MID and the HIGH resolution (default: the family's:
+    #: 512, 768, 1024 for SD 1.x; 1024, 1536, 2048 for SDXL and SD 3.5)
+    resolutions: tuple[int, int, int] | None = None
     color_aug: bool = True
     enable_bucket: bool = True
     bucket_no_upscale: bool = True
@@ -39,8 +49,10 @@ class KohyaTomlOptions(Options):
     keep_tokens: int | None = Field(None, ge=0)
     #: flip augmentation for folders that do not say (_flip_ / _noflip_)
     flip_aug: bool = True
+    #: bucket settings (default: the family's; SD 1.x leaves sd-scripts' 256, 1024, 64)
     min_bucket_reso: int | None = None
     max_bucket_reso: int | None = None
+    bucket_reso_steps: int | None = Field(None, ge=8)
 
     @field_validator("batch_sizes")
     @classmethod
@@ -56,8 +68,8 @@ class KohyaTomlOptions(Options):
 
     @field_validator("resolutions")
     @classmethod
-    def _res(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        if not (0 < v[0] < v[1] < v[2]):
+    def _res(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and not (0 < v[0] < v[1] < v[2]):
             raise ValueError("resolutions must grow: [512, 768, 1024]")
         return v
 
@@ -74,34 +86,60 @@ class KohyaToml(DatasetWriter):
     Options = KohyaTomlOptions
     filename = "dataset.toml"
 
-    def _classes(self, sizes: list[tuple[int, int]], options: KohyaTomlOptions) -> tuple[int, int]:
-        w = max(size_class(s[0], options.resolutions) for s in sizes)
-        h = max(size_class(s[1], options.resolutions) for s in sizes)
+    @staticmethod
+    def rules(ctx, options: KohyaTomlOptions) -> kohya_config.FamilyDatasetRules:
+        """The dataset rules of the options' family, else of the part's base model."""
+        return kohya_config.dataset_rules(options.family or ctx.part.model.family)
+
+    def resolutions(self, ctx, options: KohyaTomlOptions) -> tuple[int, int, int]:
+        return options.resolutions or self.rules(ctx, options).resolutions
+
+    def _classes(self, sizes: list[tuple[int, int]], resolutions: tuple[int, int, int]) -> tuple[int, int]:
+        w = max(size_class(s[0], resolutions) for s in sizes)
+        h = max(size_class(s[1], resolutions) for s in sizes)
         return w, h
 
     def subset_key(self, ctx, options, width, height):
-        w, h = self._classes([(width, height)], options)
-        return f"{options.resolutions[w]}x{options.resolutions[h]}"
+        resolutions = self.resolutions(ctx, options)
+        w, h = self._classes([(width, height)], resolutions)
+        return f"{resolutions[w]}x{resolutions[h]}"
 
-    def batch_table(self, options: KohyaTomlOptions, templates) -> dict[str, int]:
+    def batch_table(self, options: KohyaTomlOptions, templates,
+                    rules: kohya_config.FamilyDatasetRules | None = None) -> dict[str, int]:
         if isinstance(options.batch_sizes, dict):
             return dict(options.batch_sizes)
-        tables = templates.load_yaml("kohya/batch-sizes.yaml") or {}
+        rules = rules or kohya_config.dataset_rules(options.family or "sd1")
+        tables = templates.load_yaml(rules.batch_sizes_file) or {}
         if options.batch_sizes not in tables:
             raise CharfwError(
                 f"unknown batch-size table '{options.batch_sizes}'; known: {', '.join(sorted(tables))}",
-                hint="add it to templates/kohya/batch-sizes.yaml or give a table in the options",
+                hint=f"{rules.label} tables are in templates/{rules.batch_sizes_file}: add it there or give a "
+                     "table in the options",
             )
         return dict(tables[options.batch_sizes])
 
+    def _buckets(self, options: KohyaTomlOptions, rules: kohya_config.FamilyDatasetRules,
+                 largest: int) -> dict[str, int]:
+        """[general]'s bucket keys: the options', else the family's; a max_bucket_reso the
+        options leave out grows to the largest resolution (sd-scripts stops below it)."""
+        out = {"min_bucket_reso": options.min_bucket_reso or rules.min_bucket_reso,
+               "max_bucket_reso": options.max_bucket_reso or rules.max_bucket_reso,
+               "bucket_reso_steps": options.bucket_reso_steps or rules.bucket_reso_steps}
+        if options.enable_bucket and options.max_bucket_reso is None and \
+                largest > (out["max_bucket_reso"] or kohya_config.DEFAULTS["max_bucket_reso"]):
+            out["max_bucket_reso"] = largest
+        return {k: v for k, v in out.items() if v is not None}
+
     def render(self, ctx, options, spec):
         templates = ctx.templates
-        table = self.batch_table(options, templates)
+        rules = self.rules(ctx, options)
+        resolutions = options.resolutions or rules.resolutions
+        table = self.batch_table(options, templates, rules)
         groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
         repeats = {s.num_repeats for s in spec.subsets}
         for subset in spec.subsets:
-            w, h = self._classes(subset.sizes, options)
-            resolution = options.resolutions[max(w, h)]
+            w, h = self._classes(subset.sizes, resolutions)
+            resolution = resolutions[max(w, h)]
             batch = int(table.get(f"{CLASSES[w]}_{CLASSES[h]}", 1))
             entry: dict[str, Any] = {"image_dir": _dir(subset.image_dir, spec.relative_to)}
             if subset.class_tokens:
@@ -123,22 +161,26 @@ class KohyaToml(DatasetWriter):
         }
         if options.keep_tokens is not None:
             general["keep_tokens"] = options.keep_tokens
-        if options.min_bucket_reso is not None:
-            general["min_bucket_reso"] = options.min_bucket_reso
-        if options.max_bucket_reso is not None:
-            general["max_bucket_reso"] = options.max_bucket_reso
+        general.update(self._buckets(options, rules, max(res for res, _ in groups)))
         if len(repeats) == 1:
             general["num_repeats"] = repeats.pop()
         datasets = [
             {"settings": {"resolution": [res, res], "batch_size": batch}, "subsets": subsets}
             for (res, batch), subsets in sorted(groups.items())
         ]
+        note = spec.note
+        if rules.family != "sd1":
+            note = (f"{note}; " if note else "") + (
+                f"{rules.label} rules: classes up to {resolutions[0]} and {resolutions[1]} px, "
+                f"resolutions {', '.join(map(str, resolutions))}")
         text = templates.render(
-            "kohya/dataset.toml.j2", charfw_version=__version__, note=spec.note,
-            general=general, datasets=datasets,
+            "kohya/dataset.toml.j2", charfw_version=__version__, note=note,
+            general=general, datasets=datasets, script=rules.trainer_script,
         )
         # the file must load in sd-scripts: parse it back and check it against its schema
-        kohya_config.validate(tomllib.loads(text))
+        # and against what its trainer for this family asserts about buckets
+        config = kohya_config.validate(tomllib.loads(text))
+        kohya_config.check_buckets(config, step_multiple=rules.step_multiple)
         return text
 
 
