@@ -41,7 +41,11 @@ def display_path(path: str | os.PathLike[str]) -> str:
 class CharfwError(Exception):
     """An error in the user's input, printed as one line without a traceback.
 
-    ``path`` and ``line`` locate the problem; ``hint`` says what to do about it.
+    ``path`` and ``line`` locate the problem; ``hint`` says what to do about it. A
+    component's ``check`` that finds one of its options unusable names it in ``option``
+    (``optimizer``), and a problem with the part's model names the manifest key in
+    ``manifest_key`` (``("model", "base")``): the build then puts the manifest file, line
+    and key in front of the message.
     """
 
     exit_code: ExitCode = ExitCode.INPUT_ERROR
@@ -53,12 +57,16 @@ class CharfwError(Exception):
         path: str | os.PathLike[str] | None = None,
         line: int | None = None,
         hint: str | None = None,
+        option: str | None = None,
+        manifest_key: tuple[str, ...] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.path = path
         self.line = line
         self.hint = hint
+        self.option = option
+        self.manifest_key = manifest_key
 
     def location(self) -> str:
         if self.path is None:

@@ -91,6 +91,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
+#: charfw's built-in models (``charfw:tiny-sd15``)
+BUILTIN_PREFIX = "charfw:"
+#: a Hugging Face model id (``org/name``); anything else a model reference names is local
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: what a single-file checkpoint's name ends with
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def looks_local(ref: str) -> bool:
+    """True when a model reference can only be a file or folder (a checkpoint name, a
+    path starting with ``.``, ``/`` or ``~``), not a Hugging Face id or a built-in model."""
+    text = ref.strip()
+    if text.startswith(BUILTIN_PREFIX):
+        return False
+    return (text.endswith(SINGLE_FILE_SUFFIXES) or text.startswith((".", "/", "~")) or "\\" in text
+            or not HUB_ID.match(text))
+
+
 class ModelSection(_Strict):
     """The base model and VAE a character trains and samples with."""
 

@@ -23,13 +23,21 @@ from charfw.build.manifest import (
     CharacterManifest,
     GroupManifest,
     LoadedManifest,
+    looks_local,
     pydantic_messages,
 )
-from charfw.build.stages import IMAGE_PARTS, STAGES, StageSpec, dataset_parts, stage_applies
+from charfw.build.stages import (
+    IMAGE_PARTS,
+    STAGE_NAMES,
+    STAGES,
+    StageSpec,
+    dataset_parts,
+    stage_applies,
+)
 from charfw.build.workspace import Workspace
 from charfw.build.yaml_lines import Loc
 from charfw.components import KINDS, Component
-from charfw.errors import CharfwError, ManifestError
+from charfw.errors import CharfwError, ManifestError, display_path
 from charfw.plugins import PluginInfo, PluginSystem
 from charfw.stage_context import ModelRefs, PartInfo
 
@@ -44,13 +52,22 @@ def _model_refs(lm: LoadedManifest, section: Any, cache_dir: Path) -> tuple[Mode
     from charfw.training.families.detect import FamilyUnavailable, detect_family
     from charfw.training.model_sources import resolve_source
 
-    def resolve(value: str | None) -> str | None:
+    def resolve(value: str | None, key: str = "base") -> str | None:
+        # relative to the manifest's folder, and only to it; a path that is not there is
+        # a manifest error (a Hugging Face id is checked by the stages that load it)
         if value is None:
             return None
         candidate = Path(value).expanduser()
         if not candidate.is_absolute():
             candidate = lm.base_dir / candidate
-        return str(candidate.resolve()) if candidate.exists() else value
+        if candidate.exists():
+            return str(candidate.resolve())
+        if looks_local(value):
+            what = "VAE" if key == "vae" else "base model"
+            raise lm.error(("model", key), f"{what} not found: no file or folder {display_path(candidate)} "
+                           f"(a path here is relative to the manifest's folder, {display_path(lm.base_dir)}/); "
+                           "put the model there or fix the path, or use a Hugging Face id or charfw:tiny-sd15")
+        return value
 
     base = resolve(section.base)
     family, note = section.family or "sd1", None
@@ -69,7 +86,7 @@ def _model_refs(lm: LoadedManifest, section: Any, cache_dir: Path) -> tuple[Mode
             except CharfwError as exc:
                 key = "family" if section.family and "model.family says" in exc.message else "base"
                 raise lm.error(("model", key), str(exc)) from None
-    return ModelRefs(base, resolve(section.vae), section.clip_skip, family), note
+    return ModelRefs(base, resolve(section.vae, "vae"), section.clip_skip, family), note
 
 
 def character_parts(ws: Workspace, lm: LoadedManifest, model: ModelRefs | None = None) -> list[PartInfo]:
@@ -136,6 +153,8 @@ class ResolvedPick:
     component: Component
     options: Any
     plugin: PluginInfo
+    #: where each option key (and "" for the block itself) is written in the manifest
+    locs: dict[str, Loc] = field(default_factory=dict)
 
 
 def _parse_block(lm: LoadedManifest, spec: StageSpec, raw: Any, loc: Loc) -> list[Pick] | None:
@@ -243,7 +262,7 @@ def resolve_picks(
                 full = (*base, *loc[1:]) if key in pick.locs else (*base, *loc)
                 problems.append(lm.problem(full, msg))
             continue
-        resolved.append(ResolvedPick(reg.component, options, reg.plugin))
+        resolved.append(ResolvedPick(reg.component, options, reg.plugin, pick.locs))
     if problems:
         raise ManifestError(problems)
     return resolved, None
@@ -264,6 +283,10 @@ class PlannedStage:
     off: bool = False
     #: upstream stages by the key the stage's context knows them under
     deps: dict[str, PlannedStage] = field(default_factory=dict)
+    #: the manifest that picks the stage's plugins, and the one whose ``model:`` the part
+    #: trains on (a group without one: its first member's), for errors with file and line
+    manifest: LoadedManifest | None = None
+    model_manifest: LoadedManifest | None = None
 
     @property
     def key(self) -> str:
@@ -277,6 +300,26 @@ class PlannedStage:
         if self.off:
             return "off"
         return " + ".join(self.wanted) or "-"
+
+    def locate(self, exc: CharfwError, pick: ResolvedPick) -> CharfwError:
+        """``exc`` from ``pick``'s ``check``, with the manifest file, line and key in front
+        when it names one of the pick's options (``exc.option``) or a manifest key
+        (``exc.manifest_key``, such as model.base); an option the manifest leaves out is
+        named where it would go."""
+        if isinstance(exc, ManifestError):
+            return exc
+        lm, loc = None, None
+        if exc.option is not None and self.manifest is not None:
+            lm = self.manifest
+            loc = pick.locs.get(exc.option)
+            if loc is None:
+                block = pick.locs.get("") or ("stages", self.spec.name)
+                loc = (*(block[:-1] if block[-1] == "plugin" else block), exc.option)
+        elif exc.manifest_key is not None and self.model_manifest is not None:
+            lm, loc = self.model_manifest, exc.manifest_key
+        if lm is None or loc is None:
+            return exc
+        return ManifestError([lm.problem(loc, str(exc))])
 
 
 @dataclass
@@ -375,6 +418,9 @@ class Planner:
                         repeats=own.pop("repeats", 1), symmetric=all(m.symmetric for m in members), model=model,
                         members=tuple(members), **own)
         stages = self.part(lm, part, None)
+        if g.model is None:  # the first member's model
+            for ps in stages:
+                ps.model_manifest = self.ws.load(first.target)
         self.link(stages, self.dataset_inputs(part), self.lora_inputs(part))
         # add() puts what the group's stages need first: its members' image stages (the
         # dataset reads them), not their training
@@ -410,7 +456,8 @@ class Planner:
         for spec in STAGES:
             if not stage_applies(spec, part):
                 continue
-            ps = PlannedStage(spec, part, self.ws.build_dir / part.target / part.name / spec.name)
+            ps = PlannedStage(spec, part, self.ws.build_dir / part.target / part.name / spec.name,
+                              manifest=lm, model_manifest=lm)
             try:
                 picks = _picks_for(lm, spec, part_loc)
                 if picks is None:
@@ -434,6 +481,9 @@ class Planner:
         for ps in stages:
             if ps.spec.side_branch:
                 ps.deps = dict(lora_inputs or {})
+                continue
+            if ps.spec.gate and previous is not None:
+                ps.deps = gate_inputs(stages, previous)
                 continue
             if ps.spec.name == "dataset":
                 ps.deps = dict(dataset_inputs)
@@ -465,6 +515,33 @@ class Planner:
             for needed in _closure(ps):
                 if needed not in self.ordered:
                     self.ordered.append(needed)
+
+
+def gate_inputs(stages: list[PlannedStage], previous: PlannedStage) -> dict[str, PlannedStage]:
+    """What a check stage (lint) reads: the stage before it as "dataset"; for a part with
+    image stages, its last one as "images" and the one the background stage read as
+    "source" (the images before their background was replaced)."""
+    deps = {"dataset": previous}
+    image_stages = [s for s in stages if s.spec.parts == IMAGE_PARTS and not s.spec.side_branch and not s.off]
+    if image_stages:
+        deps["images"] = image_stages[-1]
+        before = [s for s in image_stages if STAGE_NAMES.index(s.spec.name) < STAGE_NAMES.index("background")]
+        deps["source"] = before[-1] if before else image_stages[0]
+    return deps
+
+
+def workspace_parts(ws: Workspace) -> tuple[PartInfo, ...]:
+    """Every part of every character manifest in the workspace (those that load), for the
+    checks that compare keywords across characters. Models are not looked at."""
+    parts: list[PartInfo] = []
+    for path in ws.manifest_paths():
+        try:
+            lm = ws.load(path)
+        except CharfwError:
+            continue  # its own build reports it
+        if isinstance(lm.manifest, CharacterManifest):
+            parts.extend(character_parts(ws, lm, ModelRefs()))
+    return tuple(parts)
 
 
 def make_plan(ws: Workspace, names: list[str] | None = None) -> Plan:

@@ -15,11 +15,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from charfw import __version__, console
 from charfw.build import atomic
 from charfw.build.hashing import HashCache, fingerprint
-from charfw.build.plan import Plan, PlannedStage
+from charfw.build.plan import Plan, PlannedStage, workspace_parts
 from charfw.build.records import (
     ENGINE_VERSION,
     BuildLock,
@@ -34,7 +35,7 @@ from charfw.build.records import (
 from charfw.build.stages import STAGE_BY_NAME, STAGE_NAMES, jobs_default
 from charfw.build.workspace import Workspace
 from charfw.errors import CharfwError
-from charfw.stage_context import ModelCache, StageContext, StageOutput
+from charfw.stage_context import ModelCache, PartInfo, StageContext, StageOutput
 
 
 @dataclass
@@ -60,6 +61,8 @@ class BuildSummary:
     problems: list[str] = field(default_factory=list)
     seconds: float = 0.0
     dry_run: bool = False
+    #: lines ``build_finished`` hooks add for the end of the summary (the report's path)
+    notes: list[str] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.reports if r.status == status)
@@ -96,6 +99,8 @@ class BuildRun:
         self.blocked: dict[str, str] = {}
         #: missing-plugin message → the parts it stopped
         self.missing: dict[str, list[str]] = {}
+        #: every character part of the workspace, read when a check stage first needs it
+        self._workspace_parts: tuple[PartInfo, ...] | None = None
 
     def run(self) -> BuildSummary:
         """Carry out the plan; returns what happened (``summary.stopped`` names the stages a
@@ -140,9 +145,19 @@ class BuildRun:
                 continue
             ctx = self.context(ps, {})
             for r in ps.chain:
-                r.component.check(ctx, r.options)
+                try:
+                    r.component.check(ctx, r.options)
+                except CharfwError as exc:
+                    raise ps.locate(exc, r) from None
 
     def context(self, ps: PlannedStage, inputs: dict[str, StageOutput]) -> StageContext:
+        checks: dict[str, Any] = {}
+        if ps.spec.gate:  # a check of the part as a whole: its stages' chains, the workspace's parts
+            if self._workspace_parts is None:
+                self._workspace_parts = workspace_parts(self.ws)
+            checks = {"workspace_parts": self._workspace_parts,
+                      "part_chains": {s.spec.name: [(r.component, r.options) for r in s.chain]
+                                      for s in self.plan.stages if s.part is ps.part and not s.off}}
         return StageContext(
             workspace_root=self.ws.root,
             part=ps.part,
@@ -156,6 +171,7 @@ class BuildRun:
             force=self.opts.force,
             jobs=self.opts.jobs,
             models=self.models,
+            **checks,
         )
 
     # --- one stage -----------------------------------------------------------------------

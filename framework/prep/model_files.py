@@ -22,10 +22,18 @@ from charfw.errors import CharfwError, require_module
 HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+#: the switches that keep charfw and the Hugging Face libraries off the network
+OFFLINE_FLAGS = ("CHARFW_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE")
+
+
+def offline_flag() -> str | None:
+    """The first offline switch that is set (charfw's or a Hugging Face library's), or None."""
+    return next((v for v in OFFLINE_FLAGS if os.environ.get(v, "") not in ("", "0", "false", "False")), None)
+
+
 def offline() -> bool:
     """True when the user said not to use the network (charfw's or Hugging Face's switch)."""
-    return any(os.environ.get(v, "") not in ("", "0", "false", "False")
-               for v in ("CHARFW_OFFLINE", "HF_HUB_OFFLINE"))
+    return offline_flag() is not None
 
 
 def local_path(spec: str, bases: Sequence[Path]) -> Path | None:

@@ -17,19 +17,19 @@ latent cache's key need: content hashes of local files, the commit of a cached h
 
 from __future__ import annotations
 
-import re
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from charfw.build.manifest import BUILTIN_PREFIX, SINGLE_FILE_SUFFIXES, looks_local
 from charfw.training.tiny_sd import build_tiny_sd15
 
-from ..errors import CharfwError
+from ..errors import CharfwError, display_path
 
-BUILTIN_PREFIX = "charfw:"
 #: the built-in models, with a version that changes whenever their weights would
-BUILTIN_MODELS: dict[str, str] = {"tiny-sd15": "1"}
+BUILTIN_MODELS: dict[str, str] = {"tiny-sd15": "1", "tiny-sd35": "1"}
 TINY = "charfw:tiny-sd15"
 #: training defaults on a built-in model, for options a manifest or command line leaves
 #: unset: the tiny model learns nothing more from the method's 1200 steps of dim 128 at
@@ -37,9 +37,10 @@ TINY = "charfw:tiny-sd15"
 BUILTIN_TRAIN_DEFAULTS: dict[str, dict[str, object]] = {
     "tiny-sd15": {"dim": 8, "optimizer": "AdamW", "max_train_steps": 24, "resolution": 128,
                   "gradient_checkpointing": False},
+    # SD 3.5 trains plain LoRA only (its MMDiT has no convolutions), at alpha = dim as diffusers
+    "tiny-sd35": {"network": "lora", "dim": 4, "alpha": "A100p", "optimizer": "AdamW", "max_train_steps": 24,
+                  "resolution": 64, "gradient_checkpointing": False, "sample_sampler": "euler"},
 }
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 SourceKind = Literal["builtin", "diffusers", "single_file", "hub"]
 
@@ -76,18 +77,88 @@ def resolve_source(ref: str, *, cache_dir: Path, what: str = "base model") -> Mo
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise CharfwError(f"not a model file (expected {', '.join(SINGLE_FILE_SUFFIXES)})", path=path)
         return ModelSource("single_file", text, path.resolve())
-    looks_local = text.endswith(SINGLE_FILE_SUFFIXES) or text.startswith((".", "/", "~")) or "\\" in text
-    if not looks_local and HUB_ID.match(text):
+    local = looks_local(text)
+    if not local:
         return ModelSource("hub", text)
-    raise CharfwError(f"{what} '{text}' not found", path=path if looks_local else None,
+    raise CharfwError(f"{what} '{text}' not found", path=path if local else None,
                       hint="give a .safetensors file, a diffusers folder, a Hugging Face id or charfw:tiny-sd15")
+
+
+#: seconds to wait for huggingface.co when a hub model is not in the cache
+HUB_TIMEOUT = 4.0
+
+
+@functools.lru_cache(maxsize=32)
+def _hub_problem(repo_id: str) -> str | None:
+    """Why a hub model not in the cache cannot be downloaded now (None: it can). One
+    request with a short timeout, once per process."""
+    try:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    except ImportError:
+        return None
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT)
+    except GatedRepoError:
+        return "it is gated on huggingface.co (accept its licence there and log in with `hf auth login`)"
+    except RepositoryNotFoundError:
+        return "huggingface.co has no model of that name (removed, private, or misspelled)"
+    except Exception as exc:  # no network, DNS, timeout, proxy: all mean "cannot download now"
+        return f"huggingface.co cannot be reached ({type(exc).__name__})"
+    return None
+
+
+def check_available(source: ModelSource, *, workspace_root: Path, what: str = "base model") -> None:
+    """Raise a one-line error now, before any work, when a model cannot be loaded later: a
+    Hugging Face id that is neither in the local cache nor downloadable (offline flags
+    set, no network, no such model). Local files and folders were checked when resolved;
+    the built-in model is built on use."""
+    if source.kind != "hub" or _hub_commit(source.ref) is not None:
+        return
+    from charfw.prep.model_files import offline_flag
+
+    flag = offline_flag()
+    why = f"{flag} is set" if flag else _hub_problem(source.ref)
+    if why is None:
+        return
+    name = source.ref.split("/")[-1]
+    models = workspace_root / "models"
+    raise CharfwError(
+        f"{what} '{source.ref}' is not in the Hugging Face cache and cannot be downloaded: {why}",
+        hint=f"put its .safetensors file at {display_path(models / (name + '.safetensors'))} and set "
+             f"the path (relative to the manifest, e.g. ../models/{name}.safetensors), download it where there "
+             f"is network (`hf download {source.ref}`), or try charfw with charfw:tiny-sd15",
+    )
+
+
+def check_model_refs(model: Any, *, cache_dir: Path, workspace_root: Path, label: str, purpose: str) -> None:
+    """A stage's ``check`` of its part's ``ModelRefs``: a base model is set, it and the VAE
+    resolve and can be loaded; errors name the manifest key (``model.base``, ``model.vae``)."""
+    if not model.base:
+        raise CharfwError(f"{label}: no base model to {purpose}", manifest_key=("model", "base"),
+                          hint="set model.base in the manifest (charfw:tiny-sd15, a .safetensors file, "
+                               "a diffusers folder or a Hugging Face id)")
+    for key, ref, what in (("base", model.base, "base model"), ("vae", model.vae, "VAE")):
+        if not ref:
+            continue
+        try:
+            check_available(resolve_source(ref, cache_dir=cache_dir, what=what), workspace_root=workspace_root,
+                            what=what)
+        except CharfwError as exc:
+            exc.manifest_key = ("model", key)
+            raise
 
 
 def ensure_builtin(source: ModelSource) -> Path:
     """Build a built-in model on first use (atomically: a half-built model never appears)."""
     assert source.kind == "builtin" and source.path is not None
     if not (source.path / "model_index.json").is_file():
-        build_tiny_sd15(source.path)
+        if source.ref == BUILTIN_PREFIX + "tiny-sd35":
+            from charfw.training.tiny_sd35 import build_tiny_sd35
+
+            build_tiny_sd35(source.path)
+        else:
+            build_tiny_sd15(source.path)
     return source.path
 
 

@@ -236,12 +236,10 @@ class ControlNetDrafter(Drafter):
         return ctx.templates.angle_sets[draft_template(ctx)]
 
     def check(self, ctx: StageContext, options: ControlNetDraftOptions) -> None:
-        from charfw.training.model_sources import resolve_source
+        from charfw.training.model_sources import check_model_refs
 
-        if not ctx.part.model.base:
-            raise CharfwError(f"{ctx.part.label}: no base model to draft with",
-                              hint="set model.base in the manifest")
-        resolve_source(ctx.part.model.base, cache_dir=ctx.cache_dir)
+        check_model_refs(ctx.part.model, cache_dir=ctx.cache_dir, workspace_root=ctx.workspace_root,
+                         label=ctx.part.label, purpose="draft with")
         codes = draft_codes(ctx, options)
         load_rules(rules_path(ctx, options.rules))
         path = Path(options.controlnet).expanduser()

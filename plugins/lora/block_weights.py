@@ -80,17 +80,18 @@ class BlockWeightMerger(BlockMerger):
     def check(self, ctx: StageContext, options: BlockWeightOptions) -> None:
         spec = weights_spec(options, ctx.part.kind)
         if isinstance(spec, str) and is_preset_name(spec):
-            presets = load_presets(ctx.templates)
-            if spec.strip() not in presets and spec.strip().upper() not in {n.upper() for n in presets}:
-                raise CharfwError(f"{ctx.part.label} merge: unknown block-weight preset '{spec}'",
-                                  hint=f"presets: {', '.join(presets)}")
+            # the preset (the closest name when unknown) and its vector for the part's model
+            try:
+                resolve_weights(spec, ctx.part.model.family, load_presets(ctx.templates))
+            except CharfwError as exc:
+                exc.option = "weights"  # the build names the manifest line
+                raise
 
     def run(self, ctx: StageContext, options: BlockWeightOptions) -> StageOutput:
         from charfw.lora.file import read_lora
 
         src = ctx.input_file("lora")
         lora = read_lora(src)
-        lora.check_finite()
         spec = weights_spec(options, ctx.part.kind)
         weights = resolve_weights(spec, lora.family, load_presets(ctx.templates))
         merged, report = apply_block_weights(lora, weights, other=options.other, strength=options.strength)

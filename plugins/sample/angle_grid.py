@@ -269,15 +269,10 @@ class AngleGrid(Sampler):
     Options = AngleGridOptions
 
     def check(self, ctx: StageContext, options: AngleGridOptions) -> None:
-        from charfw.training.model_sources import resolve_source
+        from charfw.training.model_sources import check_model_refs
 
-        model = ctx.part.model
-        if not model.base:
-            raise CharfwError(f"{ctx.part.label}: no base model to sample with",
-                              hint="set model.base in the manifest (charfw:tiny-sd15, a .safetensors file, ...)")
-        resolve_source(model.base, cache_dir=ctx.cache_dir)
-        if model.vae:
-            resolve_source(model.vae, cache_dir=ctx.cache_dir, what="VAE")
+        check_model_refs(ctx.part.model, cache_dir=ctx.cache_dir, workspace_root=ctx.workspace_root,
+                         label=ctx.part.label, purpose="sample with")
         part_codes(ctx, options)
         if ctx.part.template is not None:
             load_rules(rules_path(ctx, options.rules))

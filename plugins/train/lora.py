@@ -56,16 +56,11 @@ class LoraTrainer(Trainer):
     def check(self, ctx: Any, options: LoraTrainerOptions) -> None:
         check_module("torch", extra="train", purpose="training")
         check_module("diffusers", extra="train", purpose="training")
-        from charfw.training.model_sources import resolve_source
+        from charfw.training.model_sources import check_model_refs
 
         model = ctx.part.model
-        if not model.base:
-            raise CharfwError(f"{ctx.part.label}: no base model to train on",
-                              hint="set model.base in the manifest (charfw:tiny-sd15, a .safetensors file, "
-                                   "a diffusers folder or a Hugging Face id)")
-        resolve_source(model.base, cache_dir=ctx.cache_dir)
-        if model.vae:
-            resolve_source(model.vae, cache_dir=ctx.cache_dir, what="VAE")
+        check_model_refs(model, cache_dir=ctx.cache_dir, workspace_root=ctx.workspace_root, label=ctx.part.label,
+                         purpose="train on")
         for key, path in self._paths(options, ctx).items():
             if not path.is_file():
                 raise CharfwError(f"train.{key}: file not found", path=path)
@@ -79,8 +74,13 @@ class LoraTrainer(Trainer):
             if not torch.cuda.is_available():
                 raise CharfwError(
                     f"{ctx.part.label}: optimizer AdamW8bit needs bitsandbytes on an NVIDIA GPU, and this "
-                    "machine has none", hint="add train: {plugin: lora, optimizer: AdamW} to the manifest's stages")
-            check_module("bitsandbytes", extra="cuda", purpose="optimizer AdamW8bit")
+                    "machine has none", option="optimizer",
+                    hint="set optimizer: AdamW in the manifest's train block, e.g. train: {plugin: lora, optimizer: AdamW}")
+            try:
+                check_module("bitsandbytes", extra="cuda", purpose="optimizer AdamW8bit")
+            except CharfwError as exc:
+                exc.option = "optimizer"
+                raise
 
     def cache_key(self, ctx: Any, options: LoraTrainerOptions) -> Any:
         """What the engine cannot see: the base model's and VAE's content, the files the

@@ -206,6 +206,47 @@ def test_a_misspelled_plugin_name_is_a_manifest_error(tmp_path: Path) -> None:
                     "(did you mean 'flat'?); known: " + ", ".join(_names("background")))
 
 
+def test_a_missing_model_file_names_the_line_and_the_one_folder_searched(tmp_path: Path) -> None:
+    tmp_path = tmp_path / "ws"
+    write(tmp_path, GOOD + "model:\n  base: ../models/mine.safetensors\n")
+    [line] = plan_problems(tmp_path)
+    assert line == ("characters/mia.yaml:16 model.base: base model not found: no file or folder "
+                    "models/mine.safetensors (a path here is relative to the manifest's folder, characters/); "
+                    "put the model there or fix the path, or use a Hugging Face id or charfw:tiny-sd15")
+
+
+def test_a_hub_model_that_cannot_be_loaded_stops_the_dry_run(workspace: Path, run_cli,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(workspace / "empty-hub-cache"))
+    path = workspace / "characters" / "krnk.yaml"
+    path.write_text(path.read_text().replace("base: charfw:tiny-sd15", "base: someorg/some-model"))
+    line = path.read_text().splitlines().index("  base: someorg/some-model") + 1
+    code, _out, err = run_cli("build", "krnk", "--dry-run", cwd=workspace)
+    assert code == 3 and len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: characters/krnk.yaml:{line} model.base: base model 'someorg/some-model' is not "
+                          "in the Hugging Face cache and cannot be downloaded: HF_HUB_OFFLINE is set; put its "
+                          ".safetensors file at models/some-model.safetensors and set the path")
+
+
+def test_a_hub_model_is_probed_once_with_a_short_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import HfApi
+
+    from charfw.training import model_sources
+
+    calls = []
+
+    def unreachable(self, repo_id, *, timeout=None, **kwargs):
+        calls.append(timeout)
+        raise ConnectionError("no route")
+
+    monkeypatch.setattr(HfApi, "model_info", unreachable)
+    model_sources._hub_problem.cache_clear()
+    assert model_sources._hub_problem("org/a") == "huggingface.co cannot be reached (ConnectionError)"
+    assert model_sources._hub_problem("org/a") is not None
+    assert calls == [model_sources.HUB_TIMEOUT] and model_sources.HUB_TIMEOUT <= 5
+    model_sources._hub_problem.cache_clear()
+
+
 def _names(kind: str) -> list[str]:
     from charfw.plugins import load_plugins
 

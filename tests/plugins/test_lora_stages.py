@@ -108,6 +108,17 @@ def test_manifest_weights_and_options_override_the_defaults(ws: Path, run_cli) -
     assert code == 3 and "3 values is not a block layout" in err
 
 
+def test_an_unknown_preset_names_the_manifest_line_and_the_closest_preset(ws: Path, run_cli) -> None:
+    path = ws / "characters" / "krnk.yaml"
+    path.write_text(path.read_text() + "  merge: {weights: FACEE}\n")
+    line = len(path.read_text().splitlines())
+    code, _out, err = run_cli("build", "krnk", "--dry-run", cwd=ws)
+    assert code == 3 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert err.startswith(f"error: characters/krnk.yaml:{line} stages.merge.weights: unknown block-weight preset "
+                          "'FACEE'; did you mean 'FACE'? presets: FACE, BODY,")
+
+
 @pytest.mark.parametrize(("kind", "preset"), [("face", "FACE"), ("body", "BODY"), ("group", "BODY")])
 def test_default_weights_by_part_kind(kind: str, preset: str) -> None:
     from charfw.default_plugins.lora.block_weights import BlockWeightOptions, weights_spec

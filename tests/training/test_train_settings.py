@@ -227,6 +227,15 @@ def test_adamw8bit_without_a_gpu_is_a_clear_error(workspace: Path, tiny_sd15: Pa
         assert code in (0, 3)
     else:
         assert code == 3 and "AdamW8bit needs bitsandbytes on an NVIDIA GPU" in err and "optimizer: AdamW" in err
+        # the manifest file and the key it goes in (not written: its block's line, or the file's)
+        stages = manifest.read_text().splitlines().index("stages:") + 1
+        assert err.startswith(f"error: characters/krnk.yaml:{stages} stages.train.optimizer: krnk/face: optimizer "
+                              "AdamW8bit needs bitsandbytes")
+        manifest.write_text(manifest.read_text() + "  train: {plugin: lora, optimizer: AdamW8bit}\n")
+        line = len(manifest.read_text().splitlines())
+        code, _, err = run_cli("build", "krnk", "--dry-run", cwd=workspace)
+        assert code == 3 and err.startswith(f"error: characters/krnk.yaml:{line} stages.train.optimizer: ")
+        manifest.write_text(manifest.read_text().replace("  train: {plugin: lora, optimizer: AdamW8bit}\n", ""))
     # on the built-in tiny model the tiny defaults apply (AdamW): the plan is fine
     manifest.write_text(manifest.read_text().replace(f"base: {tiny_sd15}", "base: charfw:tiny-sd15"))
     assert run_cli("build", "krnk", "--dry-run", cwd=workspace)[0] == 0
