@@ -26,7 +26,7 @@ HELP = """Turn character manifests into character LoRAs: face → body → group
 \b
 Quick start:
   charfw init mychar          write characters/mychar.yaml and its image folders
-  charfw build mychar         ingest → background → prepare → tag → dataset → train → merge → compress
+  charfw build mychar         ingest → background → prepare → tag → dataset → lint → train → merge → compress
   charfw tag DIR...           captions beside images, from folder and file names
   charfw toml DIR...          a kohya dataset config from folders
   charfw plugins              what is installed, and what each plugin registers
@@ -128,7 +128,8 @@ def _stage_choice(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--only", metavar="STAGE", callback=_stage_choice, help="Run only this stage (earlier ones must have been built).")
 @click.option("--until", metavar="STAGE", callback=_stage_choice, help="Stop after this stage.")
 @click.option("--dry-run", is_flag=True, help="Print the plan and what would run; change nothing.")
-@click.option("--strict", is_flag=True, help="Stop at the first unusable source file instead of skipping it.")
+@click.option("--strict", is_flag=True, help="Stop at the first unusable source file instead of skipping it, "
+              "and before training on any lint finding.")
 @click.option("-j", "--jobs", type=click.IntRange(1, 64), default=None, help="Worker threads for image stages.")
 @click.pass_context
 def build(ctx: click.Context, targets: tuple[str, ...], force: bool, only: str | None, until: str | None,

@@ -30,6 +30,7 @@ train       :class:`Trainer`             ``run(ctx, options)``
 merge       :class:`BlockMerger`         ``run(ctx, options)``
 compress    :class:`Compressor`          ``run(ctx, options)``
 sample      :class:`Sampler`             ``run(ctx, options)``
+lint        :class:`Linter`              ``lint(ctx, options)`` → :class:`Finding` list
 any         :class:`Component`           ``check(ctx, options)``, ``cache_key(ctx, options)``
 ==========  ===========================  ===================================================
 
@@ -48,7 +49,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -313,6 +314,52 @@ class Sampler(_ModelStage):
     kind = "sampler"
 
 
+# --- checks before training ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing a linter found. ``findings.json`` holds these as JSON objects."""
+
+    #: the check's name ("angle-missing", "train-steps")
+    check: str
+    severity: Literal["warning", "error"]
+    message: str
+    #: the file it is about (workspace-relative where possible), if any
+    file: str | None = None
+    #: the angle code it is about, if any
+    code: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.severity not in ("warning", "error"):
+            raise ValueError(f"severity must be 'warning' or 'error', not {self.severity!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"check": self.check, "severity": self.severity, "message": self.message,
+                "file": self.file, "code": self.code}
+
+    def line(self) -> str:
+        """``warning angle-missing: f14: no image for this angle`` (file first when known)."""
+        where = self.file or self.code
+        return f"{self.severity} {self.check}: " + (f"{where}: " if where else "") + self.message
+
+
+class Linter(Component, ABC):
+    """Lint: checks of a part's training material before it trains (the ``lint`` stage,
+    between ``dataset`` and ``train``). Several linters can be chained; their findings
+    are written to ``lint/findings.json`` and shown in the summary; ``--strict`` stops
+    the build on any. A linter reads the upstream outputs ``ctx.input("dataset")``,
+    ``ctx.inputs.get("images")`` (the part's finished images) and ``ctx.inputs.get("source")``
+    (the images the background stage read), the plugin chains of the part's other stages
+    (``ctx.part_chains``) and every character part of the workspace (``ctx.workspace_parts``)."""
+
+    kind = "linter"
+
+    @abstractmethod
+    def lint(self, ctx: StageContext, options: Any) -> list[Finding]:
+        """The findings, in a stable order (no findings: an empty list)."""
+
+
 #: kind → (base class, the hook that registers it, the noun used in messages)
 KINDS: dict[str, tuple[type[Component], str, str]] = {
     "drafter": (Drafter, "register_drafters", "drafter"),
@@ -322,6 +369,7 @@ KINDS: dict[str, tuple[type[Component], str, str]] = {
     "preparer": (ImagePreparer, "register_image_preparers", "image preparer"),
     "tagger": (Tagger, "register_taggers", "tagger"),
     "dataset_writer": (DatasetWriter, "register_dataset_writers", "dataset-config writer"),
+    "linter": (Linter, "register_linters", "linter"),
     "trainer": (Trainer, "register_trainers", "trainer"),
     "block_merger": (BlockMerger, "register_block_mergers", "block-weight merger"),
     "compressor": (Compressor, "register_compressors", "compressor"),

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
         Drafter,
         ImageFilter,
         ImagePreparer,
+        Linter,
         Sampler,
         Source,
         Tagger,
@@ -89,6 +90,13 @@ def register_taggers(register: Callable[[Tagger], None]) -> None:
 def register_dataset_writers(register: Callable[[DatasetWriter], None]) -> None:
     """Register dataset-config writers for the ``dataset`` stage and ``charfw toml``
     (built in: ``kohya-toml``)."""
+
+
+@hookspec
+def register_linters(register: Callable[[Linter], None]) -> None:
+    """Register linters for the ``lint`` stage: checks of a part's images, captions and
+    training settings before it trains, returning :class:`~charfw.components.Finding`
+    lists (built in: ``method``, the method's checks; see ``charfw lint``)."""
 
 
 @hookspec

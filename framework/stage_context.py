@@ -82,6 +82,15 @@ class PartInfo:
     def label(self) -> str:
         return f"{self.target}/{self.name}"
 
+    @property
+    def lora_name(self) -> str:
+        """What the part's LoRA files are named after: its keyword, with the character's
+        name in front when the keyword does not hold it (``krnksf``; ``mia-casual``), so
+        that no two characters' files share a name."""
+        if self.target.casefold() in self.keyword.casefold():
+            return self.keyword
+        return f"{self.target}-{self.keyword}"
+
 
 class StageOutput(BaseModel):
     """What a stage hands to the next ones; stored in its record."""
@@ -130,6 +139,11 @@ class StageContext:
     stage_key: dict[str, Any] = field(default_factory=dict)
     #: models loaded in this build, shared by its stages; cleared when the build ends
     models: ModelCache = field(default_factory=ModelCache)
+    #: for a stage that checks the part as a whole (``lint``): the plugin chain of each of
+    #: the part's stages that is on, by stage name, as (component, options) pairs
+    part_chains: dict[str, list[tuple[Any, Any]]] = field(default_factory=dict)
+    #: for the same stages: every character part of the workspace (keyword checks)
+    workspace_parts: tuple[PartInfo, ...] = ()
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # --- paths -------------------------------------------------------------------------

@@ -70,6 +70,7 @@ RUNS = {
     "tagger:angle-rules": ("tag", "tag: angle-rules"),
     "tagger:common-tag": ("tag", "tag: [angle-rules, {plugin: common-tag, tags: [contract]}]"),
     "dataset_writer:kohya-toml": ("dataset", "dataset: kohya-toml"),
+    "linter:method": ("lint", "lint: method"),
 }
 #: components that need model files or whole models: their own tests run them on tiny ones
 ELSEWHERE = {

@@ -97,6 +97,13 @@ def stage_key(ps: PlannedStage, ctx: StageContext, root: Path) -> dict[str, Any]
     }
     if ps.spec.absolute_paths:
         key["location"] = ps.dir.as_posix()
+    if ps.spec.gate:
+        key["checks"] = {
+            "strict": ctx.strict,
+            "chains": {name: [[c.name, c.version, o.model_dump(mode="json")] for c, o in chain]
+                       for name, chain in ctx.part_chains.items()},
+            "keywords": [[p.label, p.keyword, p.class_tokens] for p in ctx.workspace_parts],
+        }
     return key
 
 
@@ -165,6 +172,8 @@ def what_changed(old: StageRecord, key: dict[str, Any]) -> str:
         return f"manifest changed ({', '.join(fields)})"
     if old.key.get("inputs") != key.get("inputs"):
         return "upstream output changed"
+    if old.key.get("checks") != key.get("checks"):
+        return "settings of the part's other stages, keywords or --strict changed"
     if old.key.get("location") != key.get("location"):
         return "the workspace moved"
     return "changed"

@@ -13,6 +13,7 @@ background background          flat                face, body
 prepare    preparer            square              face, body
 tag        tagger (chain)      angle-rules         face, body
 dataset    dataset_writer      kohya-toml          face, body (+ its face), group (+ members)
+lint       linter (chain)      method              face, body, group (a check: nothing reads it)
 train      trainer             lora                face, body, group
 merge      block_merger        block-weights       face, body, group
 compress   compressor          svd                 face, body, group
@@ -40,7 +41,7 @@ from charfw import console
 from charfw.build import atomic, images
 from charfw.build.hashing import fingerprint
 from charfw.build.items import ImageItem, safe_file_stem
-from charfw.components import Component, DatasetSpec, SubsetSpec, color_name
+from charfw.components import Component, DatasetSpec, Finding, SubsetSpec, color_name
 from charfw.errors import CharfwError
 from charfw.stage_context import PartInfo, StageContext, StageOutput
 
@@ -69,6 +70,11 @@ class StageSpec:
     #: a side branch of the part (the draft stage): it reads the finished LoRAs of the
     #: parts it builds on, and no stage of its own part reads it
     side_branch: bool = False
+    #: a check before the next stage (lint): it reads the stages before it and hands
+    #: nothing on (the next stage reads the one before it); its key holds the plugin
+    #: chains of the part's other stages, the workspace's keywords and ``--strict``, as a
+    #: strict build stops on its findings
+    gate: bool = False
 
 
 # --- per-image caching -------------------------------------------------------------------
@@ -464,6 +470,38 @@ def run_model_stage(ctx: StageContext, chain: Chain) -> StageOutput:
     return output
 
 
+FINDINGS_NAME = "findings.json"
+
+
+def run_lint(ctx: StageContext, chain: Chain) -> StageOutput:
+    """Every linter of the chain; the findings go to ``findings.json`` (a JSON list of
+    ``{check, severity, message, file, code}``) and the summary. A ``--strict`` build stops
+    here, before training, on any finding, one line each."""
+    findings: list[Finding] = []
+    for linter, options in chain:
+        found = linter.lint(ctx, options)
+        if not isinstance(found, list) or not all(isinstance(f, Finding) for f in found):
+            raise CharfwError(f"linter '{linter.name}' returned {type(found).__name__}, not a list of Findings")
+        findings.extend(f for f in found if f not in findings)
+    path = ctx.stage_dir / FINDINGS_NAME
+    atomic.write_text(path, json.dumps([f.to_json() for f in findings], indent=1, ensure_ascii=False))
+    errors = sum(1 for f in findings if f.severity == "error")
+    if ctx.strict and findings:
+        lines = "\n".join(f"  {f.line()}" for f in findings)
+        raise CharfwError(f"{ctx.part.label}: lint found {len(findings)} problem(s); --strict stops before "
+                          f"training:\n{lines}", hint="fix them (charfw lint shows them), or build without --strict")
+    summary = [f"{errors} error(s), {len(findings) - errors} warning(s) in {ctx.record_path(path)}"
+               if findings else "no findings"]
+    summary += [f.line() for f in findings[:LINT_SUMMARY_LINES]]
+    if len(findings) > LINT_SUMMARY_LINES:
+        summary.append(f"... and {len(findings) - LINT_SUMMARY_LINES} more (charfw lint {ctx.part.target})")
+    return StageOutput(files={"findings": ctx.record_path(path)}, data={"findings": [f.to_json() for f in findings]},
+                       summary=summary)
+
+
+#: findings shown in the build summary per part (all of them are in findings.json)
+LINT_SUMMARY_LINES = 8
+
 IMAGE_PARTS = frozenset({"face", "body"})
 ALL_PARTS = frozenset({"face", "body", "group"})
 IDENTITY = ("kind", "keyword", "class_tokens", "tags", "template")
@@ -482,6 +520,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("tag", "tagger", "angle-rules", IMAGE_PARTS, run_tag, IDENTITY, chainable=True),
     StageSpec("dataset", "dataset_writer", "kohya-toml", ALL_PARTS, run_dataset, TRAINING,
               can_disable=False, absolute_paths=True),
+    # checks of the part's images, captions and training settings; train reads the dataset
+    StageSpec("lint", "linter", "method", ALL_PARTS, run_lint, (*TRAINING, "angles"), chainable=True, gate=True),
     StageSpec("train", "trainer", "lora", ALL_PARTS, run_model_stage, TRAINING, can_disable=False),
     StageSpec("merge", "block_merger", "block-weights", ALL_PARTS, run_model_stage, ("kind", "name")),
     StageSpec("compress", "compressor", "svd", ALL_PARTS, run_model_stage, ("kind", "name")),
