@@ -58,6 +58,14 @@ def _presets(ctx: click.Context, extra: tuple[Path, ...]) -> Any:
     return load_presets(workspace_from(ctx).templates, extra)
 
 
+def _weights_for(weights: str, lora: Any, presets: Any, path: Path) -> Any:
+    """``resolve_weights`` for one file; its errors (an SD 1.x vector on an SDXL file) name it."""
+    try:
+        return resolve_weights(weights, lora.family, presets)
+    except CharfwError as exc:
+        raise CharfwError(exc.message, path=path, hint=exc.hint) from None
+
+
 _SOURCE = re.compile(r"^(?P<path>.+?)(?::(?P<ratio>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?))?(?::(?P<weights>[^:]+))?$")
 
 
@@ -216,7 +224,7 @@ def register_commands(cli):
 
         other_value = _other_ratio(other)
         lora = read_lora(file, allow_pickle=allow_pickle)
-        resolved = resolve_weights(weights, lora.family, _presets(ctx, preset_files))
+        resolved = _weights_for(weights, lora, _presets(ctx, preset_files), file)
         dest = _output_path(file, block_weights_suffix(weights if resolved.name == "custom" else resolved.name, strength), output)
         lora.check_finite()
         merged, report = apply_block_weights(lora, resolved, other=other_value, strength=strength)
@@ -309,7 +317,7 @@ def register_commands(cli):
             if output.exists() and output.resolve() == path.resolve():
                 raise CharfwError("the output would replace an input", path=output, hint="give another -o file")
             lora = read_lora(path, allow_pickle=allow_pickle)
-            resolved = resolve_weights(weights, lora.family, presets) if weights else None
+            resolved = _weights_for(weights, lora, presets, path) if weights else None
             inputs.append(MergeSource(lora, ratio, resolved, label=path.name))
         if output.suffix.lower() != ".safetensors":
             raise CharfwError(f"output '{output}' must end in .safetensors")
