@@ -209,6 +209,8 @@ def print_summary(summary: Any) -> None:
     else:
         out.print(f"\n{ran} stage(s) ran, {fresh} up to date, in {summary.seconds:.1f} s. "
                   f"Outputs are under {display_path(summary.plan.workspace.build_dir)}/.")
+    for note in summary.notes:
+        out.print(note, markup=False, highlight=False)
 
 
 # --- init --------------------------------------------------------------------------------
@@ -237,10 +239,17 @@ def init(ctx: click.Context, name: str, keyword: str | None, class_tokens: str |
     if path.exists():
         raise CharfwError("already exists", path=path, hint="edit it, or pick another name")
     keyword = keyword or name
+    class_tokens = class_tokens or f"{keyword} girl"
+    from charfw.build.manifest import body_identity
+    from charfw.training.model_sources import first_run_model
+
+    machine = first_run_model()  # a manifest that builds here: the tiny model / AdamW where needed
+    body_rows = [dict(zip(("keyword", "class_tokens"), body_identity(keyword, class_tokens, b), strict=True), name=b)
+                 for b in bodies]
     text = ws.templates.render(
         "manifest/character.yaml.j2",
-        name=name, keyword=keyword, class_tokens=class_tokens or f"{keyword} girl",
-        bodies=list(bodies), symmetric=not asymmetric, charfw_version=__version__,
+        name=name, keyword=keyword, class_tokens=class_tokens, bodies=body_rows, symmetric=not asymmetric,
+        charfw_version=__version__, base=machine.base, optimizer=machine.optimizer, lacks=machine.lacks,
     )
     from charfw.build.manifest import load_manifest  # check what we are about to write
 

@@ -73,6 +73,51 @@ def test_init_writes_a_valid_manifest_and_folders(tmp_path: Path, run_cli) -> No
     assert "no image for angle(s) f01, f02" in out
 
 
+def test_init_writes_a_manifest_that_builds_on_this_machine(tmp_path: Path, run_cli,
+                                                             monkeypatch) -> None:
+    """No GPU and no SD 1.5 in the Hugging Face cache: the tiny model and AdamW, with the
+    comments that say how to switch; a GPU with bitsandbytes and SD 1.5 cached: the method's
+    defaults. Bodies get keywords no other character can share."""
+    import importlib.util
+
+    import torch
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _out, err = run_cli("init", "mia", "--body", "casual", cwd=tmp_path)
+    assert code == 0, err
+    text = (tmp_path / "characters/mia.yaml").read_text()
+    data = yaml.safe_load(text)
+    assert data["model"]["base"] == "charfw:tiny-sd15"
+    assert data["stages"]["train"] == {"plugin": "lora", "optimizer": "AdamW"}
+    assert "Not on this machine:\n  # an NVIDIA GPU, stable-diffusion-v1-5/stable-diffusion-v1-5 in the" in text
+    assert "switch to your checkpoint: base: ../models/my-model.safetensors" in text
+    assert "delete this line to use it" in text
+    assert data["bodies"]["casual"]["keyword"] == "miacasual"
+    assert data["bodies"]["casual"]["class_tokens"] == "miacasual girl"
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(tmp_path / "characters/mia/face/f00.png")
+    Image.new("RGB", (64, 128), (255, 255, 255)).save(tmp_path / "characters/mia/casual/b00.png")
+    code, out, err = run_cli("build", "mia", "--dry-run", cwd=tmp_path)
+    assert code == 0, out + err
+
+    snapshot = tmp_path / "hub/models--stable-diffusion-v1-5--stable-diffusion-v1-5/snapshots/c0ffee"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs/main").write_text("c0ffee")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "bitsandbytes" else find_spec(name, *args))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    code, _out, err = run_cli("init", "zoe", cwd=tmp_path)
+    assert code == 0, err
+    data = yaml.safe_load((tmp_path / "characters/zoe.yaml").read_text())
+    assert data["model"]["base"] == "stable-diffusion-v1-5/stable-diffusion-v1-5" and "train" not in data["stages"]
+
+
 def test_asymmetric_init(tmp_path: Path, run_cli) -> None:
     code, out, _ = run_cli("init", "ren", "--asymmetric", cwd=tmp_path)
     assert code == 0 and "f00.png … f27.png" in out

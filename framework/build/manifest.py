@@ -185,8 +185,25 @@ class FacePart(Part):
 
 class BodyPart(Part):
     template: StrictStr = "body"
-    #: a body's keyword (it may equal the face keyword)
-    keyword: StrictStr
+    # keyword: default the character's keyword and the body's name (mia + casual →
+    # miacasual; a name that holds the keyword stays: krnksf), see body_identity;
+    # class_tokens: default that keyword and the face's class word (miacasual girl)
+
+
+def body_identity(character_keyword: str, class_tokens: str | None, body: str,
+                  keyword: str | None = None) -> tuple[str, str]:
+    """A body's (keyword, class tokens) where its manifest leaves them out: a keyword no
+    other character's part can share (the character's keyword, then the body's name,
+    unless the name already holds the keyword), and class tokens made of it and the
+    face's class word (``mia girl`` → ``miacasual girl``)."""
+    if keyword is None:
+        if character_keyword.casefold() in body.casefold():
+            keyword = body
+        else:
+            keyword = f"{character_keyword}{' ' if ' ' in character_keyword else ''}{body}"
+    tokens = class_tokens or character_keyword
+    noun = tokens[len(character_keyword):].strip() if tokens.startswith(character_keyword) else tokens
+    return keyword, f"{keyword} {noun}".strip()
 
 
 def _check_stage_names(value: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from charfw.build.manifest import (
     CharacterManifest,
     GroupManifest,
     LoadedManifest,
+    body_identity,
     looks_local,
     pydantic_messages,
 )
@@ -115,13 +116,14 @@ def character_parts(ws: Workspace, lm: LoadedManifest, model: ModelRefs | None =
     )
     parts = [face]
     for name, body in m.bodies.items():
+        keyword, class_tokens = body_identity(m.keyword, m.class_tokens, name, body.keyword)
         parts.append(
             PartInfo(
                 target=m.name,
                 name=name,
                 kind="body",
-                keyword=body.keyword,
-                class_tokens=body.class_tokens or body.keyword,
+                keyword=keyword,
+                class_tokens=body.class_tokens or class_tokens,
                 tags=tuple(body.tags),
                 repeats=body.repeats or m.repeats,
                 symmetric=m.symmetric,

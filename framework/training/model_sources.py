@@ -3,7 +3,8 @@
 A manifest's ``model.base`` (or ``charfw train --base-model``) may be
 
 * ``charfw:tiny-sd15``: charfw's tiny SD 1.5, built deterministically on first use into
-  ``<cache>/models/`` (the examples and tests train on it; nothing is downloaded);
+  ``<cache>/models/`` (the examples and tests train on it; nothing is downloaded), and
+  its SDXL sibling ``charfw:tiny-sdxl``;
 * a diffusers folder (``model_index.json``, ``unet/``, ...);
 * a single-file checkpoint (``.safetensors``, or a pickle ``.ckpt`` read weights-only),
   the form A1111 users hold their models in;
@@ -29,7 +30,7 @@ from charfw.training.tiny_sd import build_tiny_sd15
 from ..errors import CharfwError, display_path
 
 #: the built-in models, with a version that changes whenever their weights would
-BUILTIN_MODELS: dict[str, str] = {"tiny-sd15": "1", "tiny-sd35": "1"}
+BUILTIN_MODELS: dict[str, str] = {"tiny-sd15": "1", "tiny-sd35": "1", "tiny-sdxl": "1"}
 TINY = "charfw:tiny-sd15"
 #: training defaults on a built-in model, for options a manifest or command line leaves
 #: unset: the tiny model learns nothing more from the method's 1200 steps of dim 128 at
@@ -40,6 +41,8 @@ BUILTIN_TRAIN_DEFAULTS: dict[str, dict[str, object]] = {
     # SD 3.5 trains plain LoRA only (its MMDiT has no convolutions), at alpha = dim as diffusers
     "tiny-sd35": {"network": "lora", "dim": 4, "alpha": "A100p", "optimizer": "AdamW", "max_train_steps": 24,
                   "resolution": 64, "gradient_checkpointing": False, "sample_sampler": "euler"},
+    "tiny-sdxl": {"dim": 8, "optimizer": "AdamW", "max_train_steps": 24, "resolution": 128,
+                  "gradient_checkpointing": False},
 }
 
 SourceKind = Literal["builtin", "diffusers", "single_file", "hub"]
@@ -149,6 +152,41 @@ def check_model_refs(model: Any, *, cache_dir: Path, workspace_root: Path, label
             raise
 
 
+#: the SD 1.5 a new manifest names when it is in the Hugging Face cache
+DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@dataclass(frozen=True)
+class FirstRunModel:
+    """What ``charfw init`` writes so that the new manifest builds on this machine."""
+
+    base: str
+    #: the optimizer to write (None: the method's AdamW8bit can run here)
+    optimizer: str | None
+    gpu: bool
+    #: what the machine lacks for the method's defaults, for the manifest's comment
+    lacks: tuple[str, ...]
+
+
+def first_run_model() -> FirstRunModel:
+    """The base model and optimizer a new manifest starts with: SD 1.5 when it is in the
+    Hugging Face cache, else charfw's tiny model (nothing to download); AdamW8bit only on
+    an NVIDIA GPU with bitsandbytes installed, else AdamW. Nothing is downloaded."""
+    import importlib.util
+
+    gpu = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    eight_bit = gpu and importlib.util.find_spec("bitsandbytes") is not None
+    cached = _hub_commit(DEFAULT_HUB_MODEL) is not None
+    lacks = tuple(what for what, missing in (("an NVIDIA GPU", not gpu), ("bitsandbytes", gpu and not eight_bit),
+                                              (f"{DEFAULT_HUB_MODEL} in the Hugging Face cache", not cached))
+                  if missing)
+    return FirstRunModel(DEFAULT_HUB_MODEL if cached else TINY, None if eight_bit else "AdamW", gpu, lacks)
+
+
 def ensure_builtin(source: ModelSource) -> Path:
     """Build a built-in model on first use (atomically: a half-built model never appears)."""
     assert source.kind == "builtin" and source.path is not None
@@ -157,6 +195,10 @@ def ensure_builtin(source: ModelSource) -> Path:
             from charfw.training.tiny_sd35 import build_tiny_sd35
 
             build_tiny_sd35(source.path)
+        elif source.ref == BUILTIN_PREFIX + "tiny-sdxl":
+            from charfw.training.tiny_sdxl import build_tiny_sdxl
+
+            build_tiny_sdxl(source.path)
         else:
             build_tiny_sd15(source.path)
     return source.path

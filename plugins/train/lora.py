@@ -118,7 +118,7 @@ class LoraTrainer(Trainer):
             family=model.family,
             output_dir=ctx.stage_dir,
             cache_dir=ctx.cache_dir,
-            keyword=ctx.part.keyword,
+            keyword=ctx.part.lora_name,
             state_dir=ctx.stage_dir / "state",
             logging_dir=ctx.stage_dir / "logs",
             sample_dir=ctx.stage_dir / "samples",

@@ -104,6 +104,23 @@ def test_repeats_are_bounded(tmp_path: Path) -> None:
     assert "characters/mia.yaml:13 bodies.casual.repeats: should be less than or equal to 1000" in lines
 
 
+def test_body_defaults_cannot_collide_and_name_the_character(tmp_path: Path) -> None:
+    from charfw.build.plan import character_parts
+    from charfw.stage_context import PartInfo
+
+    tmp_path = tmp_path / "ws"
+    write(tmp_path, GOOD.replace("    keyword: miac\n", "")
+          .replace("    tags: [hoodie, jeans]\n", "    tags: [hoodie, jeans]\n  miaswim:\n    images: mia/swim\n"))
+    ws = Workspace(tmp_path)
+    face, casual, swim = character_parts(ws, ws.load("mia"))
+    assert (face.keyword, face.class_tokens) == ("mia", "mia girl")
+    assert (casual.keyword, casual.class_tokens, casual.lora_name) == ("miacasual", "miacasual girl", "miacasual")
+    assert (swim.keyword, swim.class_tokens) == ("miaswim", "miaswim girl")
+    # a keyword written without the character's name: its files still carry it
+    assert PartInfo(target="mia", name="casual", kind="body", keyword="casual", class_tokens="").lora_name \
+        == "mia-casual"
+
+
 def test_missing_required_key_points_at_the_parent(tmp_path: Path) -> None:
     tmp_path = tmp_path / "ws"
     write(tmp_path, GOOD.replace("  images: mia/face\n", ""))
@@ -217,7 +234,9 @@ def test_a_missing_model_file_names_the_line_and_the_one_folder_searched(tmp_pat
 
 def test_a_hub_model_that_cannot_be_loaded_stops_the_dry_run(workspace: Path, run_cli,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_CACHE", str(workspace / "empty-hub-cache"))
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(workspace / "empty-hub-cache"))
     path = workspace / "characters" / "krnk.yaml"
     path.write_text(path.read_text().replace("base: charfw:tiny-sd15", "base: someorg/some-model"))
     line = path.read_text().splitlines().index("  base: someorg/some-model") + 1
