@@ -35,7 +35,7 @@ from charfw.build.stages import (
     dataset_parts,
     stage_applies,
 )
-from charfw.build.workspace import Workspace
+from charfw.build.workspace import MANIFEST_SUFFIXES, Workspace
 from charfw.build.yaml_lines import Loc
 from charfw.components import KINDS, Component
 from charfw.errors import CharfwError, ManifestError, display_path
@@ -359,21 +359,68 @@ class Planner:
         self.notes: dict[str, list[str]] = {}
 
     def plan(self, names: list[str] | None = None) -> Plan:
-        loaded = [self.ws.load(n) for n in names] if names else self.ws.load_all()
+        """Plan characters and groups by name, or one part of a character (``krnk/krnksf``,
+        ``krnk/face``): then only the stages of other parts that it reads are planned (its
+        face's images for a body), and the plan says so under those parts."""
+        targets = [_split_target(n) for n in names] if names else [(None, None)]
+        loaded = [(self.ws.load(n), part) for n, part in targets] if names else \
+            [(lm, None) for lm in self.ws.load_all()]
         if not loaded:
             raise CharfwError(
                 f"no manifests in {self.ws.characters_dir}", hint="create one with `charfw init NAME`"
             )
-        for lm in loaded:
+        wanted: list[str] = []
+        for lm, part_name in loaded:
             if isinstance(lm.manifest, CharacterManifest):
-                for part in self.character(lm):
+                parts = self.character(lm)
+                for part in self.select(lm, parts, part_name):
+                    wanted.append(part.label)
+                    if part_name is not None:  # what it reads of the other parts first, part by part
+                        needed = {d for ps in self.stages_of[part.label] for d in _closure(ps)}
+                        for other in parts:
+                            self.add([s for s in self.stages_of[other.label] if s in needed])
                     self.add(self.stages_of[part.label])
-        for lm in loaded:
+        for lm, part_name in loaded:
             if isinstance(lm.manifest, GroupManifest):
+                if part_name not in (None, "group"):
+                    raise CharfwError(f"'{lm.name}' is a group: it has one part, not '{part_name}'",
+                                      hint=f"build it with `charfw build {lm.name}`")
                 self.group(lm)
+                wanted.append(f"{lm.name}/group")
         if self.problems:
             raise ManifestError(self.problems)
-        return Plan(self.ws, [lm.name for lm in loaded], self.ordered, self.notes)
+        if any(part is not None for _, part in loaded):
+            self.note_upstream(wanted)
+        return Plan(self.ws, [lm.name for lm, _ in loaded], self.ordered, self.notes)
+
+    @staticmethod
+    def select(lm: LoadedManifest, parts: list[PartInfo], name: str | None) -> list[PartInfo]:
+        """All of a character's parts, or the one ``name`` picks."""
+        if name is None:
+            return parts
+        found = [p for p in parts if p.name == name]
+        if not found:
+            import difflib
+
+            names = [p.name for p in parts]
+            close = difflib.get_close_matches(name, names, n=1)
+            raise CharfwError(f"character '{lm.name}' has no part '{name}'",
+                              hint=(f"did you mean '{lm.name}/{close[0]}'? " if close else "")
+                              + f"its parts: {', '.join(names)}")
+        return found
+
+    def note_upstream(self, wanted: list[str]) -> None:
+        """Under each part that was not asked for but has stages in the plan: which stages,
+        and for which part (they run when out of date, else their outputs are reused)."""
+        for label in dict.fromkeys(s.part.label for s in self.ordered):
+            if label in wanted:
+                continue
+            stages = [s for s in self.ordered if s.part.label == label]
+            readers = sorted({s.part.label for s in self.ordered if s.part.label in wanted
+                              and any(d in stages for d in _closure(s))})
+            self.notes.setdefault(label, []).append(
+                f"not asked for: its {', '.join(s.spec.name for s in stages)} stage(s) run or are reused "
+                f"because {', '.join(readers)} reads them")
 
     # --- characters and groups -----------------------------------------------------------
 
@@ -546,6 +593,14 @@ def workspace_parts(ws: Workspace) -> tuple[PartInfo, ...]:
     return tuple(parts)
 
 
+def _split_target(name: str) -> tuple[str, str | None]:
+    """``krnk/krnksf`` → (``krnk``, ``krnksf``); a manifest name or file → (it, None)."""
+    if Path(name).suffix in MANIFEST_SUFFIXES or name.count("/") != 1:
+        return name, None
+    character, part = name.split("/")
+    return (character, part) if character and part else (name, None)
+
+
 def make_plan(ws: Workspace, names: list[str] | None = None) -> Plan:
     """Plan the build of the named characters and groups (all manifests when None)."""
     return Planner(ws).plan(names)
@@ -555,7 +610,7 @@ def _closure(stage: PlannedStage) -> list[PlannedStage]:
     out: list[PlannedStage] = []
 
     def visit(s: PlannedStage) -> None:
-        for dep in s.deps.values():
+        for dep in s.deps.values() if not s.off else ():  # a stage that is off reads nothing
             visit(dep)
         if s not in out:
             out.append(s)

@@ -152,6 +152,25 @@ def test_only_needs_earlier_stages(workspace: Path, run_cli) -> None:
     assert "krnk/face: 'dataset' needs the output of 'tag' for krnk/face, which has not been built" in err
 
 
+def test_one_part_of_a_character_builds_with_what_it_reads(workspace: Path, run_cli) -> None:
+    code, out, err = run_cli("build", "krnk/krnksf", "--dry-run", cwd=workspace)
+    assert code == 0, out + err
+    assert "not asked for: its ingest, background, prepare, tag stage(s) run or are reused because " \
+           "krnk/krnksf reads them" in out
+    assert out.index("krnk/face") < out.index("krnk/krnksf")  # each part's stages together
+    assert stage_status(out, "krnk/krnksf", "train") == "would run"
+    with pytest.raises(AssertionError):
+        stage_status(out, "krnk/face", "train")  # the face's LoRA is not built for it
+    code, out, err = run_cli("build", "krnk/face", "--until", "ingest", cwd=workspace)
+    assert code == 0, out + err
+    assert "krnk/krnksf" not in out and stage_status(out, "krnk/face", "ingest") == "ran"
+    code, _out, err = run_cli("build", "krnk/krnksff", cwd=workspace)
+    assert code == 3 and "character 'krnk' has no part 'krnksff'; did you mean 'krnk/krnksf'? its parts: face, " \
+        "krnksf" in err
+    code, _out, err = run_cli("build", "krnksf_tyankps/face", cwd=workspace)
+    assert code == 3 and "'krnksf_tyankps' is a group: it has one part, not 'face'" in err
+
+
 def test_group_builds_member_images_and_one_dataset(workspace: Path, run_cli) -> None:
     code, out, err = run_cli("build", "krnksf_tyankps", *UNTIL, cwd=workspace)
     assert code == 0, out + err
