@@ -16,8 +16,8 @@ import yaml
 from pydantic import ValidationError
 
 from charfw.build.angles import AngleSet
-from charfw.errors import CharfwError
 from charfw.build.toml_format import toml_value
+from charfw.errors import CharfwError
 
 
 def builtin_dir() -> Path:
@@ -88,19 +88,23 @@ class TemplateLibrary:
 
     @functools.cached_property
     def jinja(self) -> Any:
+        env = self.environment()
+        env.filters["toml"] = toml_value
+        return env
+
+    def environment(self, *, autoescape: bool = False) -> Any:
+        """A new jinja2 environment over the library's folders (the workspace's first);
+        ``autoescape`` for HTML pages (the build report)."""
         import jinja2
 
-        env = jinja2.Environment(
+        return jinja2.Environment(
             loader=jinja2.FileSystemLoader([str(d) for d in self.dirs]),
             undefined=jinja2.StrictUndefined,
             keep_trailing_newline=True,
             trim_blocks=True,
             lstrip_blocks=True,
-            autoescape=False,
+            autoescape=autoescape,
         )
-
-        env.filters["toml"] = toml_value
-        return env
 
     def render(self, relpath: str, **context: Any) -> str:
         return self.jinja.get_template(relpath).render(**context)

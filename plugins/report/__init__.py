@@ -1,0 +1,1 @@
+"""The build report: written after every build, and by ``charfw report``."""

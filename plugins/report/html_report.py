@@ -1,0 +1,56 @@
+"""``report``: ``build/<target>/report.html`` and ``build/index.html`` after every build, and
+``charfw report NAME [--open]``.
+
+The pages come from :mod:`charfw.report`; this plugin only connects them to the build
+(the ``build_finished`` hook, which also puts the report's path in the summary) and to
+the command line. A workspace that wants another report replaces the templates in its
+own ``templates/report/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+import charfw
+from charfw import console
+from charfw.errors import display_path
+
+
+@charfw.hookimpl
+def build_finished(summary):
+    from charfw.build.stages import jobs_default
+    from charfw.report import write_reports
+
+    for path in write_reports(summary.plan, summary.reports, seconds=summary.seconds, jobs=jobs_default()):
+        summary.notes.append(f"report: {display_path(path)}")
+
+
+@charfw.hookimpl
+def register_commands(cli):
+    @cli.command("report")
+    @click.argument("targets", nargs=-1)
+    @click.option("--open", "open_page", is_flag=True, help="Open the page in the web browser.")
+    @click.pass_context
+    def report(ctx: click.Context, targets: tuple[str, ...], open_page: bool) -> None:
+        """Write the HTML report of characters and groups (all when none are named):
+        build/NAME/report.html, and build/index.html linking them.
+
+        A build writes it too; this command refreshes it from what is in build/ without
+        running any stage, and --open shows it."""
+        from charfw.build.plan import make_plan
+        from charfw.build.stages import jobs_default
+        from charfw.cli import workspace_from
+        from charfw.report import write_reports
+
+        ws = workspace_from(ctx)
+        paths = write_reports(make_plan(ws, list(targets) or None), jobs=jobs_default())
+        for path in paths:
+            console.out.print(f"wrote {display_path(path)}", markup=False)
+        if open_page:
+            import webbrowser
+
+            page = paths[0] if len(paths) == 1 else ws.build_dir / "index.html"
+            if not webbrowser.open(Path(page).resolve().as_uri()):
+                console.warn(f"no web browser found; open {display_path(page)} yourself")
