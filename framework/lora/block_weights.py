@@ -17,6 +17,14 @@ block follows the standard diffusers ↔ LDM mapping (``down_blocks.i.{resnets,a
 ``OUT(3i+j)``, upsampler i → ``OUT(3i+2)``, ``conv_in`` → ``IN00``); SGM-named (SDXL)
 files name the block directly (``input_blocks_N`` → ``IN N``).
 
+**SD 3.5** has no UNet blocks and LBW has no vector for it; charfw's layout is one value per
+MMDiT joint block after ``BASE`` (the CLIP text encoders): ``BASE, J00 … J23`` (25 values,
+SD3/SD 3.5 Medium's 24 blocks) or ``BASE, J00 … J37`` (39 values, SD 3.5 Large's 38). Block
+``JNN`` is diffusers' ``transformer_blocks.NN`` (kohya's ``joint_blocks.NN``) with everything
+in it: both attentions, both feed-forwards, the adaptive norms. The embedders,
+``context_embedder`` and the final layer are in no block (the ``other`` ratio). A 25-value
+vector on a Large file gives J24-J37 0, as a short LBW vector does.
+
 Two rules the tools disagree on, made explicit here:
 
 * **BASE is the text encoder, only** (``lora_te_``, ``lora_te1_``, ``lora_te2_``).
@@ -54,23 +62,32 @@ BLOCKS17: tuple[str, ...] = ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN
                              *(f"OUT{i:02d}" for i in range(3, 12)))
 BLOCKS20: tuple[str, ...] = ("BASE", *(f"IN{i:02d}" for i in range(9)), "M00", *(f"OUT{i:02d}" for i in range(9)))
 BLOCKS12: tuple[str, ...] = ("BASE", "IN04", "IN05", "IN07", "IN08", "M00", *(f"OUT{i:02d}" for i in range(6)))
+#: SD 3.5: BASE (the CLIP encoders), then one value per joint block (Medium 24, Large 38)
+BLOCKS_SD35_MEDIUM: tuple[str, ...] = ("BASE", *(f"J{i:02d}" for i in range(24)))
+BLOCKS_SD35_LARGE: tuple[str, ...] = ("BASE", *(f"J{i:02d}" for i in range(38)))
 
 #: layout family → vector length → block names, in vector order
 LAYOUTS: dict[str, dict[int, tuple[str, ...]]] = {
     "sd1": {26: BLOCKS26, 17: BLOCKS17},
     "sdxl": {20: BLOCKS20, 12: BLOCKS12},
+    "sd35": {25: BLOCKS_SD35_MEDIUM, 39: BLOCKS_SD35_LARGE},
 }
-FAMILY_NAMES = {"sd1": "SD 1.x/2.x", "sdxl": "SDXL"}
+FAMILY_NAMES = {"sd1": "SD 1.x/2.x", "sdxl": "SDXL", "sd35": "SD 3.5"}
+
+
+def full_layout(family: str) -> tuple[str, ...]:
+    """Every block a layout family has (its longest layout)."""
+    return max(LAYOUTS[family].values(), key=len)
 
 
 def layout_family(family: str) -> str:
     """The block layout a base-model family uses (SD 2.x has SD 1.x's blocks)."""
     if family in ("sd1", "sd2"):
         return "sd1"
-    if family == "sdxl":
-        return "sdxl"
+    if family in ("sdxl", "sd35"):
+        return family
     raise CharfwError(
-        "cannot tell which base model this LoRA is for (no SD 1.x/2.x or SDXL module names), "
+        "cannot tell which base model this LoRA is for (no SD 1.x/2.x, SDXL or SD 3.5 module names), "
         "so its blocks are unknown"
     )
 
@@ -90,14 +107,18 @@ _UP = re.compile(r"^lora_unet_up_blocks_(\d+)_(?:resnets|attentions)_(\d+)_")
 _UPSAMPLE = re.compile(r"^lora_unet_up_blocks_(\d+)_upsamplers_")
 _SGM_IN = re.compile(r"^lora_unet_input_blocks_(\d+)_")
 _SGM_OUT = re.compile(r"^lora_unet_output_blocks_(\d+)_")
+_JOINT = re.compile(r"^lora_(?:transformer_transformer_blocks|unet_joint_blocks)_(\d+)_")
 
 
 def block_of(name: str) -> str | None:
-    """The LBW block of a kohya module name: ``BASE``, ``IN00``…, ``M00``, ``OUT00``…, or
+    """The LBW block of a kohya module name: ``BASE``, ``IN00``…, ``M00``, ``OUT00``… (SD 3.5:
+    ``J00``…), or
     None for a UNet module in no block (time embedding, ``conv_out``, ``add_embedding``) and
     for names that are not UNet/text-encoder modules."""
     if name.startswith(TE_PREFIXES):
         return "BASE"
+    if m := _JOINT.match(name):  # SD 3.5
+        return f"J{int(m[1]):02d}"
     if not name.startswith("lora_unet_"):
         return None
     if m := _DOWN.match(name):
@@ -149,8 +170,8 @@ def _check_length(values: tuple[float, ...], what: str) -> str:
     fam = family_of_length(len(values))
     if fam is None:
         raise CharfwError(
-            f"{what}: {len(values)} values is not a block layout; use 26 or 17 (SD 1.x/2.x) "
-            "or 20 or 12 (SDXL)"
+            f"{what}: {len(values)} values is not a block layout; use 26 or 17 (SD 1.x/2.x), "
+            "20 or 12 (SDXL), 25 or 39 (SD 3.5 Medium, Large)"
         )
     return fam
 
@@ -169,9 +190,9 @@ def _preset_entry(name: str, value: Any, source: str) -> Preset:
     what = f"preset {name}"
     if isinstance(value, Mapping):
         for key, vec in value.items():
-            fam = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl"}.get(str(key))
+            fam = {"sd1": "sd1", "sd2": "sd1", "sdxl": "sdxl", "sd35": "sd35"}.get(str(key))
             if fam is None:
-                raise CharfwError(f"{what}: unknown base model '{key}'; use sd1 or sdxl")
+                raise CharfwError(f"{what}: unknown base model '{key}'; use sd1, sdxl or sd35")
             values = parse_vector(vec, what=what)
             got = _check_length(values, what)
             if got != fam:
@@ -236,7 +257,7 @@ def load_presets(templates: TemplateLibrary | None = None, extra: Iterable[Path]
 class BlockWeights:
     """A resolved vector: a ratio for every block of its family's full layout."""
 
-    #: "sd1" (SD 1.x/2.x layouts) or "sdxl"
+    #: "sd1" (SD 1.x/2.x layouts), "sdxl" or "sd35"
     family: str
     #: the preset's name, or "custom"
     name: str
@@ -247,7 +268,7 @@ class BlockWeights:
 
     @property
     def full(self) -> tuple[str, ...]:
-        return BLOCKS26 if self.family == "sd1" else BLOCKS20
+        return full_layout(self.family)
 
     def ratio(self, block: str) -> float:
         return self.ratios[block]
@@ -282,7 +303,8 @@ def resolve_weights(spec: str | Sequence[float], family: str, presets: Mapping[s
             original = {n.upper(): n for n in presets}
             hint = f"did you mean '{original[close[0]]}'? " if close else ""
             raise CharfwError(f"unknown block-weight preset '{key}'",
-                              hint=f"{hint}presets: {', '.join(presets)}; or give 26/17 (SD 1.x) or 20/12 (SDXL) numbers")
+                              hint=f"{hint}presets: {', '.join(presets)}; or give 26/17 (SD 1.x), 20/12 (SDXL) "
+                                   "or 25/39 (SD 3.5) numbers")
         if fam not in preset.vectors:
             raise CharfwError(
                 f"preset {preset.name} has no {FAMILY_NAMES[fam]} vector",
@@ -300,7 +322,7 @@ def resolve_weights(spec: str | Sequence[float], family: str, presets: Mapping[s
                 hint=f"give {sizes} values",
             )
     layout = LAYOUTS[fam][len(values)]
-    full = BLOCKS26 if fam == "sd1" else BLOCKS20
+    full = full_layout(fam)
     ratios = dict.fromkeys(full, 0.0)
     ratios.update(zip(layout, values, strict=True))
     return BlockWeights(fam, name, values, layout, ratios)
@@ -337,7 +359,7 @@ class BlockMergeReport:
         out.append(f"{self.scaled} modules scaled, {self.kept} unchanged, {self.dropped} dropped (ratio 0)")
         if self.unnamed:
             out.append(f"{len(self.weights.values)}-value layout: blocks {', '.join(self.unnamed)} are not in it "
-                       f"and got 0; give {'26' if self.weights.family == 'sd1' else '20'} values to weight them")
+                       f"and got 0; give {len(self.weights.full)} values to weight them")
         if self.outside:
             ratios = sorted(set(self.outside.values()))
             out.append(f"{len(self.outside)} modules in no block (time embedding, conv_out…) got "

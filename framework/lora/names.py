@@ -3,7 +3,11 @@
 A LoRA file's module name is ``lora_unet_`` or a text-encoder prefix (``lora_te_``; SDXL's
 two encoders ``lora_te1_``/``lora_te2_``) followed by the layer's module path with dots as
 underscores. SD 1.x/2.x files use diffusers UNet paths (``down_blocks_0_attentions_0_…``),
-SDXL files the SGM ones (``input_blocks_4_1_…``).
+SDXL files the SGM ones (``input_blocks_4_1_…``). SD 3.5 files come in diffusers' peft
+format (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``), read under
+OneTrainer's names ``lora_transformer_transformer_blocks_0_attn_to_q`` with ``lora_te1_``
+(CLIP-L) and ``lora_te2_`` (CLIP-G) (:mod:`.peft_format`), or in kohya's SD3 format
+(``lora_unet_joint_blocks_0_x_block_attn_qkv``).
 
 This module imports no torch: the block-weight rules use it when a manifest is checked.
 """
@@ -24,8 +28,16 @@ _CONV1_NAME = re.compile(r"^lora_unet_.*_(?:conv_shortcut|skip_connection)$")
 _PROJ_NAME = re.compile(r"^lora_unet_.*_(?:proj_in|proj_out)$")
 
 
+#: module names only an SD3/SD 3.5 MMDiT has (diffusers' and kohya's spelling)
+_SD3_NAME = re.compile(r"^lora_(?:transformer_transformer_blocks|unet_joint_blocks)_\d+_")
+
+
 def detect_family(names: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
-    """``sd1``, ``sd2``, ``sdxl`` or ``unknown``, from module names (and kohya's metadata).
+    """``sd1``, ``sd2``, ``sdxl``, ``sd35`` or ``unknown``, from module names (and kohya's metadata).
+
+    SD 3.5 (and SD3) files name MMDiT joint blocks (``transformer_blocks_N`` /
+    ``joint_blocks_N``); their text encoders are ``lora_te1_``/``lora_te2_`` as SDXL's, so
+    they are told apart by the transformer's modules or ``ss_base_model_version``.
 
     SDXL files have two text encoders (``lora_te1_``/``lora_te2_``) and SGM UNet names;
     SD 1.x/2.x files have ``lora_te_`` and diffusers UNet names. SD 2.x has the same blocks
@@ -33,6 +45,8 @@ def detect_family(names: Iterable[str], metadata: Mapping[str, str] | None = Non
     metadata = metadata or {}
     base = str(metadata.get("ss_base_model_version", ""))
     names = list(names)
+    if base.startswith("sd3") or any(_SD3_NAME.match(n) for n in names):
+        return "sd35"
     if base.startswith("sdxl") or any(n.startswith(("lora_te1_", "lora_te2_")) for n in names):
         return "sdxl"
     sd_v2 = metadata.get("ss_v2") == "True" or base.startswith("sd_v2")

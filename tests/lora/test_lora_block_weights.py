@@ -132,10 +132,25 @@ def test_any_real_value_and_sdxl_layouts() -> None:
     assert xl12.ratio("IN00") == 0 and xl12.ratio("IN04") == 1
 
 
+def test_sd35_layouts_one_value_per_joint_block() -> None:
+    medium = resolve_weights([0.25, *range(24)], "sd35", PRESETS)
+    assert medium.layout[0] == "BASE" and medium.layout[-1] == "J23" and len(medium.full) == 39
+    assert medium.ratio("BASE") == 0.25 and medium.ratio("J07") == 7 and medium.ratio("J30") == 0
+    large = resolve_weights(",".join(["1"] * 39), "sd35", PRESETS)
+    assert large.ratio("J37") == 1
+    assert block_of("lora_transformer_transformer_blocks_7_attn2_to_q") == "J07"
+    assert block_of("lora_unet_joint_blocks_31_context_block_mlp_fc1") == "J31"  # kohya's SD3 names
+    assert block_of("lora_te2_text_model_encoder_layers_0_self_attn_q_proj") == "BASE"
+    assert block_of("lora_transformer_context_embedder") is None
+
+
 @pytest.mark.parametrize(("spec", "family", "message"), [
     ("FCAE", "sd1", "unknown block-weight preset 'FCAE'; did you mean 'FACE'?"),
     ("1,0,1", "sd1", "3 values is not a block layout"),
-    (",".join(["1"] * 25), "sd1", "25 values is not a block layout; use 26 or 17"),
+    (",".join(["1"] * 24), "sd1", "24 values is not a block layout; use 26 or 17"),
+    (",".join(["1"] * 25), "sd1", "25 block weights is a SD 3.5 layout, but this LoRA is for SD 1.x/2.x"),
+    (vector(), "sd35", "26 block weights is a SD 1.x/2.x layout, but this LoRA is for SD 3.5; give 25 or 39 values"),
+    ("FACE", "sd35", "preset FACE has no SD 3.5 vector"),
     (vector(), "sdxl", "26 block weights is a SD 1.x/2.x layout, but this LoRA is for SDXL; give 20 or 12 values"),
     ("1,x," + ",".join(["1"] * 24), "sd1", "value 2 \\('x'\\) is not a number"),
     ("FACE", "sdxl", "preset FACE has no SDXL vector"),
