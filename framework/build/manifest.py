@@ -226,6 +226,9 @@ class CharacterManifest(_Strict):
     class_tokens: StrictStr | None = None
     #: true: angles 0-4 and flip augmentation; false: angles 0-7 and no flipping
     symmetric: StrictBool = True
+    #: true: images folders may be outside the workspace (``/data/art``, ``../../shared``);
+    #: off by default, so that a manifest from elsewhere reads nothing outside its workspace
+    images_outside_workspace: StrictBool = False
     repeats: StrictInt = Field(1, ge=1, le=MAX_REPEATS)
     model: ModelSection = ModelSection()
     face: FacePart
@@ -259,6 +262,8 @@ class GroupManifest(_Strict):
     members: list[MemberText] = Field(min_length=1)
     #: base model for the group (default: the first member's)
     model: ModelSection | None = None
+    #: true: the group's images folder may be outside the workspace
+    images_outside_workspace: StrictBool = False
     #: optional folder of pictures of the members together (relative to the manifest), named
     #: by the members' body angle codes (b00.png …; `charfw adopt` fills it from the group's
     #: drafts); trained with the members' images, captioned with every member's keyword

@@ -90,6 +90,17 @@ def _model_refs(lm: LoadedManifest, section: Any, cache_dir: Path) -> tuple[Mode
     return ModelRefs(base, resolve(section.vae, "vae"), section.clip_skip, family), note
 
 
+def images_dir(ws: Workspace, lm: LoadedManifest, value: str, loc: Loc) -> Path:
+    """An images folder of a manifest (relative to its folder); one outside the workspace
+    is a manifest error unless the manifest says ``images_outside_workspace: true``."""
+    folder = (lm.base_dir / Path(value).expanduser()).resolve()
+    if not folder.is_relative_to(ws.root) and not getattr(lm.manifest, "images_outside_workspace", False):
+        raise lm.error(loc, f"the folder {display_path(folder)} is outside the workspace ({display_path(ws.root)}/); "
+                       "move the images into the workspace, or allow it with images_outside_workspace: true "
+                       "at the top of the manifest")
+    return folder
+
+
 def character_parts(ws: Workspace, lm: LoadedManifest, model: ModelRefs | None = None) -> list[PartInfo]:
     m: CharacterManifest = lm.manifest  # type: ignore[assignment]
     if model is None:
@@ -111,7 +122,7 @@ def character_parts(ws: Workspace, lm: LoadedManifest, model: ModelRefs | None =
         symmetric=m.symmetric,
         template=m.face.template,
         angles=angles(m.face),
-        images_dir=(lm.base_dir / m.face.images).resolve(),
+        images_dir=images_dir(ws, lm, m.face.images, ("face", "images")),
         model=model,
     )
     parts = [face]
@@ -129,7 +140,7 @@ def character_parts(ws: Workspace, lm: LoadedManifest, model: ModelRefs | None =
                 symmetric=m.symmetric,
                 template=body.template,
                 angles=angles(body),
-                images_dir=(lm.base_dir / body.images).resolve(),
+                images_dir=images_dir(ws, lm, body.images, ("bodies", name, "images")),
                 model=model,
                 members=(face,),
             )
@@ -461,7 +472,7 @@ class Planner:
                                                 f"({', '.join(templates)}); group pictures need one"))
                 return
             tags = [*g.tags, *(t for m in members for t in (m.keyword, *m.tags))]
-            own = {"images_dir": (lm.base_dir / g.images).resolve(), "template": templates[0],
+            own = {"images_dir": images_dir(self.ws, lm, g.images, ("images",)), "template": templates[0],
                    "tags": tuple(dict.fromkeys(tags)), "repeats": g.repeats or first.repeats}
         part = PartInfo(target=g.name, name="group", kind="group", keyword=g.name, class_tokens=g.name,
                         repeats=own.pop("repeats", 1), symmetric=all(m.symmetric for m in members), model=model,

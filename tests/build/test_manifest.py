@@ -266,6 +266,22 @@ def test_a_hub_model_is_probed_once_with_a_short_timeout(monkeypatch: pytest.Mon
     model_sources._hub_problem.cache_clear()
 
 
+@pytest.mark.parametrize("folder", ["../../etc", "/etc"])
+def test_images_outside_the_workspace_need_an_opt_in(tmp_path: Path, folder: str) -> None:
+    from charfw.build.plan import make_plan
+
+    tmp_path = tmp_path / "ws"
+    write(tmp_path, GOOD.replace("images: mia/face", f"images: {folder}"))
+    expected = (tmp_path / "characters" / folder).resolve()
+    [line] = plan_problems(tmp_path)
+    assert line == (f"characters/mia.yaml:6 face.images: the folder {expected} is outside the workspace (./); "
+                    "move the images into the workspace, or allow it with images_outside_workspace: true at the "
+                    "top of the manifest")
+    write(tmp_path, "images_outside_workspace: true\n" + GOOD.replace("images: mia/face", f"images: {folder}"))
+    plan = make_plan(Workspace(tmp_path), ["mia"])
+    assert plan.parts()[0].images_dir == expected
+
+
 def _names(kind: str) -> list[str]:
     from charfw.plugins import load_plugins
 
