@@ -556,19 +556,19 @@ def test_hook_register_commands(plugged: Path, run_cli, monkeypatch: pytest.Monk
 def test_hook_build_started(plugged: Path, run_cli) -> None:
     _build(plugged, run_cli)
     first = calls(plugged)[0]
-    assert first == {"hook": "build_started", "targets": ["krnk"], "stages": 22}  # 11 stages x face, body
+    assert first == {"hook": "build_started", "targets": ["krnk"], "stages": 24}  # 12 stages x face, body
 
 
 def test_hook_stage_finished(plugged: Path, run_cli) -> None:
     _build(plugged, run_cli)
     finished = [c for c in calls(plugged) if c["hook"] == "stage_finished"]
     assert [c["key"] for c in finished][:3] == ["krnk/face:draft", "krnk/face:ingest", "krnk/face:filter"]
-    assert len(finished) == 22 and {c["status"] for c in finished} == {"ran"}
+    assert len(finished) == 24 and {c["status"] for c in finished} == {"ran"}
     _build(plugged, run_cli)
-    again = [c for c in calls(plugged) if c["hook"] == "stage_finished"][22:]
+    again = [c for c in calls(plugged) if c["hook"] == "stage_finished"][24:]
     assert {c["status"] for c in again} == {"up to date"}
 
 
 def test_hook_build_finished(plugged: Path, run_cli) -> None:
     _build(plugged, run_cli)
-    assert calls(plugged)[-1] == {"hook": "build_finished", "ran": 22, "stopped": []}
+    assert calls(plugged)[-1] == {"hook": "build_finished", "ran": 24, "stopped": []}
