@@ -154,3 +154,16 @@ def test_build_plan_says_which_family_it_found(workspace: Path, run_cli) -> None
                         "utf-8")
     code, out, err = run_cli("build", "krnk", "--dry-run", cwd=workspace)
     assert code != 0 and "model.family" in err and "model.family says sd1" in err
+
+
+def test_charfw_train_refuses_an_unknown_family_before_loading(tmp_path: Path, run_cli) -> None:
+    flux = write_header(tmp_path / "flux1-dev.safetensors", {"double_blocks.0.img_attn.qkv.weight": [9216, 3072]})
+    config = tmp_path / "data.toml"
+    config.write_text('[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n')
+    code, _out, err = run_cli("train", config, "--base-model", flux, "--cache-dir", tmp_path / "cache")
+    assert code == 3 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "flux1-dev.safetensors" in err and "this is a Flux checkpoint" in err and "sd35 (SD 3.5)" in err
+    # SD 2.x is recognised and refused the same way
+    v2 = write_header(tmp_path / "v2-1.safetensors", sd2_shapes())
+    code, _out, err = run_cli("train", config, "--base-model", v2, "--cache-dir", tmp_path / "cache")
+    assert code == 3 and "v2-1.safetensors" in err and "this is an SD 2.x model" in err

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ...errors import CharfwError
-from ..model_sources import BUILTIN_PREFIX, ModelSource
+from ..model_sources import BUILTIN_PREFIX, ModelSource, _hub_problem
 
 #: the families charfw trains, with the names people call them
 TRAINED: dict[str, str] = {"sd1": "SD 1.x", "sdxl": "SDXL", "sd35": "SD 3.5"}
@@ -262,11 +262,16 @@ def detect_hub(repo_id: str, declared: str | None) -> DetectedFamily:
     where = f"{repo_id}'s cached model_index.json"
     problem = "it is not in the local Hugging Face cache"
     if index is None and not offline():
+        # one short probe first (shared with the stages' checks), so that a machine without
+        # network does not wait for the download's longer timeouts
+        why = _hub_problem(repo_id)
         try:
+            if why is not None:
+                raise ConnectionError(why)
             index = _read_json(Path(hf_hub_download(repo_id, "model_index.json")))
             where = f"{repo_id}'s model_index.json"
         except Exception as exc:  # no network, no such repository, a gated one
-            problem += f" and its model_index.json cannot be downloaded ({type(exc).__name__})"
+            problem += f" and its model_index.json cannot be downloaded ({why or type(exc).__name__})"
     if index is not None:
         return family_from_model_index(index, lambda sub: cached(f"{sub}/config.json"), where)
     if declared:
