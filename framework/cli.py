@@ -348,7 +348,9 @@ def toml(ctx: click.Context, folders: tuple[Path, ...], output: Path | None, dry
     try:
         options = component.Options.model_validate(raw)
     except ValidationError as exc:
-        raise CharfwError(f"--batch-sizes: {exc.errors()[0]['msg']}") from None
+        first = exc.errors()[0]
+        option = str(first["loc"][0]).replace("_", "-") if first["loc"] else "batch-sizes"
+        raise CharfwError(f"--{option}: {first['msg']}", hint=f"the {writer} writer may not take it") from None
     dirs = expand_folders(list(folders))
     from charfw.build.stages import jobs_default
 
