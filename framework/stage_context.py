@@ -190,7 +190,7 @@ class StageContext:
         line = f"{display_path(path)}: {message}"
         with self._lock:
             self.problems.append(line)
-        console.warn(f"{line} (skipped)")
+        console.warn(f"{line} (skipped)" + (f"; {hint}" if hint else ""))
 
     def error_problem(self, exc: CharfwError) -> None:
         """Report a :class:`CharfwError` about one file as a problem (skip or stop)."""

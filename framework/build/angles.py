@@ -66,6 +66,26 @@ def parse_code(name: str) -> AngleCode | None:
     return AngleCode(m.group(1).lower(), int(m.group(2)), int(m.group(3)))
 
 
+_LOOSE_CODE = re.compile(r"^([A-Za-z])(\d)(\d)")
+
+
+def why_not_a_code(stem: str) -> str:
+    """Why a file name gives no angle code, as a user can act on it: a letter and two
+    digits whose digits are out of range (``f99``) is told apart from no code at all."""
+    m = _LOOSE_CODE.match(stem)
+    if m is None:
+        return "the name does not start with an angle code (a letter and two digits, like f00)"
+    vertical, horizontal = int(m.group(2)), int(m.group(3))
+    wrong = []
+    if vertical > 2:
+        wrong.append(f"its first digit, the vertical view, must be 0 (level), 1 (from above) or 2 (from below), "
+                     f"not {vertical}")
+    if horizontal > 7:
+        wrong.append(f"its second digit, the turn, must be 0 (front) to 4 (behind), or 5-7 (mirrored), "
+                     f"not {horizontal}")
+    return f"'{m.group(0)}' is not an angle code: " + "; ".join(wrong)
+
+
 class HorizontalSets(BaseModel):
     model_config = ConfigDict(extra="forbid")
     symmetric: list[int] = Field(default=[0, 1, 2, 3, 4])

@@ -2,29 +2,55 @@
 
 Reads every image file directly in the folder (any case of .png .jpg .jpeg .webp .bmp
 .gif .tif .tiff .avif), checks each one by decoding it, and reports what cannot be used:
-empty, truncated or non-image files, decompression bombs, names without an angle code,
-codes of another angle set, and two files that would share a caption (``f00.png`` and
-``f00.jpg``). Source files are only read, never written.
+empty, truncated or non-image files, decompression bombs, images too small to train on,
+names without an angle code (or with digits out of range, ``f99``), codes of another
+angle set, and two files that would share a caption (``f00.png`` and ``f00.jpg``: the
+PNG is used). It warns about animations (only the first frame is used) and mirrored
+codes (5-7) in a symmetric character's folder. Source files are only read, never written.
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from pydantic import Field
 
 import charfw
-from charfw import CharfwError, ImageError, ImageItem, Options, Source
-from charfw.build.angles import parse_code
+from charfw import CharfwError, ImageError, ImageItem, Options, Source, console
+from charfw.build.angles import parse_code, why_not_a_code
 from charfw.build.images import DEFAULT_MAX_PIXELS, SOURCE_IMAGE_SUFFIXES, load
 from charfw.build.items import list_images, safe_file_stem
+from charfw.errors import display_path
+
+#: which of two files with the same name (``f00.png``, ``f00.jpg``) is used: lossless
+#: formats that keep transparency first, JPEG last
+SUFFIX_PREFERENCE = (".png", ".webp", ".tif", ".tiff", ".bmp", ".avif", ".gif", ".jpg", ".jpeg")
 
 
 class FolderOptions(Options):
     #: larger images are refused as possible decompression bombs
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    #: images smaller than this on a side are problems (a 1x1 export would be trained upscaled)
+    min_size: int = Field(32, ge=1)
     #: images whose name does not start with an angle code are problems (the tag rules need it)
     require_codes: bool = True
+
+
+def _preference(suffix: str) -> int:
+    suffix = suffix.lower()
+    return SUFFIX_PREFERENCE.index(suffix) if suffix in SUFFIX_PREFERENCE else len(SUFFIX_PREFERENCE)
+
+
+def _frames(path) -> int:
+    """How many frames an image file holds (GIF, WebP, APNG, TIFF pages); 1 when unsure."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(getattr(im, "n_frames", 1)) if getattr(im, "is_animated", False) else 1
+    except (OSError, ValueError, SyntaxError):
+        return 1
 
 
 class FolderSource(Source):
@@ -53,27 +79,46 @@ class FolderSource(Source):
     def collect(self, ctx, options):
         folder = self._folder(ctx)
         files = list_images(folder, SOURCE_IMAGE_SUFFIXES)
-        expected_prefix = ctx.templates.angle_sets[ctx.part.template].prefix if ctx.part.template else None
+        sets = ctx.templates.angle_sets
+        expected_prefix = sets[ctx.part.template].prefix if ctx.part.template else None
+        prefixes = {a.prefix: name for name, a in sets.items()}
+        # of files sharing a name, the one the caption goes with: PNG before JPEG
+        chosen: dict[str, Path] = {}
+        for path in sorted(files, key=lambda p: _preference(p.suffix)):
+            chosen.setdefault(safe_file_stem(path.stem).casefold(), path)
         candidates = []
-        seen: dict[str, str] = {}
         for path in files:
             code = parse_code(path.stem)
             if code is None and options.require_codes:
-                ctx.problem(path, "the name does not start with an angle code",
+                ctx.problem(path, why_not_a_code(path.stem),
                             hint=f"rename it like {expected_prefix or 'f'}00.png or {expected_prefix or 'f'}12-smile.png")
                 continue
             if code is not None and expected_prefix and code.prefix != expected_prefix:
-                ctx.problem(path, f"angle code {code} belongs to another template than "
-                            f"'{ctx.part.template}' (codes start with '{expected_prefix}')",
-                            hint="move it to the right part's folder")
+                other = prefixes.get(code.prefix)
+                if other is not None:
+                    ctx.problem(path, f"{code} is a code of the '{other}' template, and {ctx.part.label} follows "
+                                f"'{ctx.part.template}' (codes {expected_prefix}00 …)",
+                                hint=f"move it to the images folder of a part with template '{other}'")
+                else:
+                    ctx.problem(path, f"'{code.prefix}' starts no template's angle codes (known: "
+                                + ", ".join(f"{k} {n}" for k, n in sorted(prefixes.items())) + ")",
+                                hint=f"rename it like {expected_prefix}00.png")
                 continue
             stem = safe_file_stem(path.stem)
-            clash = seen.get(stem.casefold())
-            if clash is not None:
-                ctx.problem(path, f"has the same name as {clash}; both would get the same caption file",
-                            hint="rename one of them")
+            kept = chosen[stem.casefold()]
+            if kept != path:
+                why = (f" ({kept.suffix[1:].upper()} is preferred: lossless, it keeps transparency)"
+                       if _preference(kept.suffix) < _preference(path.suffix) else "")
+                ctx.problem(path, f"has the same name as {kept.name}, and both would get the same caption file; "
+                            f"{kept.name} is used{why}",
+                            hint=f"rename it (e.g. {stem}-2{path.suffix}) to use both, or remove it")
                 continue
-            seen[stem.casefold()] = path.name
+            if (code is not None and code.is_mirror and ctx.part.symmetric and ctx.part.angles
+                    and code.code not in ctx.part.angles):
+                console.warn(f"{display_path(path)}: {code} ({code.describe()}) is a mirrored angle, and "
+                             f"{ctx.part.target} is symmetric: flip augmentation already makes it from "
+                             f"{code.mirrored()}; it is used, but set symmetric: false in the manifest if the "
+                             "two sides differ, or remove it")
             candidates.append((path, stem, code))
 
         def check_one(entry):
@@ -82,6 +127,15 @@ class FolderSource(Source):
                 image = load(path, max_pixels=options.max_pixels)
             except ImageError as exc:
                 return exc
+            if min(image.size) < options.min_size:
+                return ImageError(f"is {image.width}x{image.height} pixels, too small to train on (it would be "
+                                  f"upscaled to the training resolution)", path=path,
+                                  hint=f"use an image at least 512 px on a side, or remove it (min_size: "
+                                       f"{options.min_size} in the ingest options)")
+            frames = _frames(path)
+            if frames > 1:
+                console.warn(f"{display_path(path)}: animated ({frames} frames): only its first frame is used; "
+                             "export the frame you want as a PNG to pick another")
             return ImageItem(
                 id=stem,
                 path=ctx.record_path(path),

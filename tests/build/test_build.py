@@ -219,8 +219,8 @@ def test_bad_source_files_are_skipped_and_listed(workspace: Path, run_cli) -> No
         "f11-cut.png: truncated or corrupt image data",
         "f12-text.png: not an image, or a format Pillow cannot read",
         "portrait.png: the name does not start with an angle code",
-        "b00.png: angle code b00 belongs to another template than 'face'",
-        "f00.png: has the same name as f00.jpg; both would get the same caption file",
+        "b00.png: b00 is a code of the 'body' template, and krnk/face follows 'face'",
+        "f00.jpg: has the same name as f00.png, and both would get the same caption file; f00.png is used",
         "f20-huge.png: image is 3000x3000 (9 megapixels), more than the 4 MP limit",
     ):
         assert reason in out, reason
@@ -229,6 +229,38 @@ def test_bad_source_files_are_skipped_and_listed(workspace: Path, run_cli) -> No
     # the skipped files stay listed on a no-op rebuild
     code, out, _ = run_cli("build", "krnk", *UNTIL, cwd=workspace)
     assert "Nothing to do" in out and "skipped 7 file(s):" in out
+
+
+def test_ingest_says_what_is_wrong_with_each_odd_file_and_what_to_do(workspace: Path, run_cli) -> None:
+    face = workspace / "characters/krnk/face"
+    frames = [Image.new("RGB", (128, 128), c) for c in ("red", "blue", "green")]
+    frames[0].save(face / "f21-anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    Image.new("RGB", (1, 1)).save(face / "f22-dot.png")
+    for name in ("f99.png", "x00.png", "b01.png", "f05.png"):
+        shutil.copy(face / "f00.png", face / name)
+    transparent = Image.new("RGBA", (128, 128), (0, 0, 0, 0))
+    transparent.save(face / "f10.png")
+    transparent.convert("RGB").save(face / "f10.jpg")
+    code, out, err = run_cli("build", "krnk/face", "--until", "ingest", cwd=workspace)
+    assert code == 0, out + err
+    warnings = {line.split(": ", 2)[1].removeprefix("characters/krnk/face/"): line.split(": ", 2)[2]
+                for line in err.splitlines() if line.startswith("warning: characters/")}
+    assert warnings["f21-anim.gif"] == ("animated (3 frames): only its first frame is used; export the frame you "
+                                        "want as a PNG to pick another")
+    assert warnings["f22-dot.png"].startswith("is 1x1 pixels, too small to train on (it would be upscaled to the "
+                                              "training resolution) (skipped); use an image at least 512 px")
+    assert warnings["f99.png"].startswith("'f99' is not an angle code: its first digit, the vertical view, must be "
+                                          "0 (level), 1 (from above) or 2 (from below), not 9;")
+    assert warnings["x00.png"] == ("'x' starts no template's angle codes (known: b body, f face) (skipped); "
+                                   "rename it like f00.png")
+    assert warnings["b01.png"] == ("b01 is a code of the 'body' template, and krnk/face follows 'face' (codes "
+                                   "f00 …) (skipped); move it to the images folder of a part with template 'body'")
+    assert warnings["f05.png"].startswith("f05 (level, rear three-quarter (mirrored)) is a mirrored angle, and krnk "
+                                          "is symmetric: flip augmentation already makes it from f03; it is used")
+    assert warnings["f10.jpg"] == ("has the same name as f10.png, and both would get the same caption file; "
+                                   "f10.png is used (PNG is preferred: lossless, it keeps transparency) (skipped); "
+                                   "rename it (e.g. f10-2.jpg) to use both, or remove it")
+    assert "skipped 5 file(s):" in out
 
 
 def test_strict_stops_before_anything_is_written(workspace: Path, run_cli) -> None:
