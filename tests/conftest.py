@@ -65,6 +65,22 @@ def tiny_sd15(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd35(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD 3.5 diffusers folder (T5 included), built once per test session."""
+    from charfw.training.tiny_sd35 import build_tiny_sd35
+
+    return build_tiny_sd35(tmp_path_factory.mktemp("models") / "tiny-sd35")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL diffusers folder, built once per test session."""
+    from charfw.training.tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
 def charfw_exe() -> str:
     """The installed ``charfw`` console script of this interpreter's environment."""
     exe = Path(sys.executable).with_name("charfw")

@@ -103,3 +103,69 @@ def sd15_targets(*, conv: bool = True) -> list[Target]:
         te.append(Target(f"lora_te_{base.replace('.', '_')}_mlp_fc1", f"{base}.mlp.fc1", "text_encoder", (3072, 768)))
         te.append(Target(f"lora_te_{base.replace('.', '_')}_mlp_fc2", f"{base}.mlp.fc2", "text_encoder", (768, 3072)))
     return te + unet_targets(unet, conv=conv)
+
+
+# --- SDXL: sd-scripts' SGM names, written out independently of the trainer -------------------
+
+#: sd-scripts' SDXL resnet (``sdxl_original_unet.ResnetBlock2D``) leaf names for diffusers'
+_SGM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection"}
+
+
+def sdxl_sgm_path(path: str, *, up_with_attention: tuple[bool, ...] = (True, True, False)) -> str:
+    """A diffusers SDXL UNet layer path → the module path in sd-scripts' SDXL UNet (SGM):
+    2 resnets per down level and 3 per up level, so down (i, j) is ``input_blocks.3i+j+1``,
+    the downsampler of level i ``input_blocks.3i+3.0.op``, up (i, j) ``output_blocks.3i+j``,
+    the upsampler of up level i the last module of ``output_blocks.3i+2``."""
+    import re
+
+    def resnet(rest: str) -> str:
+        leaf, _, tail = rest.partition(".")
+        return f"{_SGM_RESNET[leaf]}.{tail}" if tail else _SGM_RESNET[leaf]
+
+    rules: list[tuple[str, Any]] = [
+        (r"^down_blocks\.(\d)\.resnets\.(\d)\.(.+)$", lambda m: f"input_blocks.{3 * int(m[1]) + int(m[2]) + 1}.0.{resnet(m[3])}"),
+        (r"^down_blocks\.(\d)\.attentions\.(\d)\.(.+)$", lambda m: f"input_blocks.{3 * int(m[1]) + int(m[2]) + 1}.1.{m[3]}"),
+        (r"^down_blocks\.(\d)\.downsamplers\.0\.conv$", lambda m: f"input_blocks.{3 * int(m[1]) + 3}.0.op"),
+        (r"^mid_block\.resnets\.(\d)\.(.+)$", lambda m: f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"),
+        (r"^mid_block\.attentions\.0\.(.+)$", lambda m: f"middle_block.1.{m[1]}"),
+        (r"^up_blocks\.(\d)\.resnets\.(\d)\.(.+)$", lambda m: f"output_blocks.{3 * int(m[1]) + int(m[2])}.0.{resnet(m[3])}"),
+        (r"^up_blocks\.(\d)\.attentions\.(\d)\.(.+)$", lambda m: f"output_blocks.{3 * int(m[1]) + int(m[2])}.1.{m[3]}"),
+        (r"^up_blocks\.(\d)\.upsamplers\.0\.conv$",
+         lambda m: f"output_blocks.{3 * int(m[1]) + 2}.{2 if up_with_attention[int(m[1])] else 1}.conv"),
+    ]
+    for pattern, replace in rules:
+        match = re.match(pattern, path)
+        if match:
+            return replace(match)
+    raise KeyError(path)
+
+
+def sdxl_names(unet: Any, text_encoders: list[Any], *, conv: bool) -> dict[str, tuple[str, str]]:
+    """sd-scripts' SDXL LoRA module names → (model, diffusers layer path), from a walk of the
+    real module tree: Linear/Conv2d children of the target classes (kohya's rule), UNet
+    names through :func:`sdxl_sgm_path`, text encoders ``lora_te1_``/``lora_te2_`` with the
+    ``text_model`` level."""
+    classes = UNET_ATTENTION_TARGETS + (CONV_ONLY_TARGETS if conv else ())
+    out: dict[str, tuple[str, str]] = {}
+    for path, module in unet.named_modules():
+        if type(module).__name__ not in classes:
+            continue
+        for child_path, child in module.named_modules():
+            kind = type(child).__name__
+            if not child_path or kind not in ("Linear", "Conv2d"):
+                continue
+            if kind == "Conv2d" and tuple(child.kernel_size) != (1, 1) and not conv:
+                continue
+            layer = f"{path}.{child_path}"
+            out["lora_unet_" + sdxl_sgm_path(layer).replace(".", "_")] = ("unet", layer)
+    for n, encoder in enumerate(text_encoders, 1):
+        for path, module in encoder.named_modules():
+            if type(module).__name__ not in TEXT_ENCODER_TARGETS:
+                continue
+            for child_path, child in module.named_modules():
+                if child_path and type(child).__name__ == "Linear":
+                    layer = f"{path}.{child_path}"
+                    full = layer if layer.startswith("text_model.") else "text_model." + layer
+                    out[f"lora_te{n}_" + full.replace(".", "_")] = (f"text_encoder{n}", layer)
+    return out

@@ -82,7 +82,7 @@ def make_job(base: Path | str, dataset: Path, out: Path, cache: Path, **settings
                                "learning_rate": 1e-2, "log_with": "none", "gradient_checkpointing": False}
     options.update(settings)
     job_fields = {k: options.pop(k) for k in list(options) if k in {"resume", "fingerprint", "after_training",
-                                                                    "state_dir", "keyword", "report_problem", "log"}}
+                                                                    "state_dir", "keyword", "report_problem", "log", "family"}}
     job_fields.setdefault("keyword", "krnk")
     job_fields.setdefault("log", lambda message: None)
     return TrainJob(settings=TrainSettings(**options), dataset_config=dataset, base_model=str(base), output_dir=out,
@@ -127,3 +127,22 @@ def ctrl_c_in_unet_forward(monkeypatch: pytest.MonkeyPatch, at: int, times: int 
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(SD1Family, "predict", predict)
+
+
+def kill_when_a_state_is_saved(proc: Any, out: Path, *, timeout: float = 120) -> None:
+    """Wait until the training process ``proc`` saved its first resumable state under
+    ``out``, then kill it with SIGKILL (the hard stop: no handler runs)."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    states: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        states = [p for p in out.glob("*-state/step-*") if (p / "state.json").is_file()]
+        if states:
+            break
+        time.sleep(0.05)
+    assert states, proc.stderr.read().decode() if proc.poll() is not None else "no state saved in time"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL

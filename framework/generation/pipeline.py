@@ -526,7 +526,8 @@ class Generator:
         params = GenerationParams(
             prompt=prompt, negative=r.negative, steps=r.steps, sampler=p.sampler.display_name,
             cfg_scale=r.cfg_scale, seed=r.seed, width=r.width, height=r.height, model_hash=self.model_hash,
-            model_name=self.model_name, vae_hash=self.vae_hash, vae_name=self.vae_name, clip_skip=r.clip_skip,
+            model_name=self.model_name, vae_hash=self.vae_hash, vae_name=self.vae_name,
+            clip_skip=r.clip_skip if self.model.family.uses_clip_skip else 1,
             lora_hashes=hashes, extra=control_infotext(r.controls))
         if r.hires is not None:
             params.denoising_strength = float(r.hires.denoise)

@@ -105,12 +105,14 @@ __all__ = [
     "empty_chunk",
     "encode_chunks",
     "encode_pair",
+    "encode_pair_pooled",
     "encode_prompt",
     "extract_extra_networks",
     "extract_loras",
     "is_break",
     "lora_ref",
     "parse_attention",
+    "plain_text",
     "tokenize_prompt",
 ]
 
@@ -479,11 +481,13 @@ def diffusers_clip_skip(clip_skip: int) -> int | None:
 
 
 def encode_chunks(text_encoder: Any, chunks: Sequence[PromptChunk], *, clip_skip: int = 1,
-                  emphasis: Emphasis = "Original", device: Any = None) -> torch.Tensor:
+                  emphasis: Emphasis = "Original", device: Any = None, final_norm: bool = True) -> torch.Tensor:
     """Encode chunks and apply their weights: ``[len(chunks), 77, dim]``, one row per chunk.
 
     The chunks go through the encoder as one batch (each is encoded on its own: CLIP's
-    attention stays within a sequence); the weights and the mean restore apply per chunk."""
+    attention stays within a sequence); the weights and the mean restore apply per chunk.
+    ``final_norm`` False takes a skipped layer's states without the final layer norm
+    (SDXL's CLIP-L, as SGM's ``layer="hidden"`` embedder and A1111 read it)."""
     import torch
 
     _check_emphasis(emphasis)
@@ -495,23 +499,29 @@ def encode_chunks(text_encoder: Any, chunks: Sequence[PromptChunk], *, clip_skip
         device = getattr(text_encoder, "device", None)
     ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)
     with torch.no_grad():
-        z = clip_text_states(text_encoder, ids, clip_skip)
-        if emphasis in ("Original", "No norm"):
-            weights = torch.tensor([c.weights for c in chunks], dtype=z.dtype, device=z.device)
-            before = z.mean(dim=(1, 2), keepdim=True)
-            weighted = z * weights.unsqueeze(-1)
-            if emphasis == "Original":
-                after = weighted.mean(dim=(1, 2), keepdim=True)
-                # a mean near zero (next to the values' size) makes mean/mean meaningless:
-                # such a chunk keeps its weighted values, as "No norm" would
-                size = weighted.abs().mean(dim=(1, 2), keepdim=True)
-                usable = after.abs() > 1e-4 * size
-                weighted = torch.where(usable, weighted * (before / torch.where(usable, after, 1)), weighted)
-            # a chunk without emphasis is left as it is: A1111's z * (mean / mean) is z, but
-            # 0 / 0 when a chunk's mean is exactly 0
-            plain = (weights == 1).all(dim=1).reshape(-1, 1, 1)
-            z = torch.where(plain, z, weighted)
-    return z
+        return _emphasis(clip_text_states(text_encoder, ids, clip_skip, final_norm=final_norm), chunks, emphasis)
+
+
+def _emphasis(z: torch.Tensor, chunks: Sequence[PromptChunk], emphasis: Emphasis) -> torch.Tensor:
+    """The chunks' token weights applied to their states ``z`` (A1111's ``sd_emphasis``)."""
+    import torch
+
+    if emphasis not in ("Original", "No norm"):
+        return z
+    weights = torch.tensor([c.weights for c in chunks], dtype=z.dtype, device=z.device)
+    before = z.mean(dim=(1, 2), keepdim=True)
+    weighted = z * weights.unsqueeze(-1)
+    if emphasis == "Original":
+        after = weighted.mean(dim=(1, 2), keepdim=True)
+        # a mean near zero (next to the values' size) makes mean/mean meaningless:
+        # such a chunk keeps its weighted values, as "No norm" would
+        size = weighted.abs().mean(dim=(1, 2), keepdim=True)
+        usable = after.abs() > 1e-4 * size
+        weighted = torch.where(usable, weighted * (before / torch.where(usable, after, 1)), weighted)
+    # a chunk without emphasis is left as it is: A1111's z * (mean / mean) is z, but
+    # 0 / 0 when a chunk's mean is exactly 0
+    plain = (weights == 1).all(dim=1).reshape(-1, 1, 1)
+    return torch.where(plain, z, weighted)
 
 
 def encode_prompt(tokenizer: Any, text_encoder: Any, text: str, *, clip_skip: int = 1, device: Any = None,
@@ -526,12 +536,10 @@ def encode_prompt(tokenizer: Any, text_encoder: Any, text: str, *, clip_skip: in
     return z.reshape(1, -1, z.shape[-1])
 
 
-def encode_pair(tokenizer: Any, text_encoder: Any, prompt: str, negative: str = "", *, clip_skip: int = 1,
-                device: Any = None, emphasis: Emphasis = "Original",
-                comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prompt and its negative prompt → ``(cond, uncond)``, each ``[1, 77 * k, dim]`` with
-    the same ``k``: the one with fewer chunks gets empty ones appended (see the module
-    docstring). Pass them as diffusers' ``prompt_embeds`` and ``negative_prompt_embeds``."""
+def _pair_chunks(tokenizer: Any, prompt: str, negative: str, emphasis: Emphasis,
+                 comma_padding_backtrack: int) -> tuple[list[PromptChunk], int]:
+    """The prompt's chunks then the negative's, the shorter padded with empty chunks to
+    the same count ``k``: (2k chunks, k)."""
     options: dict[str, Any] = {"emphasis": emphasis, "comma_padding_backtrack": comma_padding_backtrack}
     cond = tokenize_prompt(tokenizer, prompt, **options)
     uncond = tokenize_prompt(tokenizer, negative, **options)
@@ -539,5 +547,46 @@ def encode_pair(tokenizer: Any, text_encoder: Any, prompt: str, negative: str = 
     empty = empty_chunk(tokenizer)
     cond += [empty] * (count - len(cond))
     uncond += [empty] * (count - len(uncond))
-    z = encode_chunks(text_encoder, cond + uncond, clip_skip=clip_skip, emphasis=emphasis, device=device)
+    return cond + uncond, count
+
+
+def encode_pair(tokenizer: Any, text_encoder: Any, prompt: str, negative: str = "", *, clip_skip: int = 1,
+                device: Any = None, emphasis: Emphasis = "Original",
+                comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK,
+                final_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt and its negative prompt → ``(cond, uncond)``, each ``[1, 77 * k, dim]`` with
+    the same ``k``: the one with fewer chunks gets empty ones appended (see the module
+    docstring). Pass them as diffusers' ``prompt_embeds`` and ``negative_prompt_embeds``.
+    ``final_norm``: as :func:`encode_chunks`'."""
+    chunks, count = _pair_chunks(tokenizer, prompt, negative, emphasis, comma_padding_backtrack)
+    z = encode_chunks(text_encoder, chunks, clip_skip=clip_skip, emphasis=emphasis, device=device,
+                      final_norm=final_norm)
     return z[:count].reshape(1, -1, z.shape[-1]), z[count:].reshape(1, -1, z.shape[-1])
+
+
+def encode_pair_pooled(tokenizer: Any, text_encoder: Any, prompt: str, negative: str = "", *, layer: int = -2,
+                       device: Any = None, emphasis: Emphasis = "Original",
+                       comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK) -> tuple[torch.Tensor, ...]:
+    """For a ``CLIPTextModelWithProjection`` whose hidden state ``layer`` (no final norm)
+    conditions the model and whose projected pooled output too (SD 3.5; SDXL's second
+    encoder): ``(cond, cond_pooled, uncond, uncond_pooled)``, the states ``[1, 77 * k, dim]``
+    of equal ``k`` as :func:`encode_pair`, weighted the same way, the pooled ``[1, proj]``
+    of each text's first chunk (A1111's rule for SDXL's pooled vector)."""
+    import torch
+
+    chunks, count = _pair_chunks(tokenizer, prompt, negative, emphasis, comma_padding_backtrack)
+    if device is None:
+        device = getattr(text_encoder, "device", None)
+    ids = torch.tensor([c.tokens for c in chunks], dtype=torch.long, device=device)
+    with torch.no_grad():
+        out = text_encoder(ids, output_hidden_states=True)
+        z = _emphasis(out.hidden_states[layer], chunks, emphasis)
+    pooled = out.text_embeds
+    return (z[:count].reshape(1, -1, z.shape[-1]), pooled[:1], z[count:].reshape(1, -1, z.shape[-1]),
+            pooled[count : count + 1])
+
+
+def plain_text(text: str) -> str:
+    """A prompt without emphasis syntax and ``BREAK`` (for encoders A1111 does not weight:
+    SD 3.5's T5)."""
+    return " ".join(t.strip() for t, w in parse_attention(text) if not is_break((t, w)) and t.strip())

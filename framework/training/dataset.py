@@ -133,6 +133,21 @@ class Sample:
     #: loss weight (prior_loss_weight for regularisation images)
     weight: float
 
+    @property
+    def original_size(self) -> Size:
+        """The image's (width, height) before resizing (SDXL's ``original_size``)."""
+        return self.entry.size
+
+    @property
+    def crop_left_top(self) -> Size:
+        """SDXL's crop coordinates (left, top), as sd-scripts computes them
+        (``BucketManager.get_crop_ltrb``, "according to the preprocessing of Stability AI"):
+        not the pixels trimmed off, but where the whole image, fitted *inside* the bucket,
+        would start; flipped, the left edge is the bucket's width less the fitted right edge.
+        Random crops get the same numbers (sd-scripts has "no idea how to reflect" them)."""
+        left, top, right, _ = crop_ltrb(self.entry.bucket, self.entry.size)
+        return (int(self.entry.bucket[0] - right) if self.flip else int(left), int(top))
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -401,6 +416,20 @@ class TrainingData:
         reg = f" + {self.num_reg_images} regularisation" if self.num_reg_images else ""
         return (f"{len([e for e in self.entries if not e.subset.is_reg])} images "
                 f"({self.num_train_images} per epoch with repeats{reg}) in {len(buckets)} bucket(s): {shown}")
+
+
+def crop_ltrb(bucket: Size, size: Size) -> tuple[float, float, float, float]:
+    """sd-scripts' ``get_crop_ltrb``: the image of ``size`` fitted inside ``bucket`` (aspect
+    kept), centred: (left, top, right, bottom), floats as sd-scripts leaves them."""
+    bucket_ar = bucket[0] / bucket[1]
+    image_ar = size[0] / size[1]
+    if bucket_ar > image_ar:
+        width, height = bucket[1] * image_ar, float(bucket[1])
+    else:
+        width, height = float(bucket[0]), bucket[0] / image_ar
+    left = (bucket[0] - width) // 2
+    top = (bucket[1] - height) // 2
+    return left, top, left + width, top + height
 
 
 def _find_dir(image_dir: Path | None, config_path: Path, relative_to: Path | None) -> Path:

@@ -175,6 +175,8 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     vae_source = resolve_source(job.vae, cache_dir=job.cache_dir, what="VAE") if job.vae else None
     log(f"loading {source.ref}" + (f" with VAE {vae_source.ref}" if vae_source else ""))
     model = family.load(source, vae_source, cache_dir=job.cache_dir)
+    if not family.uses_clip_skip and job.clip_skip != 1:
+        log(f"clip skip {job.clip_skip} is ignored: {family.name} conditions on fixed text-encoder layers")
     for part in (model.unet, model.vae, *model.text_encoders):
         part.requires_grad_(False)
     # the VAE stays in float32: half-precision VAEs give NaN latents on some images

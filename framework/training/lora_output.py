@@ -140,6 +140,8 @@ def training_metadata(job: TrainJob, *, data: TrainingData, model: LoadedModel, 
         "modelspec.resolution": f"{first[0]}x{first[1]}",
         "modelspec.encoder_layer": job.clip_skip,
     })
+    if model.family.uses_clip_skip:
+        meta["modelspec.encoder_layer"] = job.clip_skip
     if s.min_timestep or s.max_timestep != 1000:
         meta["modelspec.timestep_range"] = f"{s.min_timestep},{s.max_timestep}"
     meta.update(job.extra_metadata)

@@ -83,6 +83,9 @@ def unet_prefix_map(config: Mapping[str, Any]) -> list[PrefixRule]:
         PrefixRule("mid_block.attentions.0", "middle_block.1"),
         PrefixRule("mid_block.resnets.1", "middle_block.2", _UNET_RESNET),
     ]
+    if config.get("addition_embed_type") == "text_time":  # SDXL's pooled-text and size embedding
+        rules += [PrefixRule("add_embedding.linear_1", "label_emb.0.0"),
+                  PrefixRule("add_embedding.linear_2", "label_emb.0.2")]
     for i, kind in enumerate(down_types):
         for j in range(per):
             flat = i * (per + 1) + j + 1
@@ -146,6 +149,19 @@ def _rename(key: str, rules: Iterable[PrefixRule]) -> str:
     return f"{best.ldm}.{rest}"
 
 
+def vae_to_ldm(vae: Mapping[str, torch.Tensor], vae_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A diffusers ``AutoencoderKL`` state dict → LDM keys under ``first_stage_model.``
+    (SD 1.x, SDXL and SD3 checkpoints store their VAE alike)."""
+    out: dict[str, torch.Tensor] = {}
+    vae_rules = vae_prefix_map(vae_config)
+    for key, value in vae.items():
+        new = _rename(key, vae_rules)
+        if ".mid.attn_1." in new and new.endswith(".weight") and value.ndim == 2:
+            value = value[:, :, None, None]  # LDM's attention projections are 1x1 convs
+        out[VAE_PREFIX + new] = value
+    return out
+
+
 def to_ldm(
     unet: Mapping[str, torch.Tensor],
     unet_config: Mapping[str, Any],
@@ -160,12 +176,7 @@ def to_ldm(
     unet_rules = unet_prefix_map(unet_config)
     for key, value in unet.items():
         out[UNET_PREFIX + _rename(key, unet_rules)] = value
-    vae_rules = vae_prefix_map(vae_config)
-    for key, value in vae.items():
-        new = _rename(key, vae_rules)
-        if ".mid.attn_1." in new and new.endswith(".weight") and value.ndim == 2:
-            value = value[:, :, None, None]  # LDM's attention projections are 1x1 convs
-        out[VAE_PREFIX + new] = value
+    out.update(vae_to_ldm(vae, vae_config))
     for key, value in text_encoder.items():
         # transformers >= 5 dropped the `text_model.` level of CLIPTextModel; LDM keeps it
         out[TEXT_PREFIX + key.removeprefix("text_model.")] = value
@@ -176,16 +187,20 @@ def to_ldm(
 
 def save_checkpoint(dest: str | Path, unet: Any, vae: Any, text_encoder: Any, *, dtype: torch.dtype | None = None) -> Path:
     """Write diffusers/transformers models as one LDM-layout ``.safetensors`` file."""
+    state = to_ldm(unet.state_dict(), unet.config, vae.state_dict(), vae.config, text_encoder.state_dict())
+    return write_checkpoint(dest, state, dtype=dtype)
+
+
+def write_checkpoint(dest: str | Path, state: Mapping[str, torch.Tensor], *, dtype: torch.dtype | None = None) -> Path:
+    """A checkpoint's state dict as one ``.safetensors`` file, atomically (floating-point
+    tensors cast to ``dtype`` when given)."""
     from safetensors.torch import save_file
 
-
-    state = to_ldm(unet.state_dict(), unet.config, vae.state_dict(), vae.config, text_encoder.state_dict())
-    if dtype is not None:
-        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
-    state = {k: v.contiguous() for k, v in state.items()}
+    out = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+           for k, v in state.items()}
     dest = Path(dest)
     with atomic_path(dest, fsync=True) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        save_file(out, str(tmp), metadata={"format": "pt"})
     return dest
 
 
@@ -238,10 +253,17 @@ def detect_layout(shapes: Mapping[str, list[int]], *, path: Path) -> Layout:
     raise CharfwError(f"unknown SD 1.x layout (the UNet's first layer has {width} channels)", path=path)
 
 
-def shipped_configs() -> dict[str, Path]:
-    """Config folders shipped with charfw, by name (``sd15``, ``tiny-sd15``)."""
+def shipped_configs(pipeline: str = "StableDiffusionPipeline") -> dict[str, Path]:
+    """Config folders shipped with charfw for one diffusers pipeline class, by name
+    (``sd15``, ``tiny-sd15``; ``StableDiffusionXLPipeline``: ``sdxl``, ``tiny-sdxl``)."""
     root = Path(__file__).parent / "model_configs"
-    return {p.name: p for p in sorted(root.iterdir()) if (p / "unet" / "config.json").is_file()}
+    found = {}
+    for p in sorted(root.iterdir()):
+        index = p / "model_index.json"
+        if (p / "unet" / "config.json").is_file() and index.is_file() and \
+                json.loads(index.read_text("utf-8")).get("_class_name") == pipeline:
+            found[p.name] = p
+    return found
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from charfw.build import atomic
 
@@ -61,17 +62,38 @@ def _write_tokenizer(folder: Path) -> None:
     atomic.write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
+def tiny_vae(**config: object) -> Any:
+    """A tiny ``AutoencoderKL`` with SD's 4 levels (three 2x downsamplings, 4 latent
+    channels); ``config`` sets the rest (``sample_size``, ``scaling_factor``...)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=VAE_CHANNELS,
+                         layers_per_block=2, latent_channels=4, norm_num_groups=32, **config)
+
+
+def tiny_text_config(tokenizer: Any, width: int, act: str) -> Any:
+    """A tiny CLIP text model's config: ``TEXT_LAYERS`` layers of ``width``, 2 heads, a
+    77-token context, the tokenizer's vocabulary and special tokens, a projection as wide
+    as the model."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 4,
+                          num_hidden_layers=TEXT_LAYERS, num_attention_heads=2, max_position_embeddings=CONTEXT_LENGTH,
+                          hidden_act=act, projection_dim=width, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
 def build_tiny_sd15(dest: str | Path, *, seed: int = 0) -> Path:
     """Write a tiny SD 1.5 diffusers folder (model_index.json, unet, vae, text_encoder,
     tokenizer, scheduler) to ``dest`` and return it. Same seed, same weights."""
     import torch
     from diffusers import (
-        AutoencoderKL,
         PNDMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTokenizer
 
     dest = Path(dest)
     tmp_tok = dest.parent / f".{dest.name}-tokenizer"
@@ -79,21 +101,7 @@ def build_tiny_sd15(dest: str | Path, *, seed: int = 0) -> Path:
     tokenizer = CLIPTokenizer(str(tmp_tok / "vocab.json"), str(tmp_tok / "merges.txt"),
                               model_max_length=CONTEXT_LENGTH)
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=TEXT_WIDTH * 4,
-            num_hidden_layers=TEXT_LAYERS,
-            num_attention_heads=2,
-            max_position_embeddings=CONTEXT_LENGTH,
-            hidden_act="quick_gelu",
-            projection_dim=TEXT_WIDTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, TEXT_WIDTH, "quick_gelu"))
     unet = UNet2DConditionModel(
         sample_size=64,
         in_channels=4,
@@ -106,18 +114,7 @@ def build_tiny_sd15(dest: str | Path, *, seed: int = 0) -> Path:
         attention_head_dim=2,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=VAE_CHANNELS,
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
+    vae = tiny_vae(sample_size=512, scaling_factor=0.18215)
     # SD 1.5's own scheduler config (a trainer builds its DDPM noise schedule from it)
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

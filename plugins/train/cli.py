@@ -133,28 +133,39 @@ def register_commands(cli):
     def export_model(source: str, dest: Path, precision: str, cache_dir: Path | None) -> None:
         """Write a base model as one .safetensors checkpoint (A1111 layout) or a diffusers folder.
 
-        SOURCE is anything --base-model accepts, e.g. charfw:tiny-sd15 (the tiny test model):
+        SOURCE is anything --base-model accepts, e.g. charfw:tiny-sd15 or charfw:tiny-sd35 (the
+        tiny test models; an SD 3.5 file is written in SD3's own layout, T5 included):
 
         \b
           charfw export-model charfw:tiny-sd15 tiny-sd15.safetensors
+          charfw export-model charfw:tiny-sd35 tiny-sd35.safetensors
+          charfw export-model charfw:tiny-sdxl tiny-sdxl.safetensors
           charfw export-model model.safetensors model-diffusers/
         """
         import torch
 
         from charfw.training.families import get_family
+        from charfw.training.families.detect import detect_family
         from charfw.training.model_sources import resolve_source
-        from charfw.training.single_file import save_checkpoint
 
         cache = cache_dir or default_cache_dir()
-        model = get_family("sd1").load(resolve_source(source, cache_dir=cache), None, cache_dir=cache)
+        resolved = resolve_source(source, cache_dir=cache)
+        family = get_family(detect_family(resolved).require_trained(path=resolved.path).name)
+        if family.name == "sd35":
+            family.t5 = True  # type: ignore[attr-defined]  # the whole model, T5 included
+        model = family.load(resolved, None, cache_dir=cache)
         dtype = torch.float16 if precision == "fp16" else torch.float32
-        if dest.suffix.lower() == ".safetensors":
-            save_checkpoint(dest, model.unet, model.vae, model.text_encoders[0], dtype=dtype)
+        if dest.suffix.lower() == ".safetensors" and family.name == "sd35":
+            from charfw.training.single_file_sd3 import save_checkpoint as save_sd3
+
+            save_sd3(dest, model.unet, model.vae, model.text_encoders, dtype=dtype)
+        elif dest.suffix.lower() == ".safetensors":  # SD 1.x: LDM layout; SDXL: SGM (open_clip TE2)
+            family.save_single_file(model, dest, dtype=dtype)
         else:
-            from diffusers import DDPMScheduler
+            from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
-
-            pipe = model.family.pipeline(model, DDPMScheduler.from_config(model.scheduler_config))
+            scheduler_class = FlowMatchEulerDiscreteScheduler if family.name == "sd35" else DDPMScheduler
+            pipe = model.family.pipeline(model, scheduler_class.from_config(model.scheduler_config))
             pipe.to(dtype=dtype)
             with atomic_dir(dest) as tmp:
                 pipe.save_pretrained(tmp, safe_serialization=True)

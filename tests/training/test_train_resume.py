@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from train_support import (  # noqa: F401
     ctrl_c_in_unet_forward,
     ctrl_c_on_call,
+    kill_when_a_state_is_saved,
     make_job,
     one_torch_thread,
     write_dataset,
@@ -54,17 +54,7 @@ def test_resume_after_kill_ends_like_an_uninterrupted_run(tiny_sd15: Path, tmp_p
     env = {**os.environ, "CHARFW_PLUGINS": "", "HF_HUB_OFFLINE": "1", "CHARFW_QUIET": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "charfw", *_cli_args(tiny_sd15, dataset, out, cache)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    states: list[Path] = []
-    while time.monotonic() < deadline and proc.poll() is None:
-        states = [p for p in out.glob("*-state/step-*") if (p / "state.json").is_file()]
-        if states:
-            break
-        time.sleep(0.05)
-    assert states, proc.stderr.read().decode() if proc.poll() is not None else "no state saved in time"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_a_state_is_saved(proc, out)
     assert not (out / reference.name).exists()  # it really was stopped before the end
     killed_at = max(int(p.name.split("-")[1]) for p in out.glob("*-state/step-*") if (p / "state.json").is_file())
     assert 2 <= killed_at < STEPS

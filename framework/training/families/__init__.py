@@ -147,6 +147,8 @@ class ModelFamily(ABC):
     lora_architecture: str = ""
     #: the training resolution a dataset without one uses
     default_resolution: int = 512
+    #: whether clip skip means anything (SDXL conditions on fixed layers)
+    uses_clip_skip: bool = True
 
     @abstractmethod
     def load(self, source: ModelSource, vae: ModelSource | None, *, cache_dir: Path) -> LoadedModel:
@@ -201,6 +203,11 @@ class ModelFamily(ABC):
         """The family's keys of a LoRA file's header (``ss_v2``, ``ss_base_model_version``,
         ``modelspec.*``)."""
 
+    def save_single_file(self, model: LoadedModel, dest: Path, *, dtype: torch.dtype | None = None) -> Path:
+        """Write the loaded parts as one checkpoint in the layout real files of the family
+        use (``charfw export-model``)."""
+        raise CharfwError(f"charfw cannot write {self.name} models as single files")
+
     # --- generation ------------------------------------------------------------------------
 
     @abstractmethod
@@ -223,4 +230,12 @@ def get_family(name: str) -> ModelFamily:
         from .sd1 import SD1Family
 
         return SD1Family()
-    raise CharfwError(f"unknown model family '{name}'; charfw trains: sd1")
+    if name == "sdxl":
+        from .sdxl import SDXLFamily
+
+        return SDXLFamily()
+    if name == "sd35":
+        from .sd35 import SD35Family
+
+        return SD35Family()
+    raise CharfwError(f"unknown model family '{name}'; charfw trains: sd1, sdxl, sd35")

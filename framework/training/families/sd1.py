@@ -62,9 +62,7 @@ class SD1Family(ModelFamily):
             assert source.path is not None
             parts = self._load_single_file(source.path, cache_dir)
         else:
-            where = str(ensure_builtin(source)) if source.kind == "builtin" else (
-                str(source.path) if source.path is not None else source.ref)
-            parts = self._load_diffusers(where, source)
+            parts = self._load_diffusers(where_to_load(source), source)
         if vae is not None:
             parts["vae"] = self._load_vae(vae)
         self._check_sd1(parts["unet"], source)
@@ -114,28 +112,7 @@ class SD1Family(ModelFamily):
                 "scheduler_config": scheduler_config}
 
     def _load_vae(self, source: ModelSource) -> Any:
-        from diffusers import AutoencoderKL
-
-        if source.kind == "single_file":
-            assert source.path is not None
-            state = single_file.read_state_dict(source.path)
-            width = next((v.shape[0] for k, v in state.items() if k.endswith("encoder.conv_in.weight")), None)
-            config_dir = None
-            for candidate in single_file.shipped_configs().values():
-                vae_config = json.loads((candidate / "vae" / "config.json").read_text("utf-8"))
-                if vae_config["block_out_channels"][0] == width:
-                    config_dir = candidate
-            if config_dir is None:
-                raise CharfwError("not an SD VAE file (no encoder.conv_in weights of a known width)", path=source.path)
-            return single_file.load_vae(source.path, config_dir, state=state)
-        where = str(ensure_builtin(source)) if source.kind == "builtin" else (
-            str(source.path) if source.path is not None else source.ref)
-        try:
-            if source.path is not None and (source.path / "config.json").is_file():
-                return AutoencoderKL.from_pretrained(where)
-            return AutoencoderKL.from_pretrained(where, subfolder="vae")
-        except (OSError, ValueError) as exc:
-            raise CharfwError(f"cannot load the VAE '{source.ref}' ({str(exc).splitlines()[0][:200]})") from None
+        return load_vae(source, "StableDiffusionPipeline")
 
     def _check_sd1(self, unet: Any, source: ModelSource) -> None:
         config = unet.config
@@ -161,15 +138,7 @@ class SD1Family(ModelFamily):
 
     def tokenize(self, model: LoadedModel, captions: list[str], max_token_length: int | None) -> torch.Tensor:
         """(B, 77) ids, or (B, chunks, 77) for a long ``max_token_length``."""
-        tokenizer = model.tokenizers[0]
-        length = max_token_length or CHUNK
-        ids = tokenizer(captions, padding="max_length", truncation=True, max_length=length + 2,
-                        return_tensors="pt").input_ids
-        if length == CHUNK:
-            return ids
-        chunks = [torch.cat([ids[:, :1], ids[:, 1 + CHUNK * i : 1 + CHUNK * (i + 1)], ids[:, -1:]], dim=1)
-                  for i in range(length // CHUNK)]
-        return torch.stack(chunks, dim=1)
+        return clip_token_ids(model.tokenizers[0], captions, max_token_length)
 
     def encode_text(self, model: LoadedModel, input_ids: torch.Tensor, *, clip_skip: int,
                     text_encoders: list[Any] | None = None) -> TextConditioning:
@@ -200,6 +169,9 @@ class SD1Family(ModelFamily):
             "modelspec.prediction_type": model.prediction_type,
         }
 
+    def save_single_file(self, model: LoadedModel, dest: Path, *, dtype: torch.dtype | None = None) -> Path:
+        return single_file.save_checkpoint(dest, model.unet, model.vae, model.text_encoders[0], dtype=dtype)
+
     def pipeline(self, model: LoadedModel, scheduler: Any, *, img2img: bool = False,
                  controlnet: Any = None) -> Any:
         import diffusers
@@ -224,6 +196,61 @@ class SD1Family(ModelFamily):
         cond, uncond = encode_pair(model.tokenizers[0], model.text_encoders[0], prompt, negative,
                                    clip_skip=clip_skip, device=device)
         return {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
+
+
+def where_to_load(source: ModelSource) -> str:
+    """What diffusers' ``from_pretrained`` gets for a source: the built-in model's folder
+    (built on first use), a local folder, or the Hugging Face id."""
+    if source.kind == "builtin":
+        return str(ensure_builtin(source))
+    return str(source.path) if source.path is not None else source.ref
+
+
+def load_vae(source: ModelSource, pipeline: str) -> Any:
+    """A VAE given apart from the base model (``model.vae``): a single file (a full
+    checkpoint's ``first_stage_model.*`` or a VAE-only file such as ``kl-f8-anime2.ckpt``),
+    converted with the config of ``pipeline``'s shipped folder whose VAE has its width; a
+    diffusers VAE folder (``config.json``) or a model folder / id (its ``vae/``)."""
+    from diffusers import AutoencoderKL
+
+    if source.kind == "single_file":
+        assert source.path is not None
+        state = single_file.read_state_dict(source.path)
+        width = next((v.shape[0] for k, v in state.items() if k.endswith("encoder.conv_in.weight")), None)
+        for config_dir in single_file.shipped_configs(pipeline).values():
+            vae_config = json.loads((config_dir / "vae" / "config.json").read_text("utf-8"))
+            if vae_config["block_out_channels"][0] == width:
+                return single_file.load_vae(source.path, config_dir, state=state)
+        raise CharfwError("not an SD VAE file (no encoder.conv_in weights of a known width)", path=source.path)
+    where = where_to_load(source)
+    try:
+        if source.path is not None and (source.path / "config.json").is_file():
+            return AutoencoderKL.from_pretrained(where)
+        return AutoencoderKL.from_pretrained(where, subfolder="vae")
+    except (OSError, ValueError) as exc:
+        raise CharfwError(f"cannot load the VAE '{source.ref}' ({str(exc).splitlines()[0][:200]})") from None
+
+
+def clip_token_ids(tokenizer: Any, captions: list[str], max_token_length: int | None) -> torch.Tensor:
+    """kohya's token ids: (B, 77), or (B, chunks, 77) for ``max_token_length`` 150 or 225 (the
+    caption tokenized to that length, cut into chunks of 75 each wrapped in the first and
+    last token). A tokenizer that pads with its own token (SDXL's second) gets kohya's two
+    fixes per chunk: a chunk cut in the middle of text ends with the end token, a chunk
+    that starts with padding starts with the end token."""
+    length = max_token_length or CHUNK
+    ids = tokenizer(captions, padding="max_length", truncation=True, max_length=length + 2,
+                    return_tensors="pt").input_ids
+    if length == CHUNK:
+        return ids
+    chunks = [torch.cat([ids[:, :1], ids[:, 1 + CHUNK * i : 1 + CHUNK * (i + 1)], ids[:, -1:]], dim=1)
+              for i in range(length // CHUNK)]
+    out = torch.stack(chunks, dim=1)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if pad is not None and pad != eos:
+        cut = (out[..., -2] != eos) & (out[..., -2] != pad)
+        out[..., -1] = torch.where(cut, eos, out[..., -1])
+        out[..., 1] = torch.where(out[..., 1] == pad, eos, out[..., 1])
+    return out
 
 
 def join_chunks(states: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ UIs find the layers by these names, so they are the file format. Two details mat
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -70,12 +71,15 @@ def find_targets(
     path_prefix: str = "",
     conv3x3: bool,
     file_root: str | None = None,
+    rename: Callable[[str], str] | None = None,
 ) -> list[Target]:
     """The layers of ``model`` kohya would wrap, in kohya's order, with kohya's names.
 
     ``path_prefix`` is prepended to module paths (``"text_model."`` for a flattened
     ``CLIPTextModel``); ``conv3x3`` adds convolutions larger than 1x1; ``file_root`` (a
-    diffusers part, ``transformer``) gives each target its peft-format file key.
+    diffusers part, ``transformer``) gives each target its peft-format file key; ``rename``
+    maps a layer's module path to the one kohya's file names it by (SDXL: diffusers' UNet
+    paths to SGM's, ``down_blocks.1.attentions.0`` → ``input_blocks.4.1``).
     """
     found: list[Target] = []
     seen: set[int] = set()
@@ -90,7 +94,8 @@ def find_targets(
                 continue
             seen.add(id(child))
             dotted = f"{path_prefix}{path}.{child_path}"
-            full = f"{prefix}.{dotted}".replace(".", "_")
+            named = f"{path_prefix}{rename(f'{path}.{child_path}')}" if rename else dotted
+            full = f"{prefix}.{named}".replace(".", "_")
             found.append(Target(full, child, root, conv, f"{file_root}.{dotted}" if file_root else None))
     return found
 
@@ -117,6 +122,8 @@ class NetworkRoot:
     #: the diffusers part name files of this family use as the key's first part
     #: (``transformer``, ``text_encoder``, ``text_encoder_2``); None: kohya names
     file_root: str | None = None
+    #: a layer's module path → the path kohya's file names it by (None: the same)
+    rename: Callable[[str], str] | None = None
 
 
 def enumerate_targets(roots: list[NetworkRoot], *, conv3x3: bool) -> list[Target]:
@@ -125,7 +132,8 @@ def enumerate_targets(roots: list[NetworkRoot], *, conv3x3: bool) -> list[Target
     for r in sorted(roots, key=lambda r: r.root != "text_encoder"):
         classes = r.conv_classes if conv3x3 else r.classes
         out += find_targets(r.model, prefix=r.prefix, root=r.root, classes=classes,
-                            path_prefix=r.path_prefix, conv3x3=conv3x3, file_root=r.file_root)
+                            path_prefix=r.path_prefix, conv3x3=conv3x3, file_root=r.file_root,
+                            rename=r.rename)
     return out
 
 
