@@ -85,7 +85,7 @@ def child_resize(src: str, dest: str, threads: str) -> dict:
     from charfw.lora.svd import RankRule, resize_lora
 
     t_import = time.perf_counter()
-    lora = read_lora(src)  # NaN/Inf are caught by the resize itself (no extra pass)
+    lora = read_lora(src)  # NaN/Inf are caught by the reading (one pass over the bits)
     t_load = time.perf_counter()
     new, report = resize_lora(lora, RankRule("sv_ratio", 16), threads=int(threads))
     t_resize = time.perf_counter()
@@ -102,7 +102,6 @@ def child_blocks(src: str, dest: str, spec: str = "FACE", strength: str = "1") -
 
     t0 = time.perf_counter()
     lora = read_lora(src)
-    lora.check_finite()
     weights = resolve_weights(spec, lora.family, load_presets())
     merged, _ = apply_block_weights(lora, weights, strength=float(strength))
     saved = merged.save(dest)

@@ -401,7 +401,7 @@ def lora_short_hash(path: str | os.PathLike[str], *, use_metadata: bool = True) 
     stored = meta.get("sshs_model_hash", "")
     if use_metadata and stored:
         return stored[:12]
-    from ..lora.safetensors_io import data_sha256  # imports torch; only needed here
+    from ..lora.safetensors_io import data_sha256
 
     return data_sha256(p)[:12]
 

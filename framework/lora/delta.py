@@ -16,16 +16,22 @@ Full       ``diff`` as stored
 =========  ===================================================================================
 
 Everything is computed in fp32. :func:`torch_threads` is how charfw runs this work: many
-small products on its own threads, one torch thread each.
+small products on its own threads, one torch thread each. The functions that read what a
+module is (type, alpha, rank, scale) take numpy arrays or torch tensors and need no torch;
+those that compute ΔW take torch tensors and import torch when they run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+    from .file import LoraModule
 
 # --- what a module's tensors say --------------------------------------------------------
 
@@ -43,13 +49,13 @@ def module_kind(tensors: Mapping[str, Any]) -> str:
     return "unknown"
 
 
-def module_alpha(tensors: Mapping[str, torch.Tensor]) -> float | None:
+def module_alpha(tensors: Mapping[str, Any]) -> float | None:
     """The stored ``alpha`` (None when missing or empty)."""
     a = tensors.get("alpha")
-    return None if a is None else float(a.float().reshape(-1)[0]) if a.numel() else None
+    return None if a is None else float(a.reshape(-1)[0]) if math.prod(a.shape) else None
 
 
-def module_rank(tensors: Mapping[str, torch.Tensor], kind: str) -> int | None:
+def module_rank(tensors: Mapping[str, Any], kind: str) -> int | None:
     """The rank ``alpha`` is divided by (None where alpha does not apply)."""
     t = tensors
     if kind == "lora":
@@ -64,7 +70,7 @@ def module_rank(tensors: Mapping[str, torch.Tensor], kind: str) -> int | None:
     return None
 
 
-def module_scale(tensors: Mapping[str, torch.Tensor], kind: str) -> float:
+def module_scale(tensors: Mapping[str, Any], kind: str) -> float:
     """``alpha / rank``; 1 when alpha is missing or 0, or the type has no rank."""
     rank = module_rank(tensors, kind)
     alpha = module_alpha(tensors)
@@ -118,6 +124,8 @@ def tucker_down(down: torch.Tensor, mid: torch.Tensor) -> torch.Tensor:
 
     Then ``up · result`` is the module's ΔW, so a Tucker module is an ordinary conv LoRA
     of the same rank for everything downstream (resizing, merging)."""
+    import torch
+
     d = down.reshape(down.shape[0], -1)
     return torch.einsum("abhw,bi->aihw", mid, d)
 
@@ -143,6 +151,8 @@ def loha_delta(
 
 def _hada_tucker(t: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     # P[o, i, h, w] = Σ t[a, b, h, w] · wa[a, o] · wb[b, i]   (wa [r, out], wb [r, in])
+    import torch
+
     return torch.einsum("abhw,ao,bi->oihw", t, wa, wb)
 
 
@@ -163,6 +173,8 @@ def lokr_w2(w2: torch.Tensor | None, w2a: torch.Tensor | None, w2b: torch.Tensor
     assert w2a is not None and w2b is not None
     if t2 is not None:
         # w2[p, q, h, w] = Σ t2[a, c, h, w] · w2a[a, p] · w2b[c, q]   (w2a [r, b], w2b [r, d])
+        import torch
+
         return torch.einsum("achw,ap,cq->pqhw", t2.float(), w2a.float(), w2b.float())
     flat = w2a.float() @ w2b.float().reshape(w2b.shape[0], -1)
     if w2b.dim() > 2:
@@ -177,6 +189,8 @@ def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, *, scale: float = 1.0) -> tor
 
     For a conv, ``w1`` [a, c] acts on channel blocks and ``w2`` [b, d, k, k] carries the
     kernel: ΔW [a·b, c·d, k, k]."""
+    import torch
+
     w1 = w1.float()
     w2 = w2.float().contiguous()  # torch.kron needs it (an einsum result may not be)
     while w1.dim() < w2.dim():
@@ -184,7 +198,51 @@ def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, *, scale: float = 1.0) -> tor
     return torch.kron(w1, w2) * scale
 
 
+# --- ‖ΔW‖ ------------------------------------------------------------------------------------
+
+
+def delta_norm(module: LoraModule) -> float:
+    """‖ΔW‖_F without forming ΔW where the type allows it: ``trace(UᵀU · DDᵀ)`` for LoRA
+    (in numpy: ``charfw lora info`` needs no torch for LoRA/LoCon files), ``‖A‖·‖B‖`` for
+    LoKr; other types form ΔW with torch."""
+    import numpy as np
+
+    from .safetensors_io import as_float32, to_numpy
+
+    a = module.arrays
+    if module.kind == "lora" and "lora_mid.weight" not in a:
+        U = as_float32(to_numpy(a["lora_up.weight"]))
+        D = as_float32(to_numpy(a["lora_down.weight"]))
+        U = U.reshape(U.shape[0], -1)
+        D = D.reshape(D.shape[0], -1)
+        sq = float(np.sum(np.dot(U.T, U).astype(np.float64) * np.dot(D, D.T)))
+        return math.sqrt(max(sq, 0.0)) * abs(module.scale)
+    t = module.tensors
+    if module.kind == "lora":
+        U = t["lora_up.weight"].float()
+        U = U.reshape(U.shape[0], -1)
+        down = t["lora_down.weight"].float()
+        D = tucker_down(down, t["lora_mid.weight"].float()).reshape(down.shape[0], -1)
+        sq = float(((U.mT @ U).double() * (D @ D.mT).double()).sum())
+        return math.sqrt(max(sq, 0.0)) * abs(module.scale)
+    if module.kind == "lokr":
+        w1, w2 = module.lokr_factors()
+        return float(w1.norm()) * float(w2.norm()) * abs(module.scale)
+    return float(module.delta().norm())
+
+
 # --- how torch runs it ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def numpy_threads(n: int) -> Iterator[None]:
+    """Run numpy's BLAS (OpenBLAS) with ``n`` threads inside the block: as for torch,
+    charfw runs many small products on its own threads, and OpenBLAS' spinning threads
+    cost many times the work on a busy machine."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=n, user_api="blas"):
+        yield
 
 
 @contextlib.contextmanager
@@ -194,6 +252,8 @@ def torch_threads(n: int) -> Iterator[None]:
     charfw parallelises LoRA work across modules with its own threads, one torch thread
     each: small LAPACK calls scale better that way, and OpenMP's barriers stall badly when
     another process holds a core."""
+    import torch
+
     old = torch.get_num_threads()
     if old == n:
         yield

@@ -4,7 +4,9 @@ A LoRA file is a flat safetensors state dict. Every key is ``<module>.<suffix>``
 ``<module>`` is kohya's name of the layer it changes (``lora_unet_down_blocks_0_attentions_0_
 transformer_blocks_0_attn1_to_q``, ``lora_te_text_model_encoder_layers_0_mlp_fc1``; SDXL files
 use ``lora_te1_``/``lora_te2_`` and SGM UNet names such as ``lora_unet_input_blocks_4_1_…``,
-see :mod:`.names`) and ``<suffix>`` says which tensor of which network type it is:
+see :mod:`.names`) and ``<suffix>`` says which tensor of which network type it is (SD 3.5 files in diffusers' peft
+format, ``transformer.….lora_A.weight``, are read under kohya-style names and written back
+in their own format, see :mod:`.peft_format`):
 
 ==========  =======================================================================================
 type        suffixes (shapes for a layer ``out × in`` or ``out × in × k × k``)
@@ -34,10 +36,9 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CharfwError
 from .delta import (
@@ -47,10 +48,25 @@ from .delta import (
     module_kind,
     module_rank,
     module_scale,
-    torch_threads,
 )
 from .names import conv_kernel_from_name, detect_family
-from .safetensors_io import SavedFile, parse_precision, read_safetensors, write_safetensors
+from .peft_format import from_peft, is_peft, to_peft
+from .safetensors_io import (
+    FLOAT_DTYPES,
+    SavedFile,
+    check_finite,
+    dtype_name,
+    parse_precision,
+    read_safetensors,
+    scaled,
+    to_numpy,
+    to_torch,
+    torch_dtype,
+    write_safetensors,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 # --- modules ---------------------------------------------------------------------------
 
@@ -65,31 +81,41 @@ KIND_LABELS = {"lora": "LoRA", "locon": "LoCon", "loha": "LoHa", "lokr": "LoKr",
 
 @dataclass(frozen=True)
 class LoraModule:
-    """One layer's change: its kohya name, network type and tensors (suffix → tensor)."""
+    """One layer's change: its kohya name, network type and tensors (suffix → tensor).
+
+    ``arrays`` are as read or made: numpy arrays (a file read) or torch tensors (a module
+    computed by :mod:`.svd`); reading what a module is, scaling it and writing it need no
+    torch. ``tensors`` are the same data as torch tensors (no copy), for the code that
+    computes ΔW."""
 
     name: str
     #: "lora" (LoRA and LoCon), "loha", "lokr" or "full"
     kind: str
-    tensors: Mapping[str, torch.Tensor]
+    arrays: Mapping[str, Any]
     #: the shape of the layer's weight this module changes: (out, in) or (out, in, kh, kw)
     shape: tuple[int, ...]
+
+    @cached_property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The module's tensors as torch tensors (imports torch; views, no copies)."""
+        return {k: to_torch(v) for k, v in self.arrays.items()}
 
     def get(self, suffix: str) -> torch.Tensor | None:
         return self.tensors.get(suffix)
 
     @property
     def alpha(self) -> float | None:
-        return module_alpha(self.tensors)
+        return module_alpha(self.arrays)
 
     @property
     def rank(self) -> int | None:
         """The rank ``alpha`` is divided by (None where alpha does not apply)."""
-        return module_rank(self.tensors, self.kind)
+        return module_rank(self.arrays, self.kind)
 
     @property
     def scale(self) -> float:
         """``alpha / rank``; 1 when alpha is missing or 0, or the type has no rank."""
-        return module_scale(self.tensors, self.kind)
+        return module_scale(self.arrays, self.kind)
 
     @property
     def is_conv(self) -> bool:
@@ -101,11 +127,11 @@ class LoraModule:
 
     @property
     def tucker(self) -> bool:
-        return any(k in self.tensors for k in ("lora_mid.weight", "hada_t1", "lokr_t2"))
+        return any(k in self.arrays for k in ("lora_mid.weight", "hada_t1", "lokr_t2"))
 
     @property
     def dora(self) -> bool:
-        return "dora_scale" in self.tensors
+        return "dora_scale" in self.arrays
 
     @property
     def label(self) -> str:
@@ -122,11 +148,11 @@ class LoraModule:
         if self.kind == "loha":
             return ("hada_w1_a",)
         if self.kind == "lokr":
-            return ("lokr_w1",) if "lokr_w1" in self.tensors else ("lokr_w1_a",)
-        return tuple(k for k in FULL_KEYS if k in self.tensors)
+            return ("lokr_w1",) if "lokr_w1" in self.arrays else ("lokr_w1_a",)
+        return tuple(k for k in FULL_KEYS if k in self.arrays)
 
     def keys(self) -> list[str]:
-        return [f"{self.name}.{suffix}" for suffix in self.tensors]
+        return [f"{self.name}.{suffix}" for suffix in self.arrays]
 
     def delta(self) -> torch.Tensor:
         """The dense ΔW (fp32, scale included, multiplier 1), shaped like the layer's weight.
@@ -144,30 +170,16 @@ class LoraModule:
         stored back in its dtype); alpha is never touched (LyCORIS reads alpha 0 as "full")."""
         if ratio == 1:
             return self
-        new = dict(self.tensors)
-        with torch_threads(1):
-            for key in self.factor_key:
-                t = new[key]
-                new[key] = (t.float() * ratio).to(t.dtype)
-        return replace(self, tensors=new)
-
-
-def _finite(t: torch.Tensor) -> bool:
-    if not t.is_floating_point() or t.numel() == 0:
-        return True
-    return math.isfinite(float(t.amax())) and math.isfinite(float(t.amin()))
+        new = dict(self.arrays)
+        for key in self.factor_key:
+            new[key] = scaled(new[key], ratio)
+        return replace(self, arrays=new)
 
 
 def check_module_finite(module: LoraModule, path: str | os.PathLike[str] | None = None) -> None:
-    """Raise a :class:`CharfwError` naming the module and tensor that holds NaN or Inf."""
-    for suffix, t in module.tensors.items():
-        if not _finite(t):
-            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-            raise CharfwError(
-                f"module {module.name}: {suffix} holds {bad} values",
-                path=path,
-                hint="the training diverged or the file is damaged; use an earlier epoch",
-            )
+    """Raise a :class:`CharfwError` naming the module and tensor that holds NaN or Inf
+    (files are checked when read; this is for modules computed in memory)."""
+    check_finite({f"{module.name}.{suffix}": t for suffix, t in module.arrays.items()}, path)
 
 
 # --- the file ------------------------------------------------------------------------------
@@ -181,9 +193,12 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     #: tensors of types charfw cannot interpret (IA3, OFT, GLoRA, norms, embeddings…), by full
     #: key; they are written back unchanged and reported
-    unknown: dict[str, torch.Tensor] = field(default_factory=dict)
+    unknown: dict[str, Any] = field(default_factory=dict)
     family: str = "unknown"
     path: Path | None = None
+    #: a diffusers/peft-format file (SD 3.5): module name → its dotted module path, so that
+    #: it is written back in that format (:mod:`.peft_format`); empty for kohya files
+    peft_paths: dict[str, str] = field(default_factory=dict)
     #: the open memory map the tensors view (kept alive with the file object)
     _buffer: Any = field(default=None, repr=False)
 
@@ -210,23 +225,32 @@ class LoraFile:
         return sum(1 for m in self.modules.values() if m.dora)
 
     @property
-    def float_dtype(self) -> torch.dtype:
-        """The float dtype most of the file's data is stored in (the default output dtype)."""
-        sizes: Counter[torch.dtype] = Counter()
+    def float_format(self) -> str:
+        """The safetensors name ("F16", "BF16", "F32") of the float dtype most of the file's
+        data is stored in: the default output dtype."""
+        sizes: Counter[str] = Counter()
         for _, t in self.items():
-            if t.is_floating_point():
-                sizes[t.dtype] += t.numel()
-        return sizes.most_common(1)[0][0] if sizes else torch.float32
+            name = dtype_name(t)
+            if name in FLOAT_DTYPES:
+                sizes[name] += math.prod(t.shape)
+        return sizes.most_common(1)[0][0] if sizes else "F32"
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor by full key: the modules', then the unknown ones."""
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """:attr:`float_format` as a torch dtype (imports torch)."""
+        return torch_dtype(self.float_format)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """Every tensor by full key, as stored (numpy arrays or torch tensors): the
+        modules', then the unknown ones."""
         for m in self.modules.values():
-            for suffix, t in m.tensors.items():
+            for suffix, t in m.arrays.items():
                 yield f"{m.name}.{suffix}", t
         yield from self.unknown.items()
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.items())
+        """Every tensor by full key, as torch tensors (imports torch)."""
+        return {k: to_torch(t) for k, t in self.items()}
 
     def unknown_modules(self) -> list[str]:
         """Module names of the unknown keys (the part before the first dot)."""
@@ -238,7 +262,7 @@ class LoraFile:
     def alphas(self) -> Counter[float]:
         return Counter(a for m in self.modules.values() if (a := m.alpha) is not None)
 
-    def with_modules(self, modules: Iterable[LoraModule], *, unknown: dict[str, torch.Tensor] | None = None,
+    def with_modules(self, modules: Iterable[LoraModule], *, unknown: dict[str, Any] | None = None,
                      metadata: dict[str, str] | None = None) -> LoraFile:
         """A new file with other modules (and optionally other unknown keys or metadata)."""
         return LoraFile(
@@ -247,22 +271,9 @@ class LoraFile:
             unknown=dict(self.unknown if unknown is None else unknown),
             family=self.family,
             path=None,
+            peft_paths=self.peft_paths,
             _buffer=self._buffer,
         )
-
-    # --- checks ------------------------------------------------------------------------
-
-    def check_finite(self) -> None:
-        """Raise a one-line error naming the first module whose tensor holds NaN or Inf.
-
-        max and min propagate NaN and are ±Inf when an element is, so two reductions per
-        tensor decide it; elementwise ``isfinite`` only runs to name the culprit."""
-        with torch_threads(1):  # memory-bound: extra threads only contend
-            for m in self.modules.values():
-                check_module_finite(m, self.path)
-            for key, t in self.unknown.items():
-                if not _finite(t):
-                    raise CharfwError(f"{key} holds NaN or Inf values", path=self.path)
 
     # --- writing -----------------------------------------------------------------------
 
@@ -270,8 +281,14 @@ class LoraFile:
              metadata: Mapping[str, str] | None = None) -> SavedFile:
         """Write as safetensors (atomic), floats in ``precision`` (default: the file's own),
         with ``metadata`` (default: the file's) and freshly computed ``sshs_*`` hashes."""
-        dtype = parse_precision(precision) or self.float_dtype
-        return write_safetensors(dest, self.tensors(), self.metadata if metadata is None else metadata, dtype=dtype)
+        dtype = parse_precision(precision) or self.float_format
+        header = dict(self.metadata if metadata is None else metadata)
+        tensors = dict(self.items())
+        if self.peft_paths:  # written back in diffusers' format (scale folded into lora_B)
+            known = {k: to_torch(v) for k, v in tensors.items() if k not in self.unknown}
+            tensors = {**to_peft(known, self.peft_paths), **self.unknown}
+            header.setdefault("format", "pt")
+        return write_safetensors(dest, tensors, header, dtype=dtype)
 
 
 # --- reading -----------------------------------------------------------------------------
@@ -286,8 +303,11 @@ def read_lora(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Lo
     if not path.is_file():
         raise CharfwError("no such file", path=path)
     tensors, metadata, buffer = _read_any(path, allow_pickle)
-    names_by_module: dict[str, dict[str, torch.Tensor]] = {}
-    unknown: dict[str, torch.Tensor] = {}
+    peft_paths: dict[str, str] = {}
+    if is_peft(tensors):
+        tensors, peft_paths = from_peft(tensors)
+    names_by_module: dict[str, dict[str, Any]] = {}
+    unknown: dict[str, Any] = {}
     for key, t in tensors.items():
         module, dot, suffix = key.partition(".")
         if not dot:
@@ -295,6 +315,8 @@ def read_lora(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Lo
             continue
         names_by_module.setdefault(module, {})[suffix] = t
     family = detect_family(names_by_module, metadata)
+    if peft_paths and not any(k.startswith("unet.") for k in tensors):
+        family = "sd35"  # text-encoder-only files of diffusers' SD3 trainer name no transformer block
     modules: dict[str, LoraModule] = {}
     for name, parts in names_by_module.items():
         kind = module_kind(parts)
@@ -308,10 +330,24 @@ def read_lora(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> Lo
                 unknown[f"{name}.{s}"] = t
         shape = _check_module(name, kind, own, family, path)
         modules[name] = LoraModule(name, kind, own, shape)
-    return LoraFile(modules=modules, metadata=metadata, unknown=unknown, family=family, path=path, _buffer=buffer)
+    if not modules and not any(k.startswith("lora_") for k in unknown):
+        _not_a_lora(path, list(tensors))
+    return LoraFile(modules=modules, metadata=metadata, unknown=unknown, family=family, path=path,
+                    peft_paths=peft_paths, _buffer=buffer)
 
 
-def _shape(t: torch.Tensor) -> str:
+def _not_a_lora(path: Path, keys: list[str]) -> None:
+    """A file with no LoRA module and no key of a LoRA module's name (``lora_…``): a full
+    checkpoint, a VAE, an embedding, an empty file."""
+    if not keys:
+        what = "it holds no tensors"
+    else:
+        what = f"none of its {len(keys)} keys is a LoRA module's (such as '{keys[0]}')"
+    raise CharfwError(f"not a LoRA: {what}", path=path,
+                      hint="give a LoRA, LoCon, LoHa or LoKr file (kohya, LyCORIS or diffusers format)")
+
+
+def _shape(t: Any) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
@@ -319,7 +355,7 @@ def _bad(name: str, message: str, path: Path | None) -> CharfwError:
     return CharfwError(f"module {name}: {message}", path=path, hint="the file is damaged or not a LoRA charfw can read")
 
 
-def _check_module(name: str, kind: str, t: Mapping[str, torch.Tensor], family: str, path: Path | None) -> tuple[int, ...]:
+def _check_module(name: str, kind: str, t: Mapping[str, Any], family: str, path: Path | None) -> tuple[int, ...]:
     """Validate a module's tensor shapes and return the shape of the layer weight it changes."""
 
     def need(*keys: str) -> None:
@@ -327,18 +363,18 @@ def _check_module(name: str, kind: str, t: Mapping[str, torch.Tensor], family: s
         if missing:
             raise _bad(name, f"{', '.join(missing)} missing", path)
 
-    if "alpha" in t and t["alpha"].numel() != 1:
+    if "alpha" in t and math.prod(t["alpha"].shape) != 1:
         raise _bad(name, f"alpha has shape {_shape(t['alpha'])}, expected a single number", path)
     if kind == "lora":
         need("lora_down.weight", "lora_up.weight")
         down, up, mid = t["lora_down.weight"], t["lora_up.weight"], t.get("lora_mid.weight")
-        if down.dim() not in (2, 4) or up.dim() not in (2, 4):
+        if len(down.shape) not in (2, 4) or len(up.shape) not in (2, 4):
             raise _bad(name, f"lora_up.weight {_shape(up)} / lora_down.weight {_shape(down)} are not 2-D or 4-D", path)
-        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        if len(up.shape) == 4 and tuple(up.shape[2:]) != (1, 1):
             raise _bad(name, f"lora_up.weight {_shape(up)} is not a 1x1 conv", path)
         r = down.shape[0]
         if mid is not None:
-            if mid.dim() != 4 or down.dim() != 4 or mid.shape[0] != up.shape[1] or mid.shape[1] != r:
+            if len(mid.shape) != 4 or len(down.shape) != 4 or mid.shape[0] != up.shape[1] or mid.shape[1] != r:
                 raise _bad(name, f"lora_up.weight {_shape(up)}, lora_mid.weight {_shape(mid)} and "
                                  f"lora_down.weight {_shape(down)} do not chain", path)
             return (up.shape[0], down.shape[1], *mid.shape[2:])
@@ -353,20 +389,20 @@ def _check_module(name: str, kind: str, t: Mapping[str, torch.Tensor], family: s
             raise _bad(name, "has only one of hada_t1/hada_t2", path)
         if "hada_t1" in t:
             t1, t2 = t["hada_t1"], t["hada_t2"]
-            ok = (t1.dim() >= 2 and t1.shape == t2.shape and w1a.shape == w2a.shape and w1b.shape == w2b.shape
+            ok = (len(t1.shape) >= 2 and t1.shape == t2.shape and w1a.shape == w2a.shape and w1b.shape == w2b.shape
                   and w1a.shape[0] == t1.shape[0] and w1b.shape[0] == t1.shape[1])
             if not ok:
                 raise _bad(name, f"Tucker LoHa shapes do not chain: hada_t1 {_shape(t1)}, hada_w1_a "
                                  f"{_shape(w1a)}, hada_w1_b {_shape(w1b)}", path)
             return (w1a.shape[1], w1b.shape[1], *t1.shape[2:])
         for a, b, n in ((w1a, w1b, "1"), (w2a, w2b, "2")):
-            if a.dim() != 2 or a.shape[1] != b.shape[0]:
+            if len(a.shape) != 2 or a.shape[1] != b.shape[0]:
                 raise _bad(name, f"hada_w{n}_a {_shape(a)} and hada_w{n}_b {_shape(b)} have different ranks", path)
         out, cols = w1a.shape[0], int(math.prod(w1b.shape[1:]))
         if (w2a.shape[0], int(math.prod(w2b.shape[1:]))) != (out, cols):
             raise _bad(name, f"the two Hadamard factors have different shapes: ({out}, {cols}) and "
                              f"({w2a.shape[0]}, {math.prod(w2b.shape[1:])})", path)
-        if w1b.dim() == 4:
+        if len(w1b.shape) == 4:
             return (out, *w1b.shape[1:])
         return _unflatten(name, out, cols, family)
     if kind == "lokr":
@@ -394,7 +430,7 @@ def _check_module(name: str, kind: str, t: Mapping[str, torch.Tensor], family: s
             return (a * w2a.shape[1], c * w2b.shape[1], *t2.shape[2:])
         if w2a.shape[1] != w2b.shape[0]:
             raise _bad(name, f"lokr_w2_a {_shape(w2a)} and lokr_w2_b {_shape(w2b)} have different ranks", path)
-        if w2b.dim() == 4:
+        if len(w2b.shape) == 4:
             return (a * w2a.shape[0], c * w2b.shape[1], *w2b.shape[2:])
         flat = _unflatten(name, a * w2a.shape[0], c * w2b.shape[1], family)
         if len(flat) == 4:
@@ -426,7 +462,7 @@ def _looks_pickled(head: bytes) -> bool:
     return head[:2] == b"PK" or head[:1] == b"\x80"
 
 
-def _read_any(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str], Any]:
+def _read_any(path: Path, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, str], Any]:
     with open(path, "rb") as fh:
         head = fh.read(9)
     pickled = path.suffix.lower() in PICKLE_SUFFIXES or _looks_pickled(head)
@@ -437,11 +473,15 @@ def _read_any(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], 
                 path=path,
                 hint="convert it to .safetensors, or pass --allow-pickle if you trust its source",
             )
-        return _read_pickle(path), {}, None
+        tensors = _read_pickle(path)
+        check_finite(tensors, path)
+        return tensors, {}, None
     return read_safetensors(path)
 
 
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _read_pickle(path: Path) -> dict[str, Any]:
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for refused or damaged pickles
@@ -451,4 +491,4 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CharfwError("is not a flat dict of tensors", path=path)
-    return {str(k): v for k, v in obj.items()}
+    return {str(k): to_numpy(v) for k, v in obj.items()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -19,15 +19,17 @@ from ..errors import CharfwError
 from .block_weights import BlockWeights, module_ratio
 from .delta import tucker_down
 from .file import LoraFile, LoraModule
+from .safetensors_io import parse_precision, torch_dtype
 from .svd import (
     ModuleResize,
+    NewFactors,
     RankRule,
     choose_rank,
     dense_spectrum,
     factor_spectrum,
-    lora_module,
     parallel_map,
     retained,
+    store_modules,
 )
 
 
@@ -71,11 +73,12 @@ def _clamp(up: torch.Tensor, down: torch.Tensor, q: float) -> tuple[torch.Tensor
     return up.clamp(-h, h), down.clamp(-h, h)
 
 
-def merge_loras(sources: Sequence[MergeSource], rule: RankRule, *, precision: torch.dtype | None = None,
+def merge_loras(sources: Sequence[MergeSource], rule: RankRule, *, precision: str | torch.dtype | None = None,
                 clamp_quantile: float | None = None, other: float | str = 1.0, threads: int | None = None,
                 progress: Callable[[int], None] | None = None) -> tuple[LoraFile, MergeReport]:
     """One LoRA whose ΔW is the exact sum of each source's ΔW × ratio (× block ratio),
-    reduced to ``rule``'s ranks; alpha = rank (scale 1), as kohya's ``svd_merge_lora.py``."""
+    reduced to ``rule``'s ranks; one alpha for the file (the most common rank: scale 1 there,
+    as kohya's ``svd_merge_lora.py``; see :func:`~charfw.lora.svd.store_modules`)."""
     if not sources:
         raise CharfwError("nothing to merge")
     families = {s.lora.family for s in sources}
@@ -85,7 +88,7 @@ def merge_loras(sources: Sequence[MergeSource], rule: RankRule, *, precision: to
         if s.lora.dora:
             raise CharfwError(f"{s.label or s.lora.path}: has {s.lora.dora} DoRA modules; their magnitude depends on "
                               "the base weight, so they cannot be summed with other LoRAs")
-    dtype = precision or sources[0].lora.float_dtype
+    dtype = torch_dtype(parse_precision(precision)) if precision is not None else sources[0].lora.float_dtype
     names: list[str] = []
     seen = set()
     for s in sources:
@@ -100,7 +103,7 @@ def merge_loras(sources: Sequence[MergeSource], rule: RankRule, *, precision: to
             ratio *= module_ratio(module.name, s.weights, other=other)[1]
         return ratio
 
-    def work(name: str) -> tuple[LoraModule, ModuleResize] | None:
+    def work(name: str) -> tuple[NewFactors, ModuleResize] | None:
         parts = [(s, s.lora.modules[name]) for s in sources if name in s.lora.modules]
         parts = [(s, m, coefficient(s, m)) for s, m in parts]
         parts = [(s, m, c) for s, m, c in parts if c != 0]
@@ -136,16 +139,15 @@ def merge_loras(sources: Sequence[MergeSource], rule: RankRule, *, precision: to
             down = torch.cat([down, down.new_zeros(k - down.shape[0], down.shape[1])], 0)
         if clamp_quantile is not None:
             up, down = _clamp(up, down, clamp_quantile)
-        new = lora_module(name, shape, up, down, 1.0, dtype=dtype, alpha=float(k))
         s_sum, s_fro, ratio = retained(spectrum.S, k)
-        return new, ModuleResize(name, None, k, float(k), s_sum, s_fro, ratio)
+        return NewFactors(name, shape, up, down, 1.0), ModuleResize(name, None, k, 0.0, s_sum, s_fro, ratio)
 
-    results = parallel_map(work, names, threads, progress)
-    modules = [r[0] for r in results if r is not None]
+    results = [r for r in parallel_map(work, names, threads, progress) if r is not None]
+    modules, alpha = store_modules([r[0] for r in results], dtype)
     labels = [f"{s.label or (s.lora.path.name if s.lora.path else '?')} x{s.ratio:g}"
               + (f" ({s.weights.name if s.weights.name != 'custom' else s.weights.text()})" if s.weights else "")
               for s in sources]
-    report = MergeReport(rule, labels, [r[1] for r in results if r is not None],
+    report = MergeReport(rule, labels, [replace(r[1], alpha=alpha) for r in results],
                          dropped_unknown=sum(len(s.lora.unknown) for s in sources), clamp_quantile=clamp_quantile)
     meta = dict(sources[0].lora.metadata)
     for key in [k for k in meta if k.startswith(("sshs_", "ss_tag_frequency", "ss_dataset_dirs", "ss_datasets"))]:
@@ -153,7 +155,7 @@ def merge_loras(sources: Sequence[MergeSource], rule: RankRule, *, precision: to
     ranks = {m.new_rank for m in report.modules}
     dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
     meta["ss_network_dim"] = dim
-    meta["ss_network_alpha"] = dim
+    meta["ss_network_alpha"] = f"{alpha:g}"
     meta["ss_training_comment"] = f"merged by charfw ({rule.describe()}): {'; '.join(labels)}"
     meta["modelspec.merged_from"] = ", ".join(
         (s.lora.path.stem if s.lora.path else s.label) for s in sources)

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..build.items import safe_file_stem
+from .rank_rule import plain_number
 
 if TYPE_CHECKING:
-    from .svd import RankRule
+    from .rank_rule import RankRule
 
 
 def output_stem(stem: str) -> str:
@@ -47,7 +48,7 @@ def rank_rule_suffix(rule: RankRule) -> str:
             suffix += f"c{rule.conv_rank}"
         return suffix
     short = {"sv_ratio": "sv", "sv_fro": "fro", "sv_cumulative": "cum"}[rule.method]
-    return f"-{short}{rule.param:g}" + (f"-max{rule.rank}" if rule.rank else "")
+    return f"-{short}{plain_number(rule.param or 0)}" + (f"-max{rule.rank}" if rule.rank else "")
 
 
 def remove_other_outputs(folder: Path, keep: Path) -> None:

@@ -13,8 +13,19 @@ of the unscaled product up·down, ``L = min(out, in·k·k)`` of them):
 
 The ``+1`` keeps one direction past the threshold (so kohya's "max(S) ratio" reads just
 above X). ``tight=True`` drops it and never pads past the module's real rank.
-The new alpha is ``old scale × new rank``, so the effective scale ``alpha/rank`` is kept;
 ``up = U_k·S_k``, ``down = V_kᵀ`` as kohya writes them.
+
+**One alpha for the whole file.** kohya gives each module ``alpha = old scale × new rank``,
+so a dynamic resize (or a merge, alpha = rank) writes as many alphas as ranks. sd-scripts
+(``networks/lora.py``: ``alpha / lora_dim``), A1111 (``extensions-builtin/Lora``:
+``alpha / dim``, dim = ``lora_down`` rows) and ComfyUI (``comfy/weight_adapter/lora.py``:
+``alpha / mat2.shape[0]``) read each module's own alpha, but diffusers (0.42) converts
+kohya's UNet attention q/k/v/out alphas under key names its peft config does not match, so
+those modules get the file's most common alpha and their ΔW is off. Here every module gets
+the same alpha, the most common of kohya's per-module values, and each module's own
+``scale·rank / alpha`` is folded into ``lora_up`` (in fp32, before the one rounding): all
+four compute ``(alpha / rank)·up·down``, the same ΔW (diffusers: ``lora_alpha`` = that
+alpha, each module's ``r`` from its ``lora_B``).
 
 **The SVD is computed from the factors.** ΔW = U·D (U [out, r], D [r, in·k·k]) has rank ≤ r,
 so with ``U = Q_u R_u`` and ``Dᵀ = Q_d R_d`` (Householder QR, R only) the singular values of
@@ -38,81 +49,23 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import CharfwError
+from .delta import delta_norm as delta_norm  # re-exported: ‖ΔW‖ beside the resize tools
 from .delta import torch_threads, tucker_down
 from .file import LoraFile, LoraModule, check_module_finite
+from .rank_rule import RankRule
+from .safetensors_io import parse_precision, torch_dtype
 
 MIN_SV = 1e-6
 #: directions whose singular value is below this fraction of the largest are written as zeros
 ZERO_SV = 1e-7
-METHODS = ("rank", "sv_ratio", "sv_fro", "sv_cumulative")
-Method = Literal["rank", "sv_ratio", "sv_fro", "sv_cumulative"]
-
-
-@dataclass(frozen=True)
-class RankRule:
-    """How many directions each module keeps (``resize_lora.py``'s options)."""
-
-    #: "rank" (fixed), "sv_ratio", "sv_fro" or "sv_cumulative"
-    method: Method = "sv_ratio"
-    #: X of the dynamic methods (ratio to the largest singular value, or kept fraction)
-    param: float | None = 16.0
-    #: the cap for 2-D factors (kohya ``--new_rank``); None: each module's own rank
-    rank: int | None = None
-    #: the cap for 4-D factors (kohya ``--new_conv_rank``); None: as ``rank``
-    conv_rank: int | None = None
-    #: no +1 past the threshold and no padding past a module's real rank (not kohya)
-    tight: bool = False
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise CharfwError(f"unknown resize method '{self.method}'; use {', '.join(METHODS)}")
-        if self.method == "rank":
-            if self.rank is None:
-                raise CharfwError("a fixed-rank resize needs a rank")
-        elif self.param is None or not self.param > 0:
-            raise CharfwError(f"{self.method} needs a positive parameter, got {self.param}")
-        elif self.method in ("sv_fro", "sv_cumulative") and self.param > 1:
-            raise CharfwError(f"{self.method} keeps a fraction: give a value in (0, 1], got {self.param}")
-        for value in (self.rank, self.conv_rank):
-            if value is not None and value < 1:
-                raise CharfwError(f"ranks must be at least 1, got {value}")
-
-    @classmethod
-    def from_options(cls, *, sv_ratio: float | None = None, sv_fro: float | None = None,
-                     sv_cumulative: float | None = None, rank: int | None = None, conv_rank: int | None = None,
-                     tight: bool = False, default: bool = True) -> RankRule | None:
-        """The rule of the ``svd`` stage's and ``charfw lora``'s options: the method given a
-        value (they allow one), else a fixed ``rank``, else kohya's ``sv_ratio 16``; None
-        instead of that default when ``default`` is false."""
-        for method, value in (("sv_ratio", sv_ratio), ("sv_fro", sv_fro), ("sv_cumulative", sv_cumulative)):
-            if value is not None:
-                return cls(method, value, rank, conv_rank, tight)
-        if rank is not None:
-            return cls("rank", None, rank, conv_rank, tight)
-        return cls("sv_ratio", 16.0, None, conv_rank, tight) if default else None
-
-    def cap(self, is_4d: bool, own_rank: int | None) -> int:
-        cap = (self.conv_rank or self.rank) if is_4d else self.rank
-        if cap is None:
-            cap = own_rank or 1 << 30
-        return cap
-
-    def describe(self) -> str:
-        if self.method == "rank":
-            conv = f" (conv {self.conv_rank})" if self.conv_rank and self.conv_rank != self.rank else ""
-            return f"rank {self.rank}{conv}"
-        cap = f", at most {self.rank}" if self.rank else ""
-        return f"{self.method} {self.param:g}{cap}" + (" (tight)" if self.tight else "")
-
-
 def choose_rank(S: torch.Tensor, full_len: int, rule: RankRule, cap: int) -> int:
     """kohya's ``rank_resize`` rank for singular values ``S`` (descending) of a matrix whose
     full SVD has ``full_len`` values (the missing ones are zero: ΔW's rank is at most r)."""
@@ -269,29 +222,34 @@ def _module_spectrum(module: LoraModule) -> tuple[Spectrum, float]:
     return dense_spectrum(module.delta()), 1.0
 
 
-def delta_norm(module: LoraModule) -> float:
-    """‖ΔW‖_F without forming ΔW where the type allows it (``trace(UᵀU · DDᵀ)`` for LoRA,
-    ``‖A‖·‖B‖`` for LoKr)."""
-    t = module.tensors
-    if module.kind == "lora":
-        U = t["lora_up.weight"].float()
-        U = U.reshape(U.shape[0], -1)
-        down = t["lora_down.weight"].float()
-        mid = t.get("lora_mid.weight")
-        D = (tucker_down(down, mid.float()) if mid is not None else down).reshape(down.shape[0], -1)
-        sq = float(((U.mT @ U).double() * (D @ D.mT).double()).sum())
-        return math.sqrt(max(sq, 0.0)) * abs(module.scale)
-    if module.kind == "lokr":
-        w1, w2 = module.lokr_factors()
-        return float(w1.norm()) * float(w2.norm()) * abs(module.scale)
-    return float(module.delta().norm())
-
-
 # --- building LoRA modules ---------------------------------------------------------------
 
 
 def _stored(value: float, dtype: torch.dtype) -> float:
     return float(torch.tensor(value, dtype=torch.float64).to(dtype))
+
+
+@dataclass
+class NewFactors:
+    """A module's new factors (fp32) before they are stored: ``ΔW = scale·up·down``."""
+
+    name: str
+    shape: tuple[int, ...]
+    up: torch.Tensor
+    down: torch.Tensor
+    scale: float
+    extra: Mapping[str, torch.Tensor] | None = None
+
+
+def store_modules(factors: Sequence[NewFactors], dtype: torch.dtype) -> tuple[list[LoraModule], float]:
+    """Store new factors as kohya LoRA modules with one alpha for the whole file (see the
+    module docstring): the most common of kohya's per-module alphas (``scale × rank`` as
+    stored in ``dtype``; a tie goes to the larger). Returns the modules and that alpha."""
+    counts = Counter(_stored(f.scale * f.down.shape[0], dtype) for f in factors)
+    alpha = max(counts, key=lambda a: (counts[a], a)) if counts else 1.0
+    modules = [lora_module(f.name, f.shape, f.up, f.down, f.scale, dtype=dtype, alpha=alpha, extra=f.extra)
+               for f in factors]
+    return modules, alpha
 
 
 def lora_module(name: str, shape: Sequence[int], up: torch.Tensor, down: torch.Tensor, scale: float, *,
@@ -425,17 +383,17 @@ def parallel_map(fn: Callable, items: list, threads: int | None = None,
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def resize_lora(lora: LoraFile, rule: RankRule, *, precision: torch.dtype | None = None,
+def resize_lora(lora: LoraFile, rule: RankRule, *, precision: str | torch.dtype | None = None,
                 threads: int | None = None, progress: Callable[[int], None] | None = None) -> tuple[LoraFile, ResizeReport]:
     """Resize every module to kohya's rank under ``rule`` (LoHa/LoKr/Full become LoRA).
 
     DoRA's ``dora_scale`` and unknown keys are kept as they are (and counted)."""
     started = time.perf_counter()
-    dtype = precision or lora.float_dtype
+    dtype = torch_dtype(parse_precision(precision)) if precision is not None else lora.float_dtype
     modules = list(lora.modules.values())
     order = sorted(range(len(modules)), key=lambda i: -_cost(modules[i]))
 
-    def work(i: int) -> tuple[LoraModule, ModuleResize]:
+    def work(i: int) -> tuple[NewFactors, ModuleResize]:
         module = modules[i]
         spectrum, scale = module_spectrum(module, lora.path)
         is_4d = module.is_conv if module.kind != "lora" else module.tensors["lora_down.weight"].dim() == 4
@@ -446,14 +404,15 @@ def resize_lora(lora: LoraFile, rule: RankRule, *, precision: torch.dtype | None
             up = torch.cat([up, up.new_zeros(up.shape[0], k - up.shape[1])], 1)
             down = torch.cat([down, down.new_zeros(k - down.shape[0], down.shape[1])], 0)
         extra = {"dora_scale": module.tensors["dora_scale"]} if module.dora else None
-        new = lora_module(module.name, module.shape, up, down, scale, dtype=dtype, extra=extra)
         s_sum, s_fro, ratio = retained(spectrum.S, k)
-        return new, ModuleResize(module.name, module.rank, k, float(new.alpha or 0), s_sum, s_fro, ratio, module.label)
+        return (NewFactors(module.name, module.shape, up, down, scale, extra),
+                ModuleResize(module.name, module.rank, k, 0.0, s_sum, s_fro, ratio, module.label))
 
     results = parallel_map(work, order, threads, progress)
     by_index = dict(zip(order, results, strict=True))
-    new_modules = [by_index[i][0] for i in range(len(modules))]
-    report = ResizeReport(rule, [by_index[i][1] for i in range(len(modules))], dora=lora.dora, unknown=len(lora.unknown))
+    new_modules, alpha = store_modules([by_index[i][0] for i in range(len(modules))], dtype)
+    rows = [replace(by_index[i][1], alpha=alpha) for i in range(len(modules))]
+    report = ResizeReport(rule, rows, dora=lora.dora, unknown=len(lora.unknown))
     report.seconds = time.perf_counter() - started
     return lora.with_modules(new_modules, metadata=resize_metadata(lora, rule, report)), report
 
@@ -467,14 +426,13 @@ def resize_metadata(lora: LoraFile, rule: RankRule, report: ResizeReport) -> dic
         conv = "" if not rule.conv_rank or rule.conv_rank == rule.rank else f" (conv: {rule.conv_rank})"
         meta["ss_training_comment"] = f"dimension is resized from {old} to {rule.rank}{conv}; {comment}"
         meta["ss_network_dim"] = str(rule.rank)
-        # kohya writes the last module's new alpha here
-        meta["ss_network_alpha"] = str(report.modules[-1].alpha) if report.modules else str(rule.rank)
-        conv_dim, conv_alpha = str(rule.conv_rank or rule.rank), None
+        conv_dim = str(rule.conv_rank or rule.rank)
     else:
         meta["ss_training_comment"] = f"Dynamic resize with {rule.method}: {rule.param:g} from {old}; {comment}"
         meta["ss_network_dim"] = "Dynamic"
-        meta["ss_network_alpha"] = "Dynamic"
-        conv_dim, conv_alpha = "Dynamic", "Dynamic"
+        conv_dim = "Dynamic"
+    # one alpha for every module (kohya writes "Dynamic" or the last module's)
+    conv_alpha = meta["ss_network_alpha"] = f"{report.modules[0].alpha:g}" if report.modules else "1"
     args = meta.get("ss_network_args")
     if args:
         try:

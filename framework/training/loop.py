@@ -144,6 +144,7 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     logging_dir = job.logging_dir or output_dir / "logs"
     train_te_lr = s.resolved_text_encoder_lr()
     family = get_family(job.family)
+    family.configure(s)  # the family's own settings (SD 3.5: T5, weighting); refuses networks it cannot train
     ddp = DistributedDataParallelKwargs(find_unused_parameters=train_te_lr > 0 and family.text_layers_unused(job.clip_skip))
     accelerator = Accelerator(
         mixed_precision=mixed, log_with=trackers or None, kwargs_handlers=[ddp], dynamo_backend="inductor" if s.torch_compile else None,
@@ -157,7 +158,7 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     else:
         warn, report = console.warn, job.report_problem or console.warn
     notes.log = log
-    if mixed != s.mixed_precision:
+    if mixed != s.mixed_precision and console.once(f"no {s.mixed_precision} here"):  # once, not per part
         log(f"mixed precision {s.mixed_precision} needs a GPU; training in float32 on this machine")
     optimizers.check_available(s, device)  # before minutes of loading and caching
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
@@ -215,8 +216,8 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     log(data.summary())
     uncached = sorted({str(e.subset.image_dir.name) for e in data.entries if not e.subset.cacheable_latents})
     if latent_cache.enabled and uncached:
-        log(f"latents of {len(uncached)} subset(s) are encoded every step: color_aug or random_crop is on "
-            "(set them to false in the dataset config to cache latents)")
+        hint = f" (set them to false {job.dataset_options_at} to cache latents)" if console.once("uncached") else ""
+        log(f"latents of {len(uncached)} subset(s) are encoded every step: color_aug or random_crop is on{hint}")
 
     # --- the network, attached to the UNet and the text encoder --------------------------
     kind = network_type(s.network)
@@ -224,11 +225,11 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     ranks = None
     continue_state = None
     if s.continue_from:
-        from ..lora.safetensors_io import read_safetensors
-        from .networks.network import ranks_from_state
+        from ..lora.safetensors_io import read_safetensors, to_torch
+        from .networks.network import kohya_state, ranks_from_state
 
         tensors, _, _ = read_safetensors(Path(s.continue_from))
-        continue_state = {k: v.clone() for k, v in tensors.items()}
+        continue_state = kohya_state({k: to_torch(v).clone() for k, v in tensors.items()})
         file_kind = detect_file_type(continue_state)
         if file_kind.module_factory is not kind.module_factory:
             raise CharfwError(f"the file is a {file_kind.name} network; continue it with network: {file_kind.name}",
@@ -298,7 +299,8 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     optimizer_name = optimizers.optimizer_description(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, s)
     metadata = lora_output.training_metadata(
         job, data=data, model=model, network=network, optimizer_name=optimizer_name, mixed_precision=mixed,
-        cache_latents=latent_cache.enabled, total_steps=total_steps, total_epochs=total_epochs,
+        # true only when no image was encoded every step (as kohya, which refuses color_aug with a cache)
+        cache_latents=latent_cache.enabled and not uncached, total_steps=total_steps, total_epochs=total_epochs,
         batches_per_epoch=batches_per_epoch, text_encoder_lr=train_te_lr, started_at=lora_output.clock(),
         warmup=optimizers.warmup_steps(s, total_steps))
     prompts = read_prompts(Path(s.sample_prompts)) if s.sample_prompts else []

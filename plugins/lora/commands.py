@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ from charfw import CharfwError, console
 from charfw.cli import workspace_from
 from charfw.errors import display_path
 from charfw.lora.block_weights import (
-    BLOCKS20,
     BLOCKS26,
+    LAYOUTS,
     apply_block_weights,
     block_of,
+    full_layout,
     load_presets,
     resolve_weights,
 )
@@ -43,12 +45,17 @@ def _output_path(src: Path, suffix: str, output: Path | None) -> Path:
 
 def _rule(sv_ratio: float | None, sv_fro: float | None, sv_cumulative: float | None, rank: int | None,
           conv_rank: int | None, tight: bool, *, default_ratio: bool) -> Any:
-    from charfw.lora.svd import RankRule
+    from charfw.lora.rank_rule import RankRule
 
     if sum(v is not None for v in (sv_ratio, sv_fro, sv_cumulative)) > 1:
         raise click.UsageError("give only one of --sv-ratio, --sv-fro, --sv-cumulative")
-    rule = RankRule.from_options(sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, rank=rank,
-                                 conv_rank=conv_rank, tight=tight, default=default_ratio)
+    try:  # the same checks as a manifest's compress options
+        rule = RankRule.from_options(sv_ratio=sv_ratio, sv_fro=sv_fro, sv_cumulative=sv_cumulative, rank=rank,
+                                     conv_rank=conv_rank, tight=tight, default=default_ratio)
+    except CharfwError as exc:
+        given = next((f"--{n.replace('_', '-')}" for n, v in (("sv_ratio", sv_ratio), ("sv_fro", sv_fro),
+                                                              ("sv_cumulative", sv_cumulative)) if v is not None), None)
+        raise click.BadParameter(exc.message, param_hint=given) from None
     if rule is None:
         raise click.UsageError("give --rank N (and/or --sv-ratio, --sv-fro, --sv-cumulative)")
     return rule
@@ -88,43 +95,50 @@ def _counts(counter: Any, fmt: Any = str) -> str:
 def info_data(path: Path, allow_pickle: bool) -> dict[str, Any]:
     """Everything ``charfw lora info`` shows, as JSON-able data."""
     from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
 
-    from charfw.lora.delta import torch_threads
+    from charfw.lora.delta import delta_norm, numpy_threads
     from charfw.lora.file import read_lora
-    from charfw.lora.safetensors_io import file_sha256, precision_name
-    from charfw.lora.svd import delta_norm
+    from charfw.lora.safetensors_io import (
+        dtype_name,
+        file_and_data_sha256,
+        file_sha256,
+        precision_name,
+    )
 
     lora = read_lora(path, allow_pickle=allow_pickle)
-    lora.check_finite()
+    # ‖ΔW‖ in numpy for LoRA/LoCon (torch only for the other types), modules side by side:
+    # numpy's casts and BLAS calls release the GIL
+    with numpy_threads(1), ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        norms = dict(zip(lora.modules, pool.map(delta_norm, lora.modules.values()), strict=True))
     blocks: dict[str, dict[str, Any]] = {}
-    with torch_threads(1):
-        for m in lora.modules.values():
-            block = block_of(m.name) or "(none)"
-            row = blocks.setdefault(block, {"modules": 0, "norm_sq": 0.0, "ranks": Counter(), "types": Counter()})
-            row["modules"] += 1
-            row["norm_sq"] += delta_norm(m) ** 2
-            if m.rank is not None:
-                row["ranks"][m.rank] += 1
-            row["types"][m.label] += 1
-    order = [*(BLOCKS20 if lora.family == "sdxl" else BLOCKS26), "(none)"]
+    for m in lora.modules.values():
+        block = block_of(m.name) or "(none)"
+        row = blocks.setdefault(block, {"modules": 0, "norm_sq": 0.0, "ranks": Counter(), "types": Counter()})
+        row["modules"] += 1
+        row["norm_sq"] += norms[m.name] ** 2
+        if m.rank is not None:
+            row["ranks"][m.rank] += 1
+        row["types"][m.label] += 1
+    order = [*(full_layout(lora.family) if lora.family in LAYOUTS else BLOCKS26), "(none)"]
     total = sum(r["norm_sq"] for r in blocks.values()) or 1.0
     table = [{"block": b, "modules": blocks[b]["modules"], "types": dict(blocks[b]["types"]),
               "ranks": {str(k): v for k, v in blocks[b]["ranks"].items()},
               "delta_norm": math.sqrt(blocks[b]["norm_sq"]), "share": blocks[b]["norm_sq"] / total}
              for b in order if b in blocks]
-    dtypes = Counter(precision_name(t.dtype) for _, t in lora.items())
+    dtypes = Counter(precision_name(dtype_name(t)) for _, t in lora.items())
     stored = lora.metadata.get("sshs_model_hash")
     hash_state = None
-    if lora.metadata or path.suffix.lower() == ".safetensors":
-        from charfw.lora.safetensors_io import data_sha256
-
-        if not stored:
+    if stored:
+        sha256, data_sha = file_and_data_sha256(path)
+        hash_state = "matches the data" if stored == data_sha else "STALE (does not match the data)"
+    else:
+        sha256 = file_sha256(path)
+        if lora.metadata or path.suffix.lower() == ".safetensors":
             hash_state = "missing"
-        else:
-            hash_state = "matches the data" if stored == data_sha256(path) else "STALE (does not match the data)"
-    unet = sum(1 for n in lora.modules if n.startswith("lora_unet_"))
+    unet = sum(1 for n in lora.modules if n.startswith(("lora_unet_", "lora_transformer_")))
     return {
-        "file": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path),
+        "file": str(path), "bytes": path.stat().st_size, "sha256": sha256,
         "type": lora.network_type, "family": lora.family, "tucker": lora.tucker, "dora_modules": lora.dora,
         "modules": len(lora.modules), "unet_modules": unet, "text_encoder_modules": len(lora.modules) - unet,
         "conv3x3_modules": sum(1 for m in lora.modules.values() if m.is_conv and any(k > 1 for k in m.kernel)),
@@ -137,12 +151,12 @@ def info_data(path: Path, allow_pickle: bool) -> dict[str, Any]:
 
 def _print_info(data: dict[str, Any]) -> None:
     out = console.out
-    fam = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}.get(data["family"], "unknown base model")
+    fam = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sd35": "SD 3.5"}.get(data["family"], "unknown base model")
     extras = [x for x in ("Tucker" if data["tucker"] else "", f"{data['dora_modules']} DoRA" if data["dora_modules"] else "") if x]
     lines = [
         f"file     {data['file']} ({human_size(data['bytes'])}, {', '.join(data['dtypes'])})",
         f"type     {data['type']}{' (' + ', '.join(extras) + ')' if extras else ''} for {fam}",
-        f"modules  {data['modules']} ({data['text_encoder_modules']} text encoder, {data['unet_modules']} UNet, "
+        f"modules  {data['modules']} ({data['text_encoder_modules']} text encoder, {data['unet_modules']} {'transformer' if data['family'] == 'sd35' else 'UNet'}, "
         f"{data['conv3x3_modules']} conv 3x3)",
         f"ranks    {_counts({int(k): v for k, v in data['ranks'].items()})}",
         f"alphas   {_counts({float(k): v for k, v in data['alphas'].items()}, lambda a: f'{a:g}')}",
@@ -226,7 +240,6 @@ def register_commands(cli):
         lora = read_lora(file, allow_pickle=allow_pickle)
         resolved = _weights_for(weights, lora, _presets(ctx, preset_files), file)
         dest = _output_path(file, block_weights_suffix(weights if resolved.name == "custom" else resolved.name, strength), output)
-        lora.check_finite()
         merged, report = apply_block_weights(lora, resolved, other=other_value, strength=strength)
         saved = merged.save(dest, precision=precision)
         for line in report.table():

@@ -9,42 +9,60 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import field_validator, model_validator
 
 import charfw
 from charfw import Compressor, Options, StageContext, StageOutput
 from charfw.build import atomic
 from charfw.build.items import safe_file_stem
+from charfw.errors import CharfwError
 from charfw.lora.outputs import human_size, output_stem, rank_rule_suffix, remove_other_outputs
+from charfw.lora.rank_rule import RankRule, check_method_value, check_rank
 
 
 class SvdOptions(Options):
     #: keep singular values above the largest / sv_ratio (plus kohya's one more)
-    sv_ratio: float | None = Field(None, gt=1)
+    sv_ratio: float | None = None
     #: keep this fraction of the Frobenius norm
-    sv_fro: float | None = Field(None, gt=0, le=1)
+    sv_fro: float | None = None
     #: keep this fraction of the sum of singular values
-    sv_cumulative: float | None = Field(None, gt=0, le=1)
+    sv_cumulative: float | None = None
     #: a fixed rank (alone) or the largest rank (with a method)
-    rank: int | None = Field(None, ge=1)
+    rank: int | None = None
     #: the rank (or cap) of conv modules (kohya's new_conv_rank); default: rank
-    conv_rank: int | None = Field(None, ge=1)
+    conv_rank: int | None = None
     #: no kohya "+1" direction past the threshold
     tight: bool = False
     precision: Literal["fp16", "bf16", "fp32"] | None = None
 
+    # the values are checked by charfw.lora.rank_rule, as `charfw lora resize` checks them
+
+    @field_validator("sv_ratio", "sv_fro", "sv_cumulative")
+    @classmethod
+    def _method_value(cls, value: float | None, info) -> float | None:
+        return None if value is None else _checked(check_method_value, info.field_name, value)
+
+    @field_validator("rank", "conv_rank")
+    @classmethod
+    def _rank(cls, value: int | None, info) -> int | None:
+        return _checked(check_rank, value, info.field_name)
+
     @model_validator(mode="after")
     def _one_method(self) -> SvdOptions:
-        given = [n for n in ("sv_ratio", "sv_fro", "sv_cumulative") if getattr(self, n) is not None]
-        if len(given) > 1:
-            raise ValueError(f"give one of sv_ratio, sv_fro, sv_cumulative, not {' and '.join(given)}")
+        _checked(self.rule)
         return self
 
-    def rule(self):  # -> RankRule (torch is imported only when the stage runs)
-        from charfw.lora.svd import RankRule
-
+    def rule(self) -> RankRule:
         return RankRule.from_options(sv_ratio=self.sv_ratio, sv_fro=self.sv_fro, sv_cumulative=self.sv_cumulative,
                                      rank=self.rank, conv_rank=self.conv_rank, tight=self.tight)
+
+
+def _checked(check, *args):
+    """A rank-rule check inside pydantic: its one-line error as a validation error."""
+    try:
+        return check(*args)
+    except CharfwError as exc:
+        raise ValueError(exc.message) from None
 
 
 class SvdCompressor(Compressor):

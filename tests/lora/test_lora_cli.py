@@ -91,13 +91,57 @@ def test_resize_default_is_sv_ratio_16_with_kohyas_verbose_lines(lora_file: Path
     assert code == 2 and "only one of" in err
 
 
-def test_resize_of_a_file_with_nan_names_the_module_and_writes_nothing(tmp_path: Path, run_cli) -> None:
-    bad = lora_linear(24, 16, 4)
-    bad["lora_up.weight"][0, 0] = float("inf")
-    path = save(tmp_path / "bad.safetensors", {NAMES["IN01"]: lora_linear(8, 6, 2), NAMES["OUT11"]: bad})
-    code, _, err = run_cli("lora", "resize", path)
-    assert code == 3 and f"module {NAMES['OUT11']}: lora_up.weight holds Inf values" in err
-    assert files(tmp_path) == {"bad.safetensors"}
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_every_command_on_a_file_with_nan_or_inf_names_file_and_module_and_writes_nothing(
+        tmp_path: Path, run_cli, bad: float) -> None:
+    broken = lora_linear(24, 16, 4)
+    broken["lora_up.weight"][0, 0] = bad
+    path = save(tmp_path / "bad.safetensors", {NAMES["IN01"]: lora_linear(8, 6, 2), NAMES["OUT11"]: broken})
+    good = save(tmp_path / "good.safetensors", {NAMES["OUT11"]: lora_linear(24, 16, 4)})
+    word = "NaN" if bad != bad else "Inf"
+    for args in (["resize", path], ["info", path], ["blocks", path, "-w", "ALL"],
+                 ["merge", good, f"{path}:0.5", "--rank", "4", "-o", tmp_path / "m.safetensors"]):
+        code, _, err = run_cli("lora", *args)
+        # was: merge ended in torch's _LinAlgError traceback (exit 1)
+        assert code == 3, (args, err)
+        assert err.strip().count("\n") == 0 and "Traceback" not in err
+        assert f"bad.safetensors: module {NAMES['OUT11']}: lora_up.weight holds {word} values" in err
+    assert files(tmp_path) == {"bad.safetensors", "good.safetensors"}
+
+
+@pytest.mark.parametrize("content", ["checkpoint", "empty"])
+def test_a_file_that_is_not_a_lora_is_refused(tmp_path: Path, run_cli, content: str) -> None:
+    from charfw.lora.safetensors_io import write_safetensors
+
+    tensors = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+               "first_stage_model.decoder.conv_in.bias": torch.zeros(4)} if content == "checkpoint" else {}
+    path = write_safetensors(tmp_path / "model.safetensors", tensors).path
+    for command in ("resize", "info", "blocks"):
+        code, _, err = run_cli("lora", command, path, *(["-w", "ALL"] if command == "blocks" else []))
+        assert code == 3 and "model.safetensors: not a LoRA" in err, (command, code, err)  # was: exit 0, a copy
+    assert files(tmp_path) == {"model.safetensors"}
+
+
+def test_resize_checks_the_method_values_as_a_manifest_does(lora_file: Path, run_cli) -> None:
+    from pydantic import ValidationError
+
+    from charfw.default_plugins.lora.svd import SvdOptions
+
+    for option, value, message in (("--sv-ratio", "0.5", "sv_ratio must be above 1"),
+                                   ("--sv-ratio", "1", "sv_ratio must be above 1"),
+                                   ("--sv-ratio", "1e9", "sv_ratio must be above 1 and at most 10000"),
+                                   ("--sv-fro", "1.5", "sv_fro keeps a fraction"),
+                                   ("--sv-cumulative", "0", "sv_cumulative keeps a fraction")):
+        code, _, err = run_cli("lora", "resize", lora_file, option, value)
+        assert code == 2 and message in err, (option, value, err)  # was: accepted (exit 0)
+        with pytest.raises(ValidationError, match=message):
+            SvdOptions.model_validate({option[2:].replace("-", "_"): float(value)})
+    assert files(lora_file.parent) == {lora_file.name}
+    code, _, err = run_cli("lora", "resize", lora_file, "--sv-ratio", "10000")
+    code2, _, err2 = run_cli("lora", "resize", lora_file, "--sv-fro", "0.00001")
+    assert code == code2 == 0, err + err2
+    assert files(lora_file.parent) == {lora_file.name, "krnk-Lora3x3-sv10000.safetensors",
+                                       "krnk-Lora3x3-fro0.00001.safetensors"}  # no "-sv1e+09"
 
 
 def test_merge_sums_the_sources_exactly(tmp_path: Path, run_cli) -> None:
@@ -132,3 +176,19 @@ def test_lora_commands_start_without_torch(tmp_path: Path) -> None:
     assert result.returncode == 0 and "charfw lora blocks" in result.stdout
     imported = {line.split("|")[-1].strip().split(".")[0] for line in result.stderr.splitlines() if "|" in line}
     assert "torch" not in imported
+
+
+@pytest.mark.parametrize("command", ["info", "blocks"])
+def test_info_and_blocks_do_not_import_torch(lora_file: Path, command: str) -> None:
+    """Reading, checking, block-weighting and writing a LoRA/LoCon file needs numpy only
+    (torch's import alone is about a second of the command's start)."""
+    args = ["info", lora_file] if command == "info" else ["blocks", lora_file, "-w", "ALL0.5"]
+    code = ("import sys; from charfw.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO TORCH')")
+    result = subprocess.run([sys.executable, "-c", code, "lora", *map(str, args)], cwd=lora_file.parent,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("NO TORCH")
+    if command == "blocks":
+        assert read_lora(lora_file.with_name("krnk-Lora3x3-ALL0.5.safetensors")).modules

@@ -6,7 +6,9 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from lora_support import (
     NAMES,
@@ -28,7 +30,14 @@ from safetensors.torch import save as st_save
 from charfw.errors import CharfwError
 from charfw.lora.file import read_lora
 from charfw.lora.names import detect_family
-from charfw.lora.safetensors_io import sshs_hashes, write_safetensors
+from charfw.lora.safetensors_io import (
+    cast,
+    scaled,
+    sshs_hashes,
+    to_numpy,
+    to_torch,
+    write_safetensors,
+)
 
 # name, tensors, the layer's weight shape, the type charfw should report
 MODULES = [
@@ -78,8 +87,8 @@ def test_dora_scale_and_unknown_keys_are_kept_and_reported(tmp_path: Path) -> No
     out = lora.save(tmp_path / "out.safetensors")
     again = read_lora(out.path)
     assert torch.equal(again.modules[NAMES["IN01"]].tensors["dora_scale"], dora["dora_scale"])
-    assert torch.equal(again.unknown["emb_params"], lora.unknown["emb_params"])
-    assert again.unknown[f"{NAMES['OUT11']}.on_input"].dtype == torch.bool
+    assert np.array_equal(again.unknown["emb_params"], lora.unknown["emb_params"])
+    assert again.unknown[f"{NAMES['OUT11']}.on_input"].dtype == np.bool_
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
@@ -176,14 +185,22 @@ def test_a_truncated_file_is_one_clear_error(tmp_path: Path) -> None:
         read_lora(path)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_or_inf_names_the_module_and_tensor(tmp_path: Path, bad: float) -> None:
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_reading_a_file_with_nan_or_inf_names_the_module_and_tensor(tmp_path: Path, bad: float, dtype: str) -> None:
     tensors = lora_linear(8, 6, 2)
     tensors["lora_up.weight"][3, 1] = bad
-    lora = read_lora(save(tmp_path / "n.safetensors", {NAMES["IN01"]: lora_linear(4, 4, 1), NAMES["OUT11"]: tensors}))
+    path = tmp_path / "n.safetensors"
+    write_safetensors(path, {**{f"{NAMES['IN01']}.{k}": v for k, v in lora_linear(4, 4, 1).items()},
+                             **{f"{NAMES['OUT11']}.{k}": v for k, v in tensors.items()}}, dtype=dtype)
     word = "NaN" if bad != bad else "Inf"
-    with pytest.raises(CharfwError, match=f"module {NAMES['OUT11']}: lora_up.weight holds {word} values"):
-        lora.check_finite()
+    with pytest.raises(CharfwError, match=f"n.safetensors: module {NAMES['OUT11']}: lora_up.weight holds {word} values"):
+        read_lora(path)
+    torch.save({k: torch.full((2, 2), bad) if k.endswith("lora_up.weight") else v
+                for k, v in safetensors.torch.load_file(path).items() if k.startswith(NAMES["IN01"])},
+               tmp_path / "n.pt")
+    with pytest.raises(CharfwError, match=f"module {NAMES['IN01']}: lora_up.weight holds {word} values"):
+        read_lora(tmp_path / "n.pt", allow_pickle=True)  # a pickle checkpoint is checked the same way
 
 
 @pytest.mark.parametrize(("tensors", "message"), [
@@ -232,3 +249,20 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
         write_safetensors(tmp_path / "x.safetensors", Boom())
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_numpy_casts_and_scaling_round_as_torch(dtype: torch.dtype) -> None:
+    """Files are scaled and cast without torch; the bits must be torch's, subnormals,
+    signed zeros, overflow and ties included."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(40_000, generator=gen) * 10.0 ** float(e) for e in range(-9, 6)])
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 65504.0, 65520.0, -65520.0, 2.0**-24, 2.0**-25, 3 * 2.0**-25,
+                                    2.0**-14 - 2.0**-25, float("inf"), float("-inf")])])
+    stored = x.to(dtype)
+    for ratio in (0.37, -1.5, 3.0, 1e-3):
+        assert torch.equal(to_torch(scaled(to_numpy(stored), ratio)).view(torch.int16 if dtype != torch.float32 else torch.int32),
+                           (stored.float() * ratio).to(dtype).view(torch.int16 if dtype != torch.float32 else torch.int32))
+    for name, target in (("F16", torch.float16), ("BF16", torch.bfloat16), ("F32", torch.float32)):
+        assert torch.equal(to_torch(cast(to_numpy(stored), name)).float(), stored.to(target).float())
+    assert torch.equal(to_torch(cast(to_numpy(x), "F16")).view(torch.int16), x.half().view(torch.int16))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -103,12 +105,15 @@ def test_ranks_are_kohyas_and_the_qr_route_matches_dense_svd(tmp_path: Path, met
         k = kohya_rank(dense / old.scale, method, param, rank, conv_rank, is_4d)
         got = out.modules[name]
         assert got.rank == k, name
-        assert got.scale == pytest.approx(old.scale)  # alpha = old scale × new rank
         if float(dense.norm()) == 0:
             assert float(got.delta().norm()) == 0
             continue
         assert relative_error(got.delta(), truncated(dense, k)) < 1e-4, name
     assert {m.name: m.new_rank for m in report.modules} == {n: out.modules[n].rank for n in modules}
+    # one alpha for the file (diffusers reads only one for attention modules): kohya's most common
+    kohya_alphas = Counter(round(lora.modules[n].scale * out.modules[n].rank, 5) for n in modules)
+    assert len(out.alphas()) == 1
+    assert next(iter(out.alphas())) == pytest.approx(max(kohya_alphas, key=lambda a: (kohya_alphas[a], a)))
 
 
 def test_kohya_pads_a_fixed_rank_above_the_modules_rank_and_tight_does_not(tmp_path: Path) -> None:
@@ -167,7 +172,8 @@ def test_metadata_says_what_was_done_and_hashes_are_fresh(tmp_path: Path) -> Non
     saved = new.save(tmp_path / "out.safetensors")
     meta = read_lora(saved.path).metadata
     assert meta["ss_training_comment"] == "Dynamic resize with sv_ratio: 16 from 12; trained"
-    assert meta["ss_network_dim"] == meta["ss_network_alpha"] == "Dynamic"
+    assert meta["ss_network_dim"] == "Dynamic" and meta["ss_network_alpha"] == f"{report.modules[0].alpha:g}"
+    assert {m.alpha for m in report.modules} == set(read_lora(saved.path).alphas())
     assert json.loads(meta["ss_network_args"])["conv_dim"] == "Dynamic"
     assert meta["sshs_model_hash"] == data_sha256(saved.path) != lora.metadata.get("sshs_model_hash")
     fixed, _ = resize_lora(lora, RankRule("rank", None, 4, 2))
@@ -178,12 +184,15 @@ def test_metadata_says_what_was_done_and_hashes_are_fresh(tmp_path: Path) -> Non
     assert "| sum(S) retained: " in line and ", fro retained: " in line and ", dynamic | dim: " in line
 
 
-def test_nan_in_a_factor_names_the_module(tmp_path: Path) -> None:
-    bad = lora_conv(6, 4, 2)
-    bad["lora_down.weight"][1, 2, 0, 0] = float("nan")
-    lora = read_lora(save(tmp_path / "in.safetensors", {NAMES["IN01"]: lora_linear(8, 6, 2), NAMES["IN05"]: bad}))
+def test_nan_in_a_computed_factor_names_the_module(tmp_path: Path) -> None:
+    """Files are checked when read; a module computed in memory is checked by the SVD."""
+    lora = read_lora(save(tmp_path / "in.safetensors", {NAMES["IN01"]: lora_linear(8, 6, 2), NAMES["IN05"]: lora_conv(6, 4, 2)}))
+    module = lora.modules[NAMES["IN05"]]
+    down = module.tensors["lora_down.weight"].clone()
+    down[1, 2, 0, 0] = float("nan")
+    bad = replace(module, arrays={**module.arrays, "lora_down.weight": down})
     with pytest.raises(CharfwError, match=f"module {NAMES['IN05']}: lora_down.weight holds NaN"):
-        resize_lora(lora, RankRule("sv_ratio", 16.0), threads=2)
+        resize_lora(lora.with_modules([lora.modules[NAMES["IN01"]], bad]), RankRule("sv_ratio", 16.0), threads=2)
 
 
 # --- merging -------------------------------------------------------------------------------
@@ -206,7 +215,7 @@ def test_merge_is_the_exact_sum_at_full_rank(tmp_path: Path) -> None:
         shape = la.modules[name].shape
         want = 0.7 * reference_delta(a[name], shape) + (-0.4 * reference_delta(b[name], shape) if name in b else 0)
         assert relative_error(out.modules[name].delta(), want) < 1e-5, name
-        assert out.modules[name].alpha == out.modules[name].rank  # scale 1, as svd_merge_lora
+        assert out.modules[name].alpha == Counter(m.rank for m in out.modules.values()).most_common(1)[0][0]
     assert out.metadata["ss_network_dim"] == "10" and "a.safetensors x0.7" in out.metadata["ss_training_comment"]
     assert out.metadata["modelspec.merged_from"] == "a, b" and len(report.modules) == 3
 
