@@ -203,11 +203,16 @@ def parse_control_infotext(value: str) -> dict[str, str]:
 _WEIGHT_FILES = (".safetensors", ".pth", ".ckpt", ".bin")
 
 
-def load_controlnet(name: str, *, cache_dir: Path, unet_config: Mapping[str, Any] | None = None) -> Any:
+def load_controlnet(name: str, *, cache_dir: Path, unet_config: Mapping[str, Any] | None = None,
+                    model_class: str = "ControlNetModel") -> Any:
     """A ``diffusers.ControlNetModel`` from a diffusers folder, a single file (configured
     from the base UNet's ``unet_config``, see :mod:`.controlnet_files`) or a Hugging Face
-    id; a one-line error naming the file or id when it cannot be found or read."""
-    from diffusers import ControlNetModel
+    id; a one-line error naming the file or id when it cannot be found or read.
+    ``model_class`` is the family's ControlNet class (SD 3.5: ``SD3ControlNetModel``, read
+    from diffusers folders and ids only)."""
+    import diffusers
+
+    ControlNetModel = getattr(diffusers, model_class)
 
     path = Path(name).expanduser()
     looks_like_path = path.exists() or name.lower().endswith(_WEIGHT_FILES) or name.startswith((".", "/", "~")) \
@@ -217,6 +222,9 @@ def load_controlnet(name: str, *, cache_dir: Path, unet_config: Mapping[str, Any
                           hint="give a diffusers ControlNet folder, a .safetensors file or a Hugging Face id")
     try:
         if path.is_file():
+            if model_class != "ControlNetModel":
+                raise CharfwError(f"charfw reads {model_class} ControlNets from diffusers folders or Hugging Face ids, "
+                                  "not single files", path=path, hint="give the ControlNet's diffusers folder")
             if unet_config is None:
                 raise CharfwError("a single-file ControlNet needs the base model it is used with", path=path)
             from .controlnet_files import load_single_file
@@ -355,7 +363,9 @@ class Generator:
         """The ControlNet model ``name`` (a diffusers folder, a ``.safetensors`` file or a
         Hugging Face id), loaded once and kept; a one-line error naming it when missing."""
         if name not in self._controlnets:
-            net = load_controlnet(name, cache_dir=self.cache_dir, unet_config=self.pipe.unet.config)
+            unet = getattr(self.pipe, "unet", None)
+            net = load_controlnet(name, cache_dir=self.cache_dir, unet_config=unet.config if unet is not None else None,
+                                  model_class=getattr(self.model.family, "controlnet_class", "ControlNetModel"))
             net.requires_grad_(False)
             self._controlnets[name] = net.eval().to(self.device, self.dtype)
         return self._controlnets[name]
@@ -472,6 +482,8 @@ class Generator:
         hires = first.hires
         if hires is None:
             return images
+        import inspect
+
         from PIL import Image as PILImage
 
         width, height = hires_size(first.width, first.height, hires.scale)
@@ -479,6 +491,9 @@ class Generator:
         pipe, control_args = self._pipeline(batch[0], img2img=True)
         if "image" in control_args:  # txt2img's control argument is img2img's control_image
             control_args["control_image"] = control_args.pop("image")
+            control_args.update(width=width, height=height)
+        elif "height" in inspect.signature(pipe.__call__).parameters:
+            # SD 3.5's img2img resizes to its default size unless told the image's
             control_args.update(width=width, height=height)
         result = pipe(image=large, strength=float(hires.denoise),
                       num_inference_steps=hires.steps or first.steps, generator=generators(),
@@ -506,6 +521,8 @@ class Generator:
                 args = {"image": images, "controlnet_conditioning_scale": [float(c.weight) for c in controls],
                         "control_guidance_start": [float(c.start) for c in controls],
                         "control_guidance_end": [float(c.end) for c in controls]}
+            if model.family.name == "sd35":  # diffusers' SD3 ControlNet pipeline names it so
+                args["control_image"] = args.pop("image")
         else:
             pipe = model.family.pipeline(model, scheduler, img2img=True)
         pipe.set_progress_bar_config(disable=True)

@@ -286,14 +286,12 @@ def make_scheduler(sampler: SamplerSpec | str, base_config: Mapping[str, Any], *
     The base config keeps the model's own values (betas, ``prediction_type``,
     ``timestep_spacing``, ``steps_offset``); its ``use_*_sigmas`` flags are dropped, since
     the sampler name decides the schedule; ``clip_sample`` defaults to ``False`` (SD's); keys
-    the class does not take are left out (diffusers would warn about each). Flow-matching
-    configs (SD3) are refused: these samplers are for noise-prediction models."""
+    the class does not take are left out (diffusers would warn about each). A flow-matching
+    config (SD 3.5) gets :func:`flow_scheduler`'s."""
     spec = sampler if isinstance(sampler, SamplerSpec) else resolve_sampler(sampler, schedule_type)
     base_class = str(base_config.get("_class_name", ""))
     if base_class.startswith("FlowMatch"):
-        raise CharfwError(f"sampler '{spec.display_name}' is for noise-prediction models; this model's "
-                          f"scheduler is {base_class} (flow matching)",
-                          hint="use the model's own scheduler")
+        return flow_scheduler(spec, base_config)
     import inspect
 
     import diffusers
@@ -308,3 +306,41 @@ def make_scheduler(sampler: SamplerSpec | str, base_config: Mapping[str, Any], *
     except ImportError as exc:  # Beta sigmas need scipy
         raise MissingDependency(f"sampler '{spec.display_name}' needs a package that is not installed ({exc})",
                                 hint="install it with: pip install scipy") from None
+
+
+#: samplers of flow-matching models (SD 3.5): A1111's name → diffusers' flow-match class and
+#: values. ``Euler a`` re-noises every step (``stochastic_sampling``: x₀ estimate, then fresh
+#: noise at the next sigma), the flow counterpart of an ancestral sampler.
+FLOW_SAMPLERS: dict[str, tuple[str, tuple[tuple[str, Any], ...]]] = {
+    "Euler": ("FlowMatchEulerDiscreteScheduler", ()),
+    "Euler a": ("FlowMatchEulerDiscreteScheduler", (("stochastic_sampling", True),)),
+    "Heun": ("FlowMatchHeunDiscreteScheduler", ()),
+}
+#: schedules the flow-match Euler scheduler takes (as ``use_*_sigmas``)
+FLOW_SCHEDULES = ("Karras", "Exponential", "Beta")
+
+
+def flow_scheduler(spec: SamplerSpec, base_config: Mapping[str, Any]) -> Any:
+    """A flow-matching model's scheduler for ``spec``: its own config (shift included) in
+    the class :data:`FLOW_SAMPLERS` names; any other sampler or schedule is a one-line error
+    (the noise-prediction samplers do not integrate a flow)."""
+    import diffusers
+
+    entry = FLOW_SAMPLERS.get(spec.sampler_name)
+    schedule = spec.schedule_type
+    if entry is None or (schedule is not None and (schedule not in FLOW_SCHEDULES or spec.sampler_name != "Euler")):
+        raise CharfwError(f"sampler '{spec.display_name}' cannot sample a flow-matching model (SD 3.5)",
+                          hint="use Euler (optionally Karras, Exponential or Beta), Euler a or Heun")
+    cls = getattr(diffusers, entry[0])
+    config = {k: v for k, v in dict(base_config).items() if not k.startswith("_") and k not in _SIGMA_KEYS}
+    config.update(entry[1])
+    config.update((k, v) for k, v in spec.overrides if k in _SIGMA_KEYS)
+    accepted = set(inspect_parameters(cls))
+    return cls.from_config({k: v for k, v in config.items() if k in accepted})
+
+
+def inspect_parameters(cls: type) -> list[str]:
+    """The keyword arguments a scheduler class's ``__init__`` takes."""
+    import inspect
+
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]

@@ -23,7 +23,7 @@ This module imports no torch at import time.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CharfwError
 
@@ -70,6 +70,15 @@ def from_peft(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     return out, paths
 
 
+def _times(t: Any, ratio: float) -> Any:
+    """``t × ratio`` computed in float32, stored in ``t``'s dtype."""
+    if hasattr(t, "float"):  # a torch tensor
+        return (t.float() * ratio).to(t.dtype)
+    from .safetensors_io import scaled
+
+    return scaled(t, ratio)
+
+
 def _split(key: str) -> tuple[str, str | None]:
     for suffix in (*PEFT_SUFFIXES, "alpha"):
         if key.endswith("." + suffix):
@@ -77,16 +86,15 @@ def _split(key: str) -> tuple[str, str | None]:
     return key, None
 
 
-def to_peft(tensors: Mapping[str, torch.Tensor], paths: Mapping[str, str]) -> dict[str, torch.Tensor]:
-    """Kohya-style LoRA tensors → diffusers' peft keys, each module's scale folded into
-    ``lora_B``. A module with no known path, or of another type than LoRA, is an error:
-    the format holds plain LoRA factors only."""
-
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
+def to_peft(tensors: Mapping[str, Any], paths: Mapping[str, str]) -> dict[str, Any]:
+    """Kohya-style LoRA tensors (torch tensors or numpy arrays) → diffusers' peft keys, each
+    module's scale folded into ``lora_B``. A module with no known path, or of another type
+    than LoRA, is an error: the format holds plain LoRA factors only."""
+    by_module: dict[str, dict[str, Any]] = {}
     for key, value in tensors.items():
         name, _, suffix = key.partition(".")
         by_module.setdefault(name, {})[suffix] = value
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}
     for name, parts in by_module.items():
         path = paths.get(name)
         if path is None:
@@ -96,12 +104,13 @@ def to_peft(tensors: Mapping[str, torch.Tensor], paths: Mapping[str, str]) -> di
             raise CharfwError(f"module {name} holds {', '.join(sorted(parts))}; diffusers' LoRA format holds "
                               "lora_A/lora_B factors only (a plain LoRA)")
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        if down.dim() != 2 or up.dim() != 2:
+        if len(down.shape) != 2 or len(up.shape) != 2:
             raise CharfwError(f"module {name} is not a Linear LoRA (shapes {list(up.shape)} / {list(down.shape)})")
         alpha = parts.get("alpha")
-        scale = 1.0 if alpha is None or float(alpha) == 0 else float(alpha) / down.shape[0]
+        alpha_value = None if alpha is None else float(alpha.reshape(-1)[0])
+        scale = 1.0 if not alpha_value else alpha_value / down.shape[0]
         if scale != 1.0:
-            up = (up.float() * scale).to(up.dtype)
+            up = _times(up, scale)
         out[f"{path}.lora_A.weight"] = down
         out[f"{path}.lora_B.weight"] = up
     return out

@@ -197,7 +197,8 @@ class BatchInputs:
         vae = self.model.vae
         with torch.no_grad():
             dist = vae.encode(images.to(self.device, vae.dtype)).latent_dist
-            return (dist.mean * self.model.vae_scaling_factor).float()
+            # SD3's VAE is shifted before it is scaled (shift 0 for SD 1.x and SDXL)
+            return ((dist.mean - self.model.vae_shift_factor) * self.model.vae_scaling_factor).float()
 
     def _text(self, captions: list[str], text_encoders: list[Any] | None) -> TextConditioning:
         ids = self.family.tokenize(self.model, captions, self.max_token_length)

@@ -1,4 +1,5 @@
-"""The trained LoRA as a file: kohya's tensors, kohya's header, kohya's hashes.
+"""The trained LoRA as a file: kohya's tensors (diffusers' peft keys for SD 3.5), kohya's
+header, kohya's hashes.
 
 :func:`training_metadata` writes the ``ss_*`` keys ``train_network.py`` writes (values
 as strings: ``str()`` of numbers and booleans, JSON for nested data, ``"None"`` for
@@ -138,7 +139,6 @@ def training_metadata(job: TrainJob, *, data: TrainingData, model: LoadedModel, 
         "modelspec.implementation_version": f"charfw/{__version__}",
         "modelspec.title": job.name,
         "modelspec.resolution": f"{first[0]}x{first[1]}",
-        "modelspec.encoder_layer": job.clip_skip,
     })
     if model.family.uses_clip_skip:
         meta["modelspec.encoder_layer"] = job.clip_skip
@@ -157,7 +157,9 @@ def save_lora(path: Path, network: Network, *, precision: str, metadata: dict[st
               "ss_training_finished_at": str(clock()),
               "modelspec.date": datetime.fromtimestamp(clock()).astimezone().isoformat(timespec="seconds")}
     dtype = {"fp16": "fp16", "bf16": "bf16", "float": "fp32"}[precision]
-    return write_safetensors(path, network.kohya_state_dict(), header, dtype=dtype)
+    if network.file_keys:  # diffusers' peft format (SD 3.5): its loaders expect this key
+        header.setdefault("format", "pt")
+    return write_safetensors(path, network.file_state_dict(), header, dtype=dtype)
 
 
 def intermediate_name(name: str, *, step: int | None = None, epoch: int | None = None) -> str:

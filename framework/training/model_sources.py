@@ -40,10 +40,13 @@ BUILTIN_TRAIN_DEFAULTS: dict[str, dict[str, object]] = {
                   "gradient_checkpointing": False},
     # SD 3.5 trains plain LoRA only (its MMDiT has no convolutions), at alpha = dim as diffusers
     "tiny-sd35": {"network": "lora", "dim": 4, "alpha": "A100p", "optimizer": "AdamW", "max_train_steps": 24,
-                  "resolution": 64, "gradient_checkpointing": False, "sample_sampler": "euler"},
+                  "resolution": 64, "gradient_checkpointing": False},
     "tiny-sdxl": {"dim": 8, "optimizer": "AdamW", "max_train_steps": 24, "resolution": 128,
                   "gradient_checkpointing": False},
 }
+#: training defaults of a model family, for options left unset: SD 3.5's MMDiT has no
+#: convolutions for the method's lora3x3, so it trains plain LoRA (diffusers' format)
+FAMILY_TRAIN_DEFAULTS: dict[str, dict[str, object]] = {"sd35": {"network": "lora"}}
 
 SourceKind = Literal["builtin", "diffusers", "single_file", "hub"]
 

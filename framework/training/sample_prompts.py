@@ -160,6 +160,13 @@ def generate_samples(model: LoadedModel, prompts: list[SamplePrompt], *, out_dir
     from ..generation.infotext import save_png
     from ..generation.pipeline import Generator, ImageRequest
 
+    if str(model.scheduler_config.get("_class_name", "")).startswith("FlowMatch"):
+        from ..generation.samplers import FLOW_SAMPLERS, resolve_sampler
+
+        # a flow-matching model (SD 3.5) samples with Euler unless a prompt names a flow
+        # sampler, as kohya's SD3 sampling (one sampler, whatever --sample_sampler says)
+        if resolve_sampler(default_sampler).sampler_name not in FLOW_SAMPLERS:
+            default_sampler = "Euler"
     requests = [ImageRequest(prompt=p.prompt, negative=p.negative, seed=default_seed if p.seed is None else p.seed,
                              width=p.width, height=p.height, steps=p.steps, cfg_scale=p.scale,
                              sampler=p.sampler or default_sampler, clip_skip=clip_skip) for p in prompts]

@@ -18,7 +18,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from charfw.training.model_sources import BUILTIN_PREFIX, BUILTIN_TRAIN_DEFAULTS
+from charfw.training.model_sources import (
+    BUILTIN_PREFIX,
+    BUILTIN_TRAIN_DEFAULTS,
+    FAMILY_TRAIN_DEFAULTS,
+)
 from charfw.training.networks import network_type
 
 from ..build.items import safe_file_stem
@@ -118,6 +122,16 @@ class TrainSettings(BaseModel):
     prior_loss_weight: float = Field(1.0, ge=0, description="loss weight of regularisation images (is_reg)")
     min_timestep: int = Field(0, ge=0, le=999, description="lowest training timestep")
     max_timestep: int = Field(1000, ge=1, le=1000, description="highest training timestep (exclusive)")
+    # SD 3.5 (flow matching), diffusers' train_dreambooth_lora_sd3.py options
+    weighting_scheme: Literal["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"] = Field(
+        "logit_normal", description="SD 3.5: timestep sampling and loss weighting (diffusers' SD3 trainer)")
+    logit_mean: float = Field(0.0, description="SD 3.5, logit_normal: mean of the normal drawn through a sigmoid")
+    logit_std: float = Field(1.0, gt=0, description="SD 3.5, logit_normal: its standard deviation")
+    mode_scale: float = Field(1.29, description="SD 3.5, mode: how much the timesteps gather at the middle")
+    precondition_outputs: bool = Field(True, description="SD 3.5: compare the prediction as x0 (pred * -sigma + "
+                                       "noisy) with the latents, as diffusers; off: the flow noise - latents")
+    t5: bool = Field(False, description="SD 3.5: load T5-XXL and condition on it (much memory; off: zeros)")
+    t5_max_length: int = Field(77, ge=1, le=512, description="SD 3.5: T5 tokens per caption")
 
     # --- precision, memory and speed ---------------------------------------------------
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("fp16", description="autocast on a GPU; a CPU trains "
@@ -248,13 +262,14 @@ class TrainSettings(BaseModel):
         label = network_type(self.network).label + alpha_label(self.alpha, self.dim)
         return ascii_file_name(f"{keyword}-{label}-{OPTIMIZER_LABELS[self.optimizer]}-{self.dim}-{lr_text}-{length}")
 
-    def for_model(self, base_model: str | None) -> TrainSettings:
-        """These settings with a built-in model's defaults for the options not set
-        explicitly (see ``BUILTIN_TRAIN_DEFAULTS``); unchanged for any other model."""
+    def for_model(self, base_model: str | None, family: str | None = None) -> TrainSettings:
+        """These settings with the model family's defaults and a built-in model's (which win)
+        for the options not set explicitly (see ``FAMILY_TRAIN_DEFAULTS``,
+        ``BUILTIN_TRAIN_DEFAULTS``); unchanged for any other model."""
 
-        if not base_model or not base_model.startswith(BUILTIN_PREFIX):
-            return self
-        defaults = BUILTIN_TRAIN_DEFAULTS.get(base_model[len(BUILTIN_PREFIX):], {})
+        defaults = dict(FAMILY_TRAIN_DEFAULTS.get(family or "", {}))
+        if base_model and base_model.startswith(BUILTIN_PREFIX):
+            defaults.update(BUILTIN_TRAIN_DEFAULTS.get(base_model[len(BUILTIN_PREFIX):], {}))
         unset = {k: v for k, v in defaults.items() if k not in self.model_fields_set}
         if not unset:
             return self
@@ -318,6 +333,9 @@ class TrainJob:
     log: Any = None
     #: a label for progress bars ("krnk/face train")
     label: str = "train"
+    #: where the dataset's color_aug / random_crop are set (a build: its manifest's
+    #: dataset stage), for the hint that says how to cache latents
+    dataset_options_at: str = "in the dataset config"
     #: progress bars: a function (total, what) -> context manager yielding a bar with
     #: ``advance()`` and ``update(postfix=...)`` (default: the console's)
     progress: Any = None

@@ -151,7 +151,8 @@ def _train(ctx: Any) -> Any:
     if not chain:
         return None
     options = chain[0][1]
-    settings = options.for_model(ctx.part.model.base) if hasattr(options, "for_model") else options
+    settings = options.for_model(ctx.part.model.base, family=ctx.part.model.family) \
+        if hasattr(options, "for_model") else options
     length_set = {"max_train_steps", "max_train_epochs"} & options.model_fields_set
     cache = getattr(settings, "cache_latents", None)
     return TrainInfo(steps=getattr(settings, "max_train_steps", None), epochs=getattr(settings, "max_train_epochs", None),

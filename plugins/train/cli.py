@@ -107,6 +107,7 @@ def register_commands(cli):
         found = detect_family(source, declared=family).require_trained(
             path=source.path if source.kind in ("single_file", "diffusers") else None)
         console.info(f"model family {found.describe()}")
+        settings = settings.for_model(base_model, family=found.name)  # the family's defaults (SD 3.5: lora)
         hashes = HashCache(cache / "hash-cache.json")
         identities = [source_identity(source, hashes.sha256)]
         if vae:
@@ -155,11 +156,7 @@ def register_commands(cli):
             family.t5 = True  # type: ignore[attr-defined]  # the whole model, T5 included
         model = family.load(resolved, None, cache_dir=cache)
         dtype = torch.float16 if precision == "fp16" else torch.float32
-        if dest.suffix.lower() == ".safetensors" and family.name == "sd35":
-            from charfw.training.single_file_sd3 import save_checkpoint as save_sd3
-
-            save_sd3(dest, model.unet, model.vae, model.text_encoders, dtype=dtype)
-        elif dest.suffix.lower() == ".safetensors":  # SD 1.x: LDM layout; SDXL: SGM (open_clip TE2)
+        if dest.suffix.lower() == ".safetensors":  # SD 1.x: LDM layout; SDXL: SGM (open_clip TE2); SD3: MMDiT
             family.save_single_file(model, dest, dtype=dtype)
         else:
             from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler

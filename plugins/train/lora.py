@@ -99,7 +99,7 @@ class LoraTrainer(Trainer):
 
         model = ctx.part.model
         paths = self._paths(options, ctx)
-        settings = options.for_model(model.base).model_copy(update={
+        settings = options.for_model(model.base, family=model.family).model_copy(update={
             **{k: str(v) for k, v in paths.items()},
             "bad_images": "stop" if ctx.strict else options.bad_images,
         })
@@ -128,6 +128,7 @@ class LoraTrainer(Trainer):
             report_problem=problem,
             log=ctx.log,
             label=f"{ctx.part.label} train",
+            dataset_options_at="in the manifest's dataset stage, e.g. dataset: {plugin: kohya-toml, color_aug: false}",
             progress=lambda total, what: ctx.progress(total, what, unit="it"),
             extra_metadata={"ss_charfw_part": ctx.part.label},
         )

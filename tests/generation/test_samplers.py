@@ -208,6 +208,14 @@ def test_the_base_config_schedule_flags_do_not_leak(sd15_config: dict[str, Any])
     assert plain.config.prediction_type == "v_prediction"  # the model's values stay
 
 
-def test_flow_matching_configs_are_refused() -> None:
-    with pytest.raises(CharfwError, match="FlowMatchEulerDiscreteScheduler"):
-        make_scheduler("Euler", {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0})
+def test_flow_matching_configs_get_flow_samplers() -> None:
+    config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0, "num_train_timesteps": 1000}
+    euler = make_scheduler("Euler", config)
+    assert type(euler).__name__ == "FlowMatchEulerDiscreteScheduler" and euler.config.shift == 3.0
+    assert not euler.config.stochastic_sampling
+    assert make_scheduler("Euler a", config).config.stochastic_sampling
+    assert make_scheduler("Euler Karras", config).config.use_karras_sigmas
+    assert type(make_scheduler("Heun", config)).__name__ == "FlowMatchHeunDiscreteScheduler"
+    for name in ("DPM++ 2M", "DDIM", "Heun Karras"):
+        with pytest.raises(CharfwError, match="flow-matching"):
+            make_scheduler(name, config)

@@ -57,6 +57,11 @@ class LoadedModel:
     def vae_scaling_factor(self) -> float:
         return float(self.vae.config.scaling_factor)
 
+    @property
+    def vae_shift_factor(self) -> float:
+        """SD3's VAE latents are ``(z - shift) * scale``; 0 for VAEs without a shift."""
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
 
 class TextConditioning(Mapping[str, "torch.Tensor"]):
     """The denoiser's text conditioning: named tensors, batch first (SD 1.x:
@@ -174,6 +179,11 @@ class ModelFamily(ABC):
                     text_encoders: list[Any] | None = None) -> TextConditioning:
         """The denoiser's text conditioning for token ids (runs the text encoder(s), through
         ``text_encoders`` when given: the training's wrapped copies)."""
+
+    def configure(self, settings: TrainSettings) -> None:
+        """Take the run's settings before loading (SD 3.5: whether T5 is loaded); a network
+        the family cannot train is a one-line :class:`CharfwError` here. Nothing by default."""
+        return None
 
     def sample_inputs(self, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
         """Per-sample inputs of the denoiser besides the text (SDXL's size and crop ids),

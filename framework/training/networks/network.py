@@ -37,13 +37,16 @@ class Network(nn.Module):
     """Adapters by kohya name, with the type and configuration they were made from."""
 
     def __init__(self, network_type: NetworkType, config: NetworkConfig, adapters: Mapping[str, NetworkModule],
-                 roots: Mapping[str, str]) -> None:
+                 roots: Mapping[str, str], file_keys: Mapping[str, str] | None = None) -> None:
         super().__init__()
         self.network_type = network_type
         self.config = config
         self.adapters = nn.ModuleDict(dict(adapters))
         #: adapter name -> "unet" / "text_encoder"
         self.roots = dict(roots)
+        #: adapter name -> dotted module path, when the family's files are in diffusers'
+        #: peft format (SD 3.5); empty: kohya files
+        self.file_keys = dict(file_keys or {})
 
     @classmethod
     def create(cls, network_type: NetworkType, config: NetworkConfig, targets: list[Target], *,
@@ -55,7 +58,8 @@ class Network(nn.Module):
             dim, alpha = (ranks or {}).get(t.name) or config.rank_for(t.is_conv3x3)
             adapters[t.name] = network_type.make_module(t.name, t.layer, dim, alpha, config)
             roots[t.name] = t.root
-        return cls(network_type, config, adapters, roots)
+        file_keys = {t.name: t.file_key for t in targets if t.file_key}
+        return cls(network_type, config, adapters, roots, file_keys)
 
     # --- attaching -----------------------------------------------------------------------
 
@@ -97,6 +101,16 @@ class Network(nn.Module):
                     value = value.to(dtype)
                 out[f"{name}.{key}"] = value.contiguous().cpu()
         return out
+
+    def file_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of the file this network is saved as: kohya's keys, or diffusers'
+        peft keys (scale folded into ``lora_B``) for a family whose files use them."""
+        state = self.kohya_state_dict(dtype)
+        if not self.file_keys:
+            return state
+        from ...lora.peft_format import to_peft
+
+        return to_peft(state, self.file_keys)
 
     def load_kohya_state_dict(self, state: Mapping[str, torch.Tensor], *, source: str = "the file") -> LoadReport:
         """Load a kohya file's tensors (of this network's kind) into the adapters.
@@ -141,6 +155,20 @@ class Network(nn.Module):
     def delta_weights(self) -> dict[str, torch.Tensor]:
         """Dense weight changes by module name (multiplier 1)."""
         return {name: m.delta_weight() for name, m in self.adapters.items()}  # type: ignore[operator]
+
+
+def kohya_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors under kohya's keys: a diffusers/peft-format file (SD 3.5) is
+    renamed and given alpha = rank per module (its scale is 1, folded into ``lora_B``)."""
+    from ...lora.peft_format import from_peft, is_peft
+
+    if not is_peft(state):
+        return dict(state)
+    renamed, paths = from_peft(state)
+    for name in paths:
+        if f"{name}.alpha" not in renamed and f"{name}.lora_down.weight" in renamed:
+            renamed[f"{name}.alpha"] = torch.tensor(float(renamed[f"{name}.lora_down.weight"].shape[0]))
+    return renamed
 
 
 def ranks_from_state(state: Mapping[str, torch.Tensor], network_type: NetworkType) -> dict[str, tuple[int, float | None]]:

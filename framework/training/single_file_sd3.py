@@ -1,0 +1,270 @@
+"""Single-file SD3 / SD 3.5 checkpoints (the layout Stability ships and ComfyUI loads).
+
+One ``.safetensors`` holds everything under these prefixes:
+
+=====================================  ==============================================
+``model.diffusion_model.``             the MMDiT in its native names (``joint_blocks.N.x_block.attn.qkv``,
+                                       ``…context_block.mlp.fc1``, ``x_embedder``, ``t_embedder``,
+                                       ``y_embedder``, ``final_layer``…)
+``first_stage_model.``                 the VAE (LDM names, as SD 1.x)
+``text_encoders.clip_l.transformer.``  CLIP-L (``text_model.*``; no projection: the identity)
+``text_encoders.clip_g.transformer.``  CLIP-G (``text_model.*``, ``text_projection.weight``)
+``text_encoders.t5xxl.transformer.``   T5-XXL (``shared.weight``, ``encoder.*``), optional
+=====================================  ==============================================
+
+Reading: the transformer and the VAE go through diffusers' own converters
+(``from_single_file`` with the configs charfw ships in ``model_configs/``: no download);
+the text encoders are prefix strips. The config is chosen from the tensors
+(:func:`detect_config`): joint-block count, context width, which blocks have ``attn2``,
+the position table's size. Writing (:func:`save_checkpoint`) is the exact inverse of
+diffusers' ``convert_sd3_transformer_checkpoint_to_diffusers`` (q/k/v fused back into
+``qkv``, the last block's and the final layer's adaLN halves swapped back to SD3's
+shift-scale order), so the tiny model exported with ``charfw export-model`` loads back
+through the path a user's checkpoint takes, to identical outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CharfwError
+from .single_file import VAE_PREFIX, read_state_dict, tensor_shapes, vae_to_ldm, write_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+MMDIT_PREFIX = "model.diffusion_model."
+CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
+CLIP_G_PREFIX = "text_encoders.clip_g.transformer."
+T5_PREFIX = "text_encoders.t5xxl.transformer."
+
+#: one joint block: diffusers module → native module (q/k/v are handled apart: fused qkv)
+_BLOCK = {
+    "attn.to_out.0": "x_block.attn.proj",
+    "attn.to_add_out": "context_block.attn.proj",
+    "attn.norm_q": "x_block.attn.ln_q",
+    "attn.norm_k": "x_block.attn.ln_k",
+    "attn.norm_added_q": "context_block.attn.ln_q",
+    "attn.norm_added_k": "context_block.attn.ln_k",
+    "attn2.to_out.0": "x_block.attn2.proj",
+    "attn2.norm_q": "x_block.attn2.ln_q",
+    "attn2.norm_k": "x_block.attn2.ln_k",
+    "norm1.linear": "x_block.adaLN_modulation.1",
+    "norm1_context.linear": "context_block.adaLN_modulation.1",
+    "ff.net.0.proj": "x_block.mlp.fc1",
+    "ff.net.2": "x_block.mlp.fc2",
+    "ff_context.net.0.proj": "context_block.mlp.fc1",
+    "ff_context.net.2": "context_block.mlp.fc2",
+}
+#: fused projections: native module → its three diffusers parts, in row order
+_QKV = {
+    "x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"),
+}
+#: outside the blocks
+_TOP = {
+    "pos_embed.proj": "x_embedder.proj",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "context_embedder": "context_embedder",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    """diffusers' AdaLayerNormContinuous is (scale, shift), SD3's (shift, scale): the same
+    swap both ways."""
+    import torch
+
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def transformer_to_native(state: Mapping[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """A diffusers ``SD3Transformer2DModel`` state dict → SD3's native names (no prefix)."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+
+    def take(key: str) -> torch.Tensor:
+        used.add(key)
+        return state[key]
+
+    out["pos_embed"] = take("pos_embed.pos_embed")
+    for diffusers, native in _TOP.items():
+        for leaf in ("weight", "bias"):
+            key = f"{diffusers}.{leaf}"
+            if key in state:
+                value = take(key)
+                out[f"{native}.{leaf}"] = _swap_halves(value) if diffusers == "norm_out.linear" else value
+    for i in range(num_layers):
+        block = f"transformer_blocks.{i}."
+        last = i == num_layers - 1
+        for native, parts in _QKV.items():
+            for leaf in ("weight", "bias"):
+                keys = [f"{block}{p}.{leaf}" for p in parts]
+                if all(k in state for k in keys):
+                    out[f"joint_blocks.{i}.{native}.{leaf}"] = torch.cat([take(k) for k in keys], dim=0)
+        for diffusers, native in _BLOCK.items():
+            for leaf in ("weight", "bias"):
+                key = f"{block}{diffusers}.{leaf}"
+                if key in state:
+                    value = take(key)
+                    if last and diffusers == "norm1_context.linear":
+                        value = _swap_halves(value)
+                    out[f"joint_blocks.{i}.{native}.{leaf}"] = value
+    missing = sorted(set(state) - used)
+    if missing:
+        raise CharfwError(f"cannot write an SD3 checkpoint: no native name for {missing[0]} ({len(missing)} tensors)")
+    return out
+
+
+def to_checkpoint(transformer: Any, vae: Any, text_encoders: list[Any]) -> dict[str, torch.Tensor]:
+    """The parts of a loaded SD3 model as one native state dict (T5 when given as the third
+    text encoder)."""
+    import torch
+
+    out = {MMDIT_PREFIX + k: v for k, v in
+           transformer_to_native(transformer.state_dict(), int(transformer.config.num_layers)).items()}
+    out.update(vae_to_ldm(vae.state_dict(), vae.config))
+    clip_l, clip_g = text_encoders[0], text_encoders[1]
+    for key, value in clip_l.state_dict().items():
+        if key == "text_projection.weight":
+            if not torch.equal(value, torch.eye(value.shape[0], dtype=value.dtype, device=value.device)):
+                raise CharfwError("CLIP-L's projection is not the identity, which SD3 checkpoints cannot hold")
+            continue  # SD3 files hold none (diffusers reads the identity)
+        out[CLIP_L_PREFIX + key] = value
+    for key, value in clip_g.state_dict().items():
+        out[CLIP_G_PREFIX + key] = value
+    if len(text_encoders) > 2 and text_encoders[2] is not None:
+        for key, value in text_encoders[2].state_dict().items():
+            if key != "encoder.embed_tokens.weight":  # tied to shared.weight
+                out[T5_PREFIX + key] = value
+    return out
+
+
+def save_checkpoint(dest: str | Path, transformer: Any, vae: Any, text_encoders: list[Any], *,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write a loaded SD3 model as one native-layout ``.safetensors`` file."""
+    return write_checkpoint(dest, to_checkpoint(transformer, vae, text_encoders), dtype=dtype)
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+def shipped_configs() -> dict[str, Path]:
+    """SD3-family config folders shipped with charfw, by name (``sd35-medium``, ``sd35-large``,
+    ``tiny-sd35``)."""
+    root = Path(__file__).parent / "model_configs"
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "transformer" / "config.json").is_file()}
+
+
+def _signature(num_layers: int, caption_dim: int, dual: tuple[int, ...], positions: int) -> tuple[Any, ...]:
+    return (num_layers, caption_dim, dual, positions)
+
+
+def detect_config(shapes: Mapping[str, list[int]], *, path: Path) -> Path:
+    """The shipped config folder that fits an SD3 checkpoint's tensors; a one-line error
+    naming what was found when none does."""
+    import re
+
+    joint = re.compile(r"^model\.diffusion_model\.joint_blocks\.(\d+)\.")
+    blocks = {int(m[1]) for k in shapes if (m := joint.match(k))}
+    if not blocks:
+        raise CharfwError("not an SD3 checkpoint (no model.diffusion_model.joint_blocks.* weights)", path=path)
+    depth = max(blocks) + 1
+    dual = tuple(sorted({int(m[1]) for k in shapes if (m := joint.match(k)) and ".attn2." in k}))
+    caption = shapes.get(MMDIT_PREFIX + "context_embedder.weight", [0])[0]
+    positions = shapes.get(MMDIT_PREFIX + "pos_embed", [0, 0])[1]
+    found = _signature(depth, caption, dual, positions)
+    for config_dir in shipped_configs().values():
+        c = json.loads((config_dir / "transformer" / "config.json").read_text("utf-8"))
+        heads, head_dim = c["num_attention_heads"], c["attention_head_dim"]
+        if _signature(c["num_layers"], c.get("caption_projection_dim") or heads * head_dim,
+                      tuple(c.get("dual_attention_layers") or ()), c["pos_embed_max_size"] ** 2) == found:
+            return config_dir
+    raise CharfwError(f"unknown SD3 layout ({depth} joint blocks, width {caption}, attn2 in {len(dual)} blocks, "
+                      f"{positions} positions); charfw knows SD 3.5 Medium and Large", path=path)
+
+
+def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.endswith("position_ids")}
+
+
+def load_clip(state: Mapping[str, torch.Tensor], prefix: str, config_dir: Path, subfolder: str, *, path: Path) -> Any:
+    """A ``CLIPTextModelWithProjection`` from its prefix (CLIP-L without a projection gets
+    the identity, as diffusers reads SD3 files)."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(config_dir / subfolder)))
+    weights = _strip(state, prefix)
+    if "text_projection.weight" not in weights:
+        weights["text_projection.weight"] = torch.eye(model.config.hidden_size)
+    missing = sorted(set(model.state_dict()) - set(weights))
+    if missing:
+        raise CharfwError(f"the {subfolder} text encoder is incomplete ({len(missing)} tensors missing, "
+                          f"e.g. {prefix}{missing[0]})", path=path)
+    model.load_state_dict(weights, strict=False)
+    return model
+
+
+def load_t5(state: Mapping[str, torch.Tensor], config_dir: Path, *, path: Path) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    weights = _strip(state, T5_PREFIX)
+    if "shared.weight" not in weights:
+        raise CharfwError("this checkpoint holds no T5 text encoder (text_encoders.t5xxl.*)", path=path,
+                          hint="train without t5, or use a checkpoint or diffusers folder that has it")
+    model = T5EncoderModel(T5Config.from_pretrained(str(config_dir / "text_encoder_3")))
+    weights.setdefault("encoder.embed_tokens.weight", weights["shared.weight"])
+    missing = sorted(set(model.state_dict()) - set(weights))
+    if missing:
+        raise CharfwError(f"the T5 text encoder is incomplete ({len(missing)} tensors missing)", path=path)
+    model.load_state_dict(weights, strict=False)
+    return model
+
+
+def load_checkpoint(path: Path, *, t5: bool) -> tuple[Path, dict[str, Any]]:
+    """The parts of an SD3 single file: (the shipped config folder used, parts by diffusers
+    component name: transformer, vae, text_encoder, text_encoder_2[, text_encoder_3])."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from .single_file import load_vae
+
+    shapes = tensor_shapes(path) if path.suffix.lower() == ".safetensors" else None
+    state = read_state_dict(path)
+    if shapes is None:
+        shapes = {k: list(v.shape) for k, v in state.items()}
+    config_dir = detect_config(shapes, path=path)
+    mmdit = {k: v for k, v in state.items() if k.startswith(MMDIT_PREFIX)}
+    try:
+        transformer = SD3Transformer2DModel.from_single_file(mmdit, config=str(config_dir), subfolder="transformer",
+                                                             local_files_only=True)
+    except Exception as exc:
+        raise CharfwError(f"cannot load the SD3 transformer ({type(exc).__name__}: {str(exc)[:200]})",
+                          path=path) from None
+    del mmdit
+    with torch.no_grad():  # the converter's q/k/v are views into the fused qkv: give each its own,
+        for param in transformer.parameters():  # aligned memory, so the kernels (and results) are the folder's
+            param.data = param.data.clone()
+    if not any(k.startswith(VAE_PREFIX) for k in state):
+        raise CharfwError("this checkpoint holds no VAE (first_stage_model.*)", path=path)
+    parts: dict[str, Any] = {
+        "transformer": transformer,
+        "vae": load_vae(path, config_dir, state={k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}),
+        "text_encoder": load_clip(state, CLIP_L_PREFIX, config_dir, "text_encoder", path=path),
+        "text_encoder_2": load_clip(state, CLIP_G_PREFIX, config_dir, "text_encoder_2", path=path),
+    }
+    if t5:
+        parts["text_encoder_3"] = load_t5(state, config_dir, path=path)
+    return config_dir, parts

@@ -1,0 +1,390 @@
+"""SD 3.5 on the tiny model (``charfw:tiny-sd35``, SD 3.5 Medium's topology): train, save,
+load in diffusers, resume after a kill, single-file checkpoints, bad networks.
+
+The proofs of issue 11 for SD 3.5: a few steps lower the flow-matching loss on a fixed
+batch; the file's keys are exactly diffusers' peft names of the layers a test enumerates
+itself from the module tree; ``StableDiffusion3Pipeline.load_lora_weights`` on the file
+changes the transformer's and the CLIP encoders' outputs exactly as W + B·A predicts; a
+run killed with SIGKILL and resumed ends at the uninterrupted run's weights; an exported
+single-file checkpoint in SD3's own layout gives the diffusers folder's outputs bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from train_support import one_torch_thread, write_dataset  # noqa: F401 (fixture)
+
+STEPS = 4
+PROMPT = "krnk, white background, tag1"
+
+
+def _cli_args(tiny: Path, dataset: Path, out: Path, cache: Path) -> list[str]:
+    return ["train", str(dataset), "--base-model", str(tiny), "--network", "lora", "--dim", "4", "--alpha", "2",
+            "--optimizer", "AdamW", "--learning-rate", "1e-2", "--max-train-steps", str(STEPS),
+            "--save-every-n-steps", "2", "--save-state", "--save-precision", "float", "--output-dir", str(out),
+            "--cache-dir", str(cache), "--log-with", "none", "--no-gradient-checkpointing"]
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_sd35: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One uninterrupted run through ``charfw train`` (CLIP encoders trained too)."""
+    from charfw.cli import main
+
+    root = tmp_path_factory.mktemp("sd35")
+    dataset = write_dataset(root / "data", count=4)
+    prompts = root / "prompts.txt"
+    prompts.write_text("krnk, white background --n lowres --w 64 --h 64 --d 5 --s 2 --l 4\n", "utf-8")
+    args = [*_cli_args(tiny_sd35, dataset, root / "straight", root / "cache"), "--sample-prompts", str(prompts),
+            "--sample-every-n-steps", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert not exit_info.value.code
+    (lora,) = (root / "straight").glob(f"krnk-*-{STEPS}.safetensors")
+    return {"root": root, "dataset": dataset, "lora": lora}
+
+
+def _pipeline(tiny: Path) -> Any:
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _outputs(pipe: Any) -> dict[str, torch.Tensor]:
+    """CLIP states and one transformer prediction, computed as diffusers does."""
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn((1, 16, 8, 8), generator=generator)
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, PROMPT, do_classifier_free_guidance=False,
+                                                  max_sequence_length=77)
+        prediction = pipe.transformer(hidden_states=latents, timestep=torch.tensor([500.0]),
+                                      encoder_hidden_states=embeds, pooled_projections=pooled).sample
+    return {"embeds": embeds, "pooled": pooled, "prediction": prediction}
+
+
+def _expected_keys(pipe: Any) -> set[str]:
+    """diffusers' peft keys of the layers charfw trains, enumerated here independently:
+    every Linear in a joint block's attention (attn, attn2) and feed-forwards (ff,
+    ff_context), and the CLIP encoders' q/k/v/out projections (diffusers' SD3 trainer's
+    text-encoder targets)."""
+    keys = set()
+    parts = {"transformer": (pipe.transformer, r"^transformer_blocks\.\d+\.(attn|attn2|ff|ff_context)\."),
+             "text_encoder": (pipe.text_encoder, r"\.self_attn\.(q|k|v|out)_proj$"),
+             "text_encoder_2": (pipe.text_encoder_2, r"\.self_attn\.(q|k|v|out)_proj$")}
+    for part, (model, pattern) in parts.items():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and re.search(pattern, name):
+                keys |= {f"{part}.{name}.lora_A.weight", f"{part}.{name}.lora_B.weight"}
+    return keys
+
+
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(tiny_sd35: Path, tmp_path: Path) -> None:
+    """The family's conditioning, flow-matching objective and LoRA network, stepped on one
+    batch with the same noise and timesteps each step."""
+    from charfw.training import TrainSettings
+    from charfw.training.families import get_family
+    from charfw.training.model_sources import resolve_source
+    from charfw.training.networks import create_network, network_type
+
+    family = get_family("sd35")
+    settings = TrainSettings(network="lora", dim=4, optimizer="AdamW")
+    family.configure(settings)
+    model = family.load(resolve_source(str(tiny_sd35), cache_dir=tmp_path), None, cache_dir=tmp_path)
+    for part in (model.unet, *model.text_encoders):
+        part.requires_grad_(False)
+    kind = network_type("lora")
+    network = create_network(kind, kind.config(dim=4, alpha=4), family.network_roots(model))
+    network.apply()
+    optimizer = torch.optim.AdamW(network.parameters(), lr=1e-2)
+    objective = family.objective(model, settings, torch.device("cpu"))
+    latents = torch.randn((2, 16, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        conditioning = family.encode_text(model, family.tokenize(model, [PROMPT, "krnk"], None), clip_skip=1)
+    losses = []
+    for _ in range(4):
+        noised = objective.noise(latents, torch.Generator().manual_seed(1))
+        prediction = family.predict(model.unet, noised.noisy, noised.timesteps, conditioning, {})
+        loss = objective.loss(prediction, noised, torch.ones(2))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    network.remove()
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+def test_file_keys_are_diffusers_names_and_metadata_the_settings(trained: dict[str, Any], tiny_sd35: Path) -> None:
+    from safetensors import safe_open
+
+    pipe = _pipeline(tiny_sd35)
+    with safe_open(str(trained["lora"]), "pt") as fh:
+        keys = set(fh.keys())
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in keys}
+    assert keys == _expected_keys(pipe)
+    assert any(k.startswith("transformer.transformer_blocks.0.attn2.") for k in keys)  # 3.5 Medium's dual attention
+    assert not any(".to_add_out." in k and k.startswith("transformer.transformer_blocks.23.") for k in keys)
+    assert tensors["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].shape == (4, 32)
+    assert tensors["transformer.transformer_blocks.0.ff.net.0.proj.lora_B.weight"].shape == (128, 4)
+    assert meta["format"] == "pt"
+    assert meta["ss_base_model_version"] == "sd3_5_medium"
+    assert meta["modelspec.architecture"] == "stable-diffusion-3-5-medium/lora"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_weighting_scheme"] == "logit_normal" and meta["ss_logit_std"] == "1.0"
+    assert meta["ss_use_t5xxl"] == "False" and meta["ss_flow_shift"] == "3.0"
+    assert meta["ss_steps"] == str(STEPS)
+    assert json.loads(meta["ss_dataset_dirs"]) == {"krnk girl_flip_face": {"n_repeats": 2, "img_count": 4}}
+
+
+def test_training_samples_use_the_flow_sampler(trained: dict[str, Any]) -> None:
+    from charfw.generation.infotext import parse_infotext, read_png_infotext
+
+    samples = sorted((trained["root"] / "straight" / "sample").glob("*.png"))
+    assert [p.name.split("_")[-3] for p in samples] == ["000002", f"{STEPS:06d}"]
+    params = parse_infotext(read_png_infotext(samples[-1]) or "")
+    assert params.sampler == "Euler" and params.steps == 2 and params.negative == "lowres"  # kohya's ddim default
+
+
+def test_diffusers_loads_it_and_the_outputs_change_as_delta_w_predicts(trained: dict[str, Any],
+                                                                        tiny_sd35: Path) -> None:
+    import copy
+
+    base = _pipeline(tiny_sd35)
+    before = _outputs(base)
+    # the prediction: W + B·A (alpha is folded into B: the format has no alpha), by hand
+    tensors = _tensors(trained["lora"])
+    expected = copy.deepcopy(base)
+    roots = {"transformer": expected.transformer, "text_encoder": expected.text_encoder,
+             "text_encoder_2": expected.text_encoder_2}
+    with torch.no_grad():
+        for key, down in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                part, _, path = key.removesuffix(".lora_A.weight").partition(".")
+                layer = roots[part].get_submodule(path)
+                layer.weight += tensors[key.replace("lora_A", "lora_B")] @ down
+    predicted = _outputs(expected)
+    loaded = base
+    loaded.load_lora_weights(str(trained["lora"]))
+    after = _outputs(loaded)
+    for name in ("embeds", "pooled", "prediction"):
+        assert (predicted[name] - before[name]).abs().max() > 1e-4, name  # the LoRA changes it
+        torch.testing.assert_close(after[name], predicted[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def _quiet_cli(args: list[str]) -> None:
+    from charfw.cli import main
+
+    os.environ["CHARFW_QUIET"] = "1"
+    main(args)
+
+
+def test_resume_after_kill_ends_at_the_same_weights(trained: dict[str, Any], tiny_sd35: Path, run_cli) -> None:
+    root = trained["root"]
+    out = root / "killed"
+    args = _cli_args(tiny_sd35, trained["dataset"], out, root / "cache")
+    # the same run in a forked process (its imports already done), killed with SIGKILL as
+    # soon as it saved its first state
+    proc = multiprocessing.get_context("fork").Process(target=_quiet_cli, args=(args,))
+    proc.start()
+    deadline = time.monotonic() + 120
+    states: list[Path] = []
+    while time.monotonic() < deadline and proc.exitcode is None:
+        states = [p for p in out.glob("*-state/step-*") if (p / "state.json").is_file()]
+        if states:
+            break
+        time.sleep(0.01)
+    assert states, f"no state saved in time (exit code {proc.exitcode})"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert proc.exitcode == -signal.SIGKILL
+    assert not (out / trained["lora"].name).exists()
+    killed_at = max(int(p.name.split("-")[1]) for p in out.glob("*-state/step-*") if (p / "state.json").is_file())
+    assert 2 <= killed_at < STEPS
+    code, _, err = run_cli(*args, "--resume")
+    assert code == 0, err
+    assert f"resumed from step-{killed_at:08d}" in err
+    final, expected = _tensors(out / trained["lora"].name), _tensors(trained["lora"])
+    assert final.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(final[key], value, atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_continue_from_a_diffusers_format_file(trained: dict[str, Any], tiny_sd35: Path, tmp_path: Path) -> None:
+    """A peft-format file is read back under the network's names (scale 1): continuing from
+    it starts from exactly its ΔW."""
+    from charfw.lora.file import read_lora
+    from charfw.training.families import get_family
+    from charfw.training.model_sources import resolve_source
+    from charfw.training.networks import create_network, network_type
+    from charfw.training.networks.network import kohya_state
+
+    family = get_family("sd35")
+    model = family.load(resolve_source(str(tiny_sd35), cache_dir=tmp_path), None, cache_dir=tmp_path)
+    kind = network_type("lora")
+    network = create_network(kind, kind.config(dim=4, alpha=2), family.network_roots(model))
+    report = network.load_kohya_state_dict(kohya_state(_tensors(trained["lora"])))
+    assert not report.missing
+    lora = read_lora(trained["lora"])
+    assert lora.family == "sd35"
+    deltas = network.delta_weights()
+    assert set(deltas) == set(lora.modules)
+    for name, module in lora.modules.items():
+        torch.testing.assert_close(deltas[name], module.delta(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("network", ["lora3x3", "loha"])
+def test_conv_networks_on_sd35_are_a_one_line_error(trained: dict[str, Any], tiny_sd35: Path, run_cli,
+                                                    network: str) -> None:
+    args = _cli_args(tiny_sd35, trained["dataset"], trained["root"] / network, trained["root"] / "cache")
+    args[args.index("--network") + 1] = network
+    code, _, err = run_cli(*args)
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "SD 3.5" in lines[0] and "network: lora" in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_tiny_configs_are_what_the_builder_writes(tiny_sd35: Path) -> None:
+    from charfw.training.single_file_sd3 import shipped_configs
+
+    shipped = shipped_configs()["tiny-sd35"]
+    files = sorted(p.relative_to(shipped) for p in shipped.rglob("*.json"))
+    assert files == sorted(p.relative_to(tiny_sd35) for p in tiny_sd35.rglob("*.json"))
+    for rel in files:
+        built = json.loads((tiny_sd35 / rel).read_text("utf-8"))
+        ours = json.loads((shipped / rel).read_text("utf-8"))
+        for data in (built, ours):
+            data.pop("_diffusers_version", None)
+            data.pop("transformers_version", None)
+        assert ours == built, rel
+
+
+def test_single_file_checkpoint_loads_like_the_folder(tiny_sd35: Path, tmp_path: Path, run_cli) -> None:
+    """``charfw export-model`` writes SD3's own layout; loading it goes through the code a
+    user's checkpoint takes and gives the folder's outputs bit for bit (T5 included)."""
+    from safetensors import safe_open
+
+    from charfw.training import TrainSettings
+    from charfw.training.families import get_family
+    from charfw.training.model_sources import resolve_source
+
+    dest = tmp_path / "tiny-sd35.safetensors"
+    code, _, err = run_cli("export-model", str(tiny_sd35), str(dest), "--precision", "fp32",
+                           "--cache-dir", str(tmp_path))
+    assert code == 0, err
+    with safe_open(str(dest), "pt") as fh:
+        keys = set(fh.keys())
+    assert {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
+            "model.diffusion_model.joint_blocks.0.context_block.mlp.fc1.weight",
+            "model.diffusion_model.joint_blocks.12.x_block.attn2.qkv.weight",
+            "model.diffusion_model.joint_blocks.0.x_block.attn.ln_q.weight",
+            "model.diffusion_model.final_layer.adaLN_modulation.1.weight", "model.diffusion_model.pos_embed",
+            "first_stage_model.encoder.conv_in.weight",
+            "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+            "text_encoders.clip_g.transformer.text_projection.weight",
+            "text_encoders.t5xxl.transformer.shared.weight"} <= keys
+    assert not any(k.startswith("model.diffusion_model.transformer_blocks") for k in keys)
+    assert not any("joint_blocks.23.context_block.attn.proj" in k for k in keys)  # context_pre_only
+    outputs = []
+    for where in (tiny_sd35, dest):
+        family = get_family("sd35")
+        family.configure(TrainSettings(network="lora", t5=True))
+        model = family.load(resolve_source(str(where), cache_dir=tmp_path), None, cache_dir=tmp_path)
+        with torch.no_grad():
+            cond = family.encode_text(model, family.tokenize(model, [PROMPT], None), clip_skip=1)
+            latents = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(5))
+            prediction = family.predict(model.unet, latents, torch.tensor([300.0]), cond, {})
+            image = model.vae.decode(latents / model.vae_scaling_factor + model.vae_shift_factor).sample
+        outputs.append((cond["encoder_hidden_states"], cond["pooled_projections"], prediction, image))
+    assert outputs[0][0][:, 77:].abs().max() > 0  # T5's states are there, not zeros
+    for folder_out, file_out in zip(*outputs, strict=True):
+        assert torch.equal(folder_out, file_out), (folder_out - file_out).abs().max()
+
+
+def test_conditioning_is_diffusers_encode_prompt(tiny_sd35: Path, tmp_path: Path) -> None:
+    """The trainer's text conditioning equals ``StableDiffusion3Pipeline.encode_prompt``'s
+    (77 T5 tokens: zeros without T5, T5's states with it)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from charfw.training import TrainSettings
+    from charfw.training.families import get_family
+    from charfw.training.model_sources import resolve_source
+
+    for t5 in (False, True):
+        family = get_family("sd35")
+        family.configure(TrainSettings(network="lora", t5=t5))
+        model = family.load(resolve_source(str(tiny_sd35), cache_dir=tmp_path), None, cache_dir=tmp_path)
+        pipe = StableDiffusion3Pipeline(**{k: v for k, v in family.pipeline(model, None).components.items()})
+        with torch.no_grad():
+            ours = family.encode_text(model, family.tokenize(model, [PROMPT], None), clip_skip=2)
+            embeds, _, pooled, _ = pipe.encode_prompt(PROMPT, PROMPT, PROMPT, do_classifier_free_guidance=False,
+                                                      max_sequence_length=77)
+        assert torch.equal(ours["encoder_hidden_states"], embeds)
+        assert torch.equal(ours["pooled_projections"], pooled)
+
+
+def _deltas(path: Path) -> dict[str, torch.Tensor]:
+    """ΔW = B·A per module of a peft-format file, computed here (the format has no alpha)."""
+    tensors = _tensors(path)
+    assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in tensors), sorted(tensors)[:3]
+    return {k.removesuffix(".lora_A.weight"): tensors[k.replace("lora_A", "lora_B")].double() @ v.double()
+            for k, v in tensors.items() if k.endswith(".lora_A.weight")}
+
+
+def test_lora_blocks_resize_and_merge_are_exact_on_sd35_files(trained: dict[str, Any], tmp_path: Path,
+                                                              run_cli) -> None:
+    """``charfw lora`` on the trained file: one ratio per joint block (plus BASE), an SVD
+    resize at the file's rank and a merge are exact, and stay in diffusers' format."""
+    source = _deltas(trained["lora"])
+    values = [0.5, *((i % 3) / 2 for i in range(24))]  # BASE, J00 … J23
+    blocked, resized, merged = (tmp_path / f"{n}.safetensors" for n in ("blocked", "resized", "merged"))
+    code, _, err = run_cli("lora", "blocks", trained["lora"], "--weights", ",".join(map(str, values)), "-o", blocked)
+    assert code == 0, err
+
+    def ratio(module: str) -> float:
+        if module.startswith("text_encoder"):
+            return values[0]
+        return values[1 + int(module.split(".")[2])]  # transformer.transformer_blocks.N.…
+
+    after = _deltas(blocked)
+    assert set(after) == {m for m in source if ratio(m) != 0}
+    for module, delta in after.items():
+        torch.testing.assert_close(delta, source[module] * ratio(module), atol=1e-7, rtol=1e-5)
+    code, _, err = run_cli("lora", "resize", trained["lora"], "--rank", "4", "-o", resized)
+    assert code == 0, err
+    for module, delta in _deltas(resized).items():
+        torch.testing.assert_close(delta, source[module], atol=1e-6, rtol=1e-4)
+    code, _, err = run_cli("lora", "merge", f"{trained['lora']}:0.7", f"{blocked}:0.4", "--rank", "8", "-o", merged)
+    assert code == 0, err
+    for module, delta in _deltas(merged).items():
+        expected = source[module] * (0.7 + 0.4 * ratio(module))
+        torch.testing.assert_close(delta, expected, atol=1e-6, rtol=1e-4)
+    assert set(_deltas(merged)) == set(source)
+
+
+def test_sd35_trains_plain_lora_unless_told_otherwise() -> None:
+    """The method's default network (lora3x3) has nothing to attach to on an MMDiT: an SD 3.5
+    run that does not choose one trains lora; one that chooses lora3x3 gets the error above."""
+    from charfw.training import TrainSettings
+
+    assert TrainSettings().network == "lora3x3"
+    assert TrainSettings().for_model("models/sd3.5_medium.safetensors", family="sd35").network == "lora"
+    assert TrainSettings().for_model("models/sd15.safetensors", family="sd1").network == "lora3x3"
+    assert TrainSettings(network="lora3x3").for_model("m.safetensors", family="sd35").network == "lora3x3"
