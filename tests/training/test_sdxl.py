@@ -325,17 +325,30 @@ def test_the_sgm_single_file_loads_as_the_diffusers_folder(tiny_sdxl: Path, tmp_
 
 def test_charfw_generate_writes_pngs_with_infotext(run: dict[str, Any], tiny_sdxl: Path, tmp_path: Path,
                                                    run_cli) -> None:
+    """A prompt with A1111 weighting and the trained LoRA as a tag; then the same with an
+    SDXL ControlNet (made from the tiny UNet, its zero convolutions random), which changes
+    the image and is named in the infotext."""
+    import numpy as np
+    from controlnet_support import make_tiny_controlnet
+    from diffusers import UNet2DConditionModel
     from PIL import Image
 
     lora = run["result"].lora
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"krnk, (smile:1.3) <lora:{lora.stem}:0.8> --w 64 --h 64 --d 3 --s 2\n", "utf-8")
-    code, _, err = run_cli("generate", prompts, "--base-model", tiny_sdxl, "--lora-dir", lora.parent,
-                             "-o", tmp_path / "images", "--cache-dir", run["root"] / "cache")
-    assert code == 0, err
-    images = sorted((tmp_path / "images").glob("*.png"))
-    assert len(images) == 1
-    with Image.open(images[0]) as image:
-        text = image.text["parameters"]
-        assert image.size == (64, 64)
-    assert text.startswith("krnk, (smile:1.3)") and "Steps: 2" in text and f"{lora.stem}: " in text
+    control = tmp_path / "control.png"
+    Image.new("RGB", (64, 64), (250, 250, 250)).save(control)
+    net = make_tiny_controlnet(UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet"), tmp_path / "cn", 1)
+    common = [prompts, "--base-model", tiny_sdxl, "--lora-dir", lora.parent, "--cache-dir", run["root"] / "cache"]
+    made = []
+    for name, extra in (("plain", []), ("control", ["--control", control, "--controlnet", f"{net}:0.8"])):
+        code, _, err = run_cli("generate", *common, "-o", tmp_path / name, *extra)
+        assert code == 0, err
+        (image,) = sorted((tmp_path / name).glob("*.png"))
+        with Image.open(image) as im:
+            made.append((np.asarray(im.convert("RGB"), dtype=np.int16), im.text["parameters"], im.size))
+    (plain, text, size), (controlled, control_text, _) = made
+    assert size == (64, 64) and text.startswith("krnk, (smile:1.3)") and "Steps: 2" in text
+    assert f"{lora.stem}: " in text and "Clip skip" not in text
+    assert "ControlNet 0" in control_text and "Model: cn, Weight: 0.8" in control_text
+    assert np.abs(plain - controlled).max() > 0
