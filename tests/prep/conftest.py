@@ -8,14 +8,8 @@ the internet.
 
 from __future__ import annotations
 
-import os
-
-# `import rembg` imports pymatting, whose numba kernels compile at import time: about
-# 70 s on this machine in a fresh environment (CI). The tests never run alpha matting,
-# so they run pymatting as plain Python instead; rembg's own session code is unchanged.
-os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
-
 import ipaddress
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -41,6 +35,17 @@ def _is_local(host: object) -> bool:
 
 class NetworkBlocked(OSError):
     pass
+
+
+@pytest.fixture(autouse=True)
+def numba_without_jit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`import rembg` imports pymatting, whose numba kernels compile at import time: about
+    70 s on this machine in a fresh environment (CI). The tests never run alpha matting, so
+    they run pymatting as plain Python instead; rembg's own session code is unchanged. Set
+    for each test here and restored after it, so it does not reach the rest of the session
+    (a module-level setting did, from collection on)."""
+    if "NUMBA_DISABLE_JIT" not in os.environ:
+        monkeypatch.setenv("NUMBA_DISABLE_JIT", "1")
 
 
 @pytest.fixture(autouse=True)
