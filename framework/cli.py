@@ -436,6 +436,8 @@ def _options_doc(model: Any) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the command line; exit with a :class:`ExitCode`."""
+    console.reset_once()
+    console.silence_harmless_notices()
     try:
         rv = cli.main(args=argv, prog_name="charfw", standalone_mode=False)
     except click.exceptions.Exit as exc:

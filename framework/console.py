@@ -30,6 +30,57 @@ def quiet() -> bool:
     return os.environ.get("CHARFW_QUIET", "") not in ("", "0")
 
 
+# --- notices said once ---------------------------------------------------------------------
+
+_said: set[str] = set()
+
+
+def once(key: str) -> bool:
+    """True the first time ``key`` is asked for since the command started (``reset_once``):
+    for a notice that is the same for every part of a build (fp16 on a CPU)."""
+    if key in _said:
+        return False
+    _said.add(key)
+    return True
+
+
+def reset_once() -> None:
+    _said.clear()
+
+
+#: third-party log notices that say nothing a charfw user can act on, by the logger that
+#: emits them and a text in the message: transformers falls back from torchvision's image
+#: processors to PIL ones, which charfw never uses (its pipelines have no safety checker)
+HARMLESS_LOG_NOTICES: tuple[tuple[str, str], ...] = (
+    ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
+)
+
+
+class _DropNotices:
+    """A logging filter that drops records whose message holds one of ``texts``."""
+
+    def __init__(self, texts: tuple[str, ...]) -> None:
+        self.texts = texts
+
+    def filter(self, record: Any) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.texts)
+
+
+def silence_harmless_notices() -> None:
+    """Install the filters for :data:`HARMLESS_LOG_NOTICES` (by logger name, so the
+    libraries need not be imported; installing twice is harmless)."""
+    import logging
+
+    by_logger: dict[str, tuple[str, ...]] = {}
+    for name, text in HARMLESS_LOG_NOTICES:
+        by_logger[name] = (*by_logger.get(name, ()), text)
+    for name, texts in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in logger.filters):
+            logger.addFilter(_DropNotices(texts))  # type: ignore[arg-type]
+
+
 def info(message: str) -> None:
     if not quiet():
         err.print(message, markup=False)

@@ -122,3 +122,21 @@ def test_asymmetric_init(tmp_path: Path, run_cli) -> None:
     code, out, _ = run_cli("init", "ren", "--asymmetric", cwd=tmp_path)
     assert code == 0 and "f00.png … f27.png" in out
     assert yaml.safe_load((tmp_path / "characters/ren.yaml").read_text())["symmetric"] is False
+
+
+def test_known_harmless_library_notices_are_silenced_and_nothing_else(run_cli, capsys, tmp_path: Path) -> None:
+    import logging
+
+    run_cli("--version", cwd=tmp_path)  # the entry point installs the filters
+    logger = logging.getLogger("transformers.utils.import_utils")
+    handler = logging.StreamHandler()
+    logger.addHandler(handler)
+    try:
+        logger.warning("`CLIPImageProcessor` requires torchvision (not installed); falling back to "
+                       "`CLIPImageProcessorPil` for backward compatibility.")
+        logger.warning("something else entirely")
+    finally:
+        logger.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert "CLIPImageProcessor" not in err and "something else entirely" in err
+

@@ -347,9 +347,13 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
 
     # --- the loop ------------------------------------------------------------------------
     # The loss of a step is read one step later: reading it at once would make the CPU
-    # wait for the GPU every step. A NaN or infinite loss stops the run naming the images
-    # of its batch; files are only written after the pending loss was checked.
-    pending: tuple[Any, Any, int] | None = None
+    # wait for the GPU every step. A NaN or infinite loss stops the run naming the step and
+    # the images of every batch of its accumulation group (a NaN in any of them reaches the
+    # weights); files are only written after the pending loss was checked.
+    pending: tuple[Any, list[Any], int] | None = None
+    #: the step's accumulation group so far: the sum of its losses (NaN and Inf carry through) and its batches
+    group_loss: Any = None
+    group_batches: list[Any] = []
     accumulate = s.gradient_accumulation_steps
     #: where the next batch is: a state saved now resumes there
     position = (epoch, skip_batches)
@@ -361,13 +365,14 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
         nonlocal pending
         if pending is None:
             return
-        loss_value, batch, step = pending
+        loss_value, batches, step = pending
         value = float(loss_value)
         pending = None
         if not math.isfinite(value):
+            paths = list(dict.fromkeys(str(p) for b in batches for p in b.paths))
             raise TrainingStopped(
                 f"the loss became {'NaN' if value != value else 'infinite'} at step {step}; the batch's images: "
-                + ", ".join(str(p) for p in batch.paths),
+                + ", ".join(paths),
                 hint="check those images; train with mixed_precision bf16 or no, or a lower learning rate")
         losses.append(value)
         rates = scheduler.get_last_lr()
@@ -430,6 +435,8 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
                         weights = torch.tensor([x.weight for x in batch.samples], device=device)
                         loss = objective.loss(prediction, noised, weights)
                         accelerator.backward(loss / group_size)
+                    group_loss = loss.detach() if group_loss is None else group_loss + loss.detach()
+                    group_batches.append(batch)
                     if not sync:
                         continue
                     # the optimizer step
@@ -441,7 +448,8 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
                     global_step += 1
                     position = (epoch, index + 1)
                     check_pending()
-                    pending = (loss.detach(), batch, global_step)
+                    pending = (group_loss / group_size, group_batches, global_step)
+                    group_loss, group_batches = None, []
                     bar.advance()
                     step_times.append(time.perf_counter())
                     if losses:

@@ -125,6 +125,9 @@ def build_tiny_sd15(dest: str | Path, *, seed: int = 0) -> Path:
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no "Writing model shards" bar for one small file
     with atomic.atomic_dir(dest) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     import shutil

@@ -161,6 +161,7 @@ def test_file_keys_tensors_and_metadata_are_kohyas(trained: dict[str, Any], tiny
         assert json.loads(meta["ss_dataset_dirs"]) == {"krnk girl_flip_face": {"n_repeats": 2, "img_count": 4}}
         assert json.loads(meta["ss_datasets"])[0]["subsets"][0]["class_tokens"] == "krnk girl"
         assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+        assert meta["ss_cache_latents"] == "True"  # no color_aug: every latent came from the cache
         if network == "lora3x3":
             assert json.loads(meta["ss_network_args"]) == {"conv_dim": "4", "conv_alpha": "2"}
         # sshs_model_hash is the sha256 of the data section (A1111's "addnet" hash)
@@ -179,6 +180,32 @@ def test_default_precision_is_fp16(tiny_sd15: Path, tmp_path: Path) -> None:
         dtypes = {fh.get_tensor(k).dtype for k in fh.keys()}  # noqa: SIM118 (safe_open is not iterable)
         assert fh.metadata()["ss_mixed_precision"] == "no"  # a CPU trains in float32
     assert dtypes == {torch.float16}
+
+
+def test_latents_encoded_every_step_are_said_truthfully(tiny_sd15: Path, tmp_path: Path) -> None:
+    """color_aug makes the trainer encode those images every step: the log says where to
+    switch it off and the file's metadata does not claim cached latents."""
+    from safetensors import safe_open
+
+    from charfw import console
+
+    console.reset_once()
+    lines: list[str] = []
+    dataset = write_dataset(tmp_path / "data", count=2, color_aug=True)
+    result = train(make_job(tiny_sd15, dataset, tmp_path / "out", tmp_path / "cache", max_train_steps=1,
+                            mixed_precision="fp16", log=lines.append))
+    assert any("are encoded every step: color_aug or random_crop is on (set them to false in the dataset "
+               "config to cache latents)" in line for line in lines)
+    with safe_open(str(result.lora), "pt") as fh:
+        assert fh.metadata()["ss_cache_latents"] == "False"
+    # a second run (another part of a build): notices that are the same for every part are not repeated
+    if not torch.cuda.is_available():
+        assert "mixed precision fp16 needs a GPU; training in float32 on this machine" in lines
+    again: list[str] = []
+    train(make_job(tiny_sd15, dataset, tmp_path / "out2", tmp_path / "cache", max_train_steps=1,
+                   mixed_precision="fp16", log=again.append))
+    assert any("are encoded every step: color_aug or random_crop is on" in line for line in again)
+    assert not [line for line in again if "mixed precision" in line or "set them to false" in line]
 
 
 def test_samples_and_tensorboard_logs(trained: dict[str, Any]) -> None:
