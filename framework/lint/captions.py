@@ -78,14 +78,19 @@ def keywords(inp: LintInput, config: LintConfig) -> Iterator[Finding]:
     mine = {p.keyword.lower() for p in inp.workspace_parts if p.target in own} | {part.keyword.lower()}
     others = {p.keyword.lower(): p for p in inp.workspace_parts
               if p.target not in own and p.keyword.strip() and p.keyword.lower() not in mine}
+    # a keyword in the part's own tags or class tokens (the manifest) is one finding, not one per caption
+    manifest_words = _words(", ".join([part.class_tokens, *part.tags])) & set(others)
+    for word in sorted(manifest_words):
+        yield finding("keyword-foreign", f"'{word}', in {part.label}'s tags or class tokens, is the keyword of "
+                      f"{others[word].label}, another character: this LoRA would learn it too; remove it from "
+                      "the manifest")
     for image in inp.images:
         words: set[str] = set()
         for tag in image.caption or []:
             words |= _words(tag)
-        for word in sorted(words & set(others)):
-            other = others[word]
-            yield finding("keyword-foreign", f"'{word}' is the keyword of {other.label}, another character: this "
-                          f"LoRA would learn it too; remove it from the caption (or from {part.label}'s tags)",
+        for word in sorted((words & set(others)) - manifest_words):
+            yield finding("keyword-foreign", f"'{word}' is the keyword of {others[word].label}, another character: "
+                          "this LoRA would learn it too; remove it from the caption",
                           file=image.caption_file or image.file, code=image.code)
     if part.kind == "group":
         return
