@@ -350,8 +350,8 @@ class Linter(Component, ABC):
     are written to ``lint/findings.json`` and shown in the summary; ``--strict`` stops
     the build on any. A linter reads the upstream outputs ``ctx.input("dataset")``,
     ``ctx.inputs.get("images")`` (the part's finished images) and ``ctx.inputs.get("source")``
-    (the images the background stage read), the plugin chains of the part's other stages
-    (``ctx.part_chains``) and every character part of the workspace (``ctx.workspace_parts``)."""
+    (the images the background stage read), the plugin chains of the part's stages up to
+    ``train`` (``ctx.part_chains``) and every character part of the workspace (``ctx.workspace_parts``)."""
 
     kind = "linter"
 

@@ -140,7 +140,8 @@ class StageContext:
     #: models loaded in this build, shared by its stages; cleared when the build ends
     models: ModelCache = field(default_factory=ModelCache)
     #: for a stage that checks the part as a whole (``lint``): the plugin chain of each of
-    #: the part's stages that is on, by stage name, as (component, options) pairs
+    #: the part's stages that is on, up to the one it guards (``train``), by stage name, as
+    #: (component, options) pairs
     part_chains: dict[str, list[tuple[Any, Any]]] = field(default_factory=dict)
     #: for the same stages: every character part of the workspace (keyword checks)
     workspace_parts: tuple[PartInfo, ...] = ()

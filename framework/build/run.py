@@ -152,12 +152,16 @@ class BuildRun:
 
     def context(self, ps: PlannedStage, inputs: dict[str, StageOutput]) -> StageContext:
         checks: dict[str, Any] = {}
-        if ps.spec.gate:  # a check of the part as a whole: its stages' chains, the workspace's parts
+        if ps.spec.gate:  # a check of the part as a whole: the workspace's parts, and the chains
+            # of the part's stages before it and of the one it guards (not of later stages:
+            # a sample option must not re-run it)
             if self._workspace_parts is None:
                 self._workspace_parts = workspace_parts(self.ws)
+            last = STAGE_NAMES.index(ps.spec.name) + 1
             checks = {"workspace_parts": self._workspace_parts,
                       "part_chains": {s.spec.name: [(r.component, r.options) for r in s.chain]
-                                      for s in self.plan.stages if s.part is ps.part and not s.off}}
+                                      for s in self.plan.stages if s.part is ps.part and not s.off
+                                      and not s.spec.side_branch and STAGE_NAMES.index(s.spec.name) <= last}}
         return StageContext(
             workspace_root=self.ws.root,
             part=ps.part,

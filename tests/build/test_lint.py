@@ -232,6 +232,10 @@ def test_lint_runs_only_when_its_inputs_change(ws: Path, run_cli) -> None:
     code, out, err = run_cli("build", "mini", "--until", "lint", cwd=ws)
     assert "mini/face: lint (method): settings of the part's other stages" in err
     assert out.count(" ran ") == 1
+    # a stage after training is not a lint input
+    manifest.write_text(manifest.read_text() + "  merge: {plugin: block-weights, weights: BODY}\n")
+    code, out, _ = run_cli("build", "mini", "--until", "lint", cwd=ws)
+    assert code == 0 and "Nothing to do" in out
 
 
 def test_the_examples_lint_clean(workspace: Path, run_cli) -> None:
