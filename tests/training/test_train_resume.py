@@ -324,6 +324,45 @@ def test_resume_refuses_a_state_of_other_settings(tiny_sd15: Path, tmp_path: Pat
     assert code == 3 and "other data, model or settings" in err
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_nan_or_inf_loss_stops_at_its_step_naming_every_image_of_the_step(
+        tiny_sd15: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    """Two batches per step (gradient accumulation): the loss of the step's *first* batch
+    goes bad. The run stops at that step, says NaN or infinite, and names the images of
+    both batches (was: only the last batch's loss was checked, so the stop came a step
+    later, as NaN, naming other images)."""
+    from charfw.training import loop, objectives
+
+    shards: list[list[Any]] = []
+    real_shard = loop._shard
+
+    def shard(batches: list[Any], rank: int, world: int) -> list[Any]:
+        shards.append(real_shard(batches, rank, world))
+        return shards[-1]
+
+    real_loss = objectives.DDPMObjective.loss
+    calls = []
+
+    def loss(self, *args: Any) -> torch.Tensor:
+        calls.append(1)
+        out = real_loss(self, *args)
+        return out * float(bad) if len(calls) == 3 else out  # the first batch of step 2
+
+    monkeypatch.setattr(loop, "_shard", shard)
+    monkeypatch.setattr(objectives.DDPMObjective, "loss", loss)
+    dataset = write_dataset(tmp_path / "data", count=8, repeats=1)  # 4 batches of 2 per epoch
+    job = make_job(tiny_sd15, dataset, tmp_path / "out", tmp_path / "cache", gradient_accumulation_steps=2,
+                   max_train_steps=4)
+    with pytest.raises(TrainingStopped) as info:
+        train(job)
+    message = str(info.value)
+    assert f"the loss became {'NaN' if bad == 'nan' else 'infinite'} at step 2;" in message
+    named = set(message.split("the batch's images: ", 1)[1].split("; ", 1)[0].split(", "))
+    first, second = ({str(p) for p in batch.paths} for batch in shards[0][2:4])
+    assert first - second and named == first | second
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
 def test_nan_loss_stops_and_names_the_batch(tiny_sd15: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An image whose pixels come out NaN (simulated at the pixel stage) poisons the loss of
     its batch; the run stops at that step and names the batch's files."""
