@@ -321,6 +321,12 @@ def test_the_sgm_single_file_loads_as_the_diffusers_folder(tiny_sdxl: Path, tmp_
     # which differs between the two files' loaders (copies of the weights agree exactly)
     for a, b in zip(*outputs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # generation reads a plain prompt as the trainer reads the caption (A1111's chunks per
+    # encoder; the pooled vector at the end token)
+    embeds = family.encode_prompts(from_folder, "krnk, 1girl", "", clip_skip=1, device=None)
+    torch.testing.assert_close(embeds["prompt_embeds"], outputs[1][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(embeds["pooled_prompt_embeds"], outputs[1][1], atol=1e-6, rtol=0)
+    assert embeds["negative_prompt_embeds"].shape == embeds["prompt_embeds"].shape
 
 
 def test_charfw_generate_writes_pngs_with_infotext(run: dict[str, Any], tiny_sdxl: Path, tmp_path: Path,
