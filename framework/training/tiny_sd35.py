@@ -97,6 +97,9 @@ def build_tiny_sd35(dest: str | Path, *, seed: int = 0) -> Path:
         T5EncoderModel,
     )
 
+    from .families.sd1 import _quiet_loaders
+
+    _quiet_loaders()  # no "Writing model shards" bars while the model is built
     dest = Path(dest)
     tmp_tok = dest.parent / f".{dest.name}-tokenizer"
     _write_tokenizer(tmp_tok)

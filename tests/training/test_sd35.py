@@ -316,6 +316,12 @@ def test_single_file_checkpoint_loads_like_the_folder(tiny_sd35: Path, tmp_path:
     assert outputs[0][0][:, 77:].abs().max() > 0  # T5's states are there, not zeros
     for folder_out, file_out in zip(*outputs, strict=True):
         assert torch.equal(folder_out, file_out), (folder_out - file_out).abs().max()
+    # the checkpoint as model.vae: its first_stage_model.* read with the SD3 VAE config
+    family = get_family("sd35")
+    with_vae = family.load(resolve_source(str(tiny_sd35), cache_dir=tmp_path),
+                           resolve_source(str(dest), cache_dir=tmp_path, what="VAE"), cache_dir=tmp_path)
+    expected = model.vae.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in with_vae.vae.state_dict().items())
 
 
 def test_conditioning_is_diffusers_encode_prompt(tiny_sd35: Path, tmp_path: Path) -> None:

@@ -43,9 +43,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...errors import CharfwError
-from ..model_sources import ModelSource, ensure_builtin
+from ..model_sources import ModelSource
 from ..networks.targets import NetworkRoot
 from . import LoadedModel, ModelFamily, NoisedBatch, Objective, TextConditioning
+from .sd1 import _quiet_loaders, load_vae, where_to_load
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -62,12 +63,6 @@ CLIP_ATTENTION = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2")
 CLIP_ALL = (*CLIP_ATTENTION, "CLIPMLP")
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
 T5_TOKENIZER = "google/t5-v1_1-xxl"
-
-
-def _quiet_loaders() -> None:
-    from .sd1 import _quiet_loaders as quiet
-
-    quiet()
 
 
 class SD35Family(ModelFamily):
@@ -107,11 +102,9 @@ class SD35Family(ModelFamily):
             assert source.path is not None
             parts = self._load_single_file(source.path, cache_dir)
         else:
-            where = str(ensure_builtin(source)) if source.kind == "builtin" else (
-                str(source.path) if source.path is not None else source.ref)
-            parts = self._load_diffusers(where, source)
+            parts = self._load_diffusers(where_to_load(source), source)
         if vae is not None:
-            parts["vae"] = self._load_vae(vae, parts["config_dir"])
+            parts["vae"] = self._load_vae(vae)
         encoders = [parts["text_encoder"], parts["text_encoder_2"]]
         tokenizers = [parts["tokenizer"], parts["tokenizer_2"]]
         if self.t5:
@@ -135,7 +128,6 @@ class SD35Family(ModelFamily):
                 "tokenizer": CLIPTokenizer.from_pretrained(where, subfolder="tokenizer"),
                 "tokenizer_2": CLIPTokenizer.from_pretrained(where, subfolder="tokenizer_2"),
                 "scheduler_config": dict(FlowMatchEulerDiscreteScheduler.load_config(where, subfolder="scheduler")),
-                "config_dir": None,
             }
             if self.t5:
                 from transformers import T5EncoderModel, T5TokenizerFast
@@ -169,7 +161,6 @@ class SD35Family(ModelFamily):
         if self.t5:
             parts["tokenizer_3"] = self._t5_tokenizer(config_dir, path)
         parts["scheduler_config"] = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text("utf-8"))
-        parts["config_dir"] = config_dir
         return parts
 
     def _t5_tokenizer(self, config_dir: Path, path: Path) -> Any:
@@ -184,22 +175,23 @@ class SD35Family(ModelFamily):
                               path=path, hint=f"download it once (huggingface-cli download {T5_TOKENIZER}), "
                                               "or train without t5") from None
 
-    def _load_vae(self, source: ModelSource, config_dir: Path | None) -> Any:
-        from diffusers import AutoencoderKL
+    def _load_vae(self, source: ModelSource) -> Any:
+        """A VAE given apart (``model.vae``): a file (a checkpoint's ``first_stage_model.*`` or
+        a VAE-only file) is read with the shipped SD3 VAE config of its width."""
+        import json
 
         from .. import single_file, single_file_sd3
 
-        if source.kind == "single_file":
-            assert source.path is not None
-            folder = config_dir or single_file_sd3.shipped_configs()["sd35-medium"]
-            return single_file.load_vae(source.path, folder)
-        where = str(source.path) if source.path is not None else source.ref
-        try:
-            if source.path is not None and (source.path / "config.json").is_file():
-                return AutoencoderKL.from_pretrained(where)
-            return AutoencoderKL.from_pretrained(where, subfolder="vae")
-        except (OSError, ValueError) as exc:
-            raise CharfwError(f"cannot load the VAE '{source.ref}' ({str(exc).splitlines()[0][:200]})") from None
+        if source.kind != "single_file":
+            return load_vae(source, "StableDiffusion3Pipeline")
+        assert source.path is not None
+        state = single_file.read_state_dict(source.path)
+        width = next((list(v.shape) for k, v in state.items() if k.endswith("encoder.conv_in.weight")), None)
+        for folder in single_file_sd3.shipped_configs().values():
+            config = json.loads((folder / "vae" / "config.json").read_text("utf-8"))
+            if width == [config["block_out_channels"][0], config["in_channels"], 3, 3]:
+                return single_file.load_vae(source.path, folder, state=state)
+        raise CharfwError("not an SD3 VAE file (no encoder.conv_in weights of a known width)", path=source.path)
 
     # --- networks ------------------------------------------------------------------------
 
