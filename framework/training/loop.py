@@ -31,7 +31,7 @@ from charfw.training.caches import LatentCache, TextCache
 from charfw.training.dataset import TrainingData
 from charfw.training.families import get_family
 from charfw.training.interrupts import StopAtStepBoundary
-from charfw.training.model_sources import resolve_source, source_identity
+from charfw.training.model_sources import check_available, resolve_source, source_identity
 from charfw.training.networks import create_network, detect_file_type, network_type
 from charfw.training.networks.targets import select_text_encoders
 from charfw.training.sample_prompts import generate_samples, read_prompts
@@ -174,6 +174,9 @@ def _train(job: TrainJob, notes: _Interruption) -> TrainResult:
     # --- the base model, frozen ----------------------------------------------------------
     source = resolve_source(job.base_model, cache_dir=job.cache_dir)
     vae_source = resolve_source(job.vae, cache_dir=job.cache_dir, what="VAE") if job.vae else None
+    for src, what in ((source, "base model"), (vae_source, "VAE")):
+        if src is not None:  # an uncached Hugging Face id without network fails now, not after retries
+            check_available(src, workspace_root=Path.cwd(), what=what)
     log(f"loading {source.ref}" + (f" with VAE {vae_source.ref}" if vae_source else ""))
     model = family.load(source, vae_source, cache_dir=job.cache_dir)
     if not family.uses_clip_skip and job.clip_skip != 1:

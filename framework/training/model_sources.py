@@ -131,8 +131,8 @@ def check_available(source: ModelSource, *, workspace_root: Path, what: str = "b
     models = workspace_root / "models"
     raise CharfwError(
         f"{what} '{source.ref}' is not in the Hugging Face cache and cannot be downloaded: {why}",
-        hint=f"put its .safetensors file at {display_path(models / (name + '.safetensors'))} and set "
-             f"the path (relative to the manifest, e.g. ../models/{name}.safetensors), download it where there "
+        hint=f"put its .safetensors file at {display_path(models / (name + '.safetensors'))} and give that "
+             f"path (in a manifest relative to it: ../models/{name}.safetensors), download it where there "
              f"is network (`hf download {source.ref}`), or try charfw with charfw:tiny-sd15",
     )
 

@@ -244,7 +244,7 @@ def test_a_hub_model_that_cannot_be_loaded_stops_the_dry_run(workspace: Path, ru
     assert code == 3 and len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: characters/krnk.yaml:{line} model.base: base model 'someorg/some-model' is not "
                           "in the Hugging Face cache and cannot be downloaded: HF_HUB_OFFLINE is set; put its "
-                          ".safetensors file at models/some-model.safetensors and set the path")
+                          ".safetensors file at models/some-model.safetensors and give that path")
 
 
 def test_a_hub_model_is_probed_once_with_a_short_timeout(monkeypatch: pytest.MonkeyPatch) -> None:

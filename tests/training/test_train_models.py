@@ -119,6 +119,24 @@ def test_model_references(tmp_path: Path) -> None:
         resolve_source("charfw:huge", cache_dir=tmp_path)
 
 
+def test_charfw_train_stops_at_once_on_a_hub_id_it_cannot_load(tmp_path: Path, run_cli,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline and not in the cache: one line saying where to put the file, before any loading."""
+    from huggingface_hub import constants
+    from train_support import write_dataset
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    dataset = write_dataset(tmp_path / "data", count=1)
+    code, _out, err = run_cli("train", dataset, "--base-model", "someorg/some-model", "--family", "sd1",
+                              "--optimizer", "AdamW", cwd=tmp_path)
+    assert code == 3 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "error: base model 'someorg/some-model' is not in the Hugging Face cache and cannot be downloaded: "
+        "HF_HUB_OFFLINE is set; put its .safetensors file at models/some-model.safetensors and give that path "
+        "(in a manifest relative to it: ../models/some-model.safetensors), download it where there is network "
+        "(`hf download someorg/some-model`), or try charfw with charfw:tiny-sd15")
+
+
 def test_a_hugging_face_id_trains_from_the_hub_cache(tiny_sd15: Path, tmp_path: Path) -> None:
     """``--base-model org/name`` goes through diffusers' and transformers' hub loading: here
     from a Hugging Face cache laid out as a download leaves it, offline (no test reaches
