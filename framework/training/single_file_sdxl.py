@@ -160,9 +160,10 @@ def load_checkpoint(path: Path) -> tuple[Path, dict[str, Any]]:
     shapes = single_file.tensor_shapes(path) if path.suffix.lower() == ".safetensors" else None
     state = single_file.read_state_dict(path)
     config_dir = detect_config(shapes or {k: list(v.shape) for k, v in state.items()}, path=path)
+    text_encoders = load_text_encoders(state, config_dir, path=path)  # the quick part first: a broken file fails fast
     parts = {
         "unet": single_file.load_unet(state, config_dir, path=path),
         "vae": single_file.load_vae(path, config_dir, state=state),
-        "text_encoders": load_text_encoders(state, config_dir, path=path),
+        "text_encoders": text_encoders,
     }
     return config_dir, parts

@@ -300,6 +300,17 @@ def test_the_sgm_single_file_loads_as_the_diffusers_folder(tiny_sdxl: Path, tmp_
                 "conditioner.embedders.1.model.text_projection", "conditioner.embedders.1.model.positional_embedding"):
         assert key in shapes, key
     assert not any(".q_proj." in k for k in shapes if k.startswith("conditioner.embedders.1."))
+    from safetensors.torch import load_file, save_file
+
+    from charfw.errors import CharfwError
+
+    broken = load_file(str(dest))
+    del broken["conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"]
+    save_file(broken, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(CharfwError, match=r"the OpenCLIP-G text encoder is incomplete \(3 tensors missing") as info:
+        get_family("sdxl").load(resolve_source(str(tmp_path / "broken.safetensors"), cache_dir=tmp_path), None,
+                                cache_dir=tmp_path)
+    assert info.value.path == tmp_path / "broken.safetensors"
     family = get_family("sdxl")
     from_file = family.load(resolve_source(str(dest), cache_dir=tmp_path), None, cache_dir=tmp_path)
     from_folder = family.load(resolve_source(str(tiny_sdxl), cache_dir=tmp_path), None, cache_dir=tmp_path)
