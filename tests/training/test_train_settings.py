@@ -241,6 +241,32 @@ def test_adamw8bit_without_a_gpu_is_a_clear_error(workspace: Path, tiny_sd15: Pa
     assert run_cli("build", "krnk", "--dry-run", cwd=workspace)[0] == 0
 
 
+def test_a_build_tells_the_trainer_where_color_aug_is_set(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's hint about latents encoded every step names the manifest's dataset
+    stage in a build (the dataset config is a generated file there)."""
+    from types import SimpleNamespace
+
+    import charfw.training
+    from charfw.default_plugins.train.lora import LoraTrainer, LoraTrainerOptions
+    from charfw.stage_context import PartInfo
+
+    seen = {}
+
+    def stop(job):
+        seen["at"], seen["keyword"] = job.dataset_options_at, job.keyword
+        raise CharfwError("stopped by the test")
+
+    monkeypatch.setattr(charfw.training, "train", stop)
+    ctx = SimpleNamespace(
+        part=PartInfo(target="mia", name="casual", kind="body", keyword="casual", class_tokens="casual girl"),
+        strict=False, stage_dir=tmp_path, cache_dir=tmp_path, fingerprint="", sha256=None, log=print,
+        workspace_root=tmp_path, progress=None, input_file=lambda name: tmp_path / "dataset.toml")
+    with pytest.raises(CharfwError, match="stopped by the test"):
+        LoraTrainer().run(ctx, LoraTrainerOptions())
+    assert seen == {"at": "in the manifest's dataset stage, e.g. dataset: {plugin: kohya-toml, color_aug: false}",
+                    "keyword": "mia-casual"}  # the file name carries the character
+
+
 def test_tiny_model_defaults_fill_only_unset_options() -> None:
     from charfw.default_plugins.train.lora import LoraTrainerOptions
 
