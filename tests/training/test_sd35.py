@@ -383,6 +383,9 @@ def test_lora_blocks_resize_and_merge_are_exact_on_sd35_files(trained: dict[str,
         expected = source[module] * (0.7 + 0.4 * ratio(module))
         torch.testing.assert_close(delta, expected, atol=1e-6, rtol=1e-4)
     assert set(_deltas(merged)) == set(source)
+    code, out, err = run_cli("lora", "info", trained["lora"])
+    assert code == 0, err
+    assert "for SD 3.5" in out and "24 text encoder, " in out and "\nJ23 " in out and "\nBASE " in out
 
 
 def test_sd35_trains_plain_lora_unless_told_otherwise() -> None:
@@ -394,3 +397,49 @@ def test_sd35_trains_plain_lora_unless_told_otherwise() -> None:
     assert TrainSettings().for_model("models/sd3.5_medium.safetensors", family="sd35").network == "lora"
     assert TrainSettings().for_model("models/sd15.safetensors", family="sd1").network == "lora3x3"
     assert TrainSettings(network="lora3x3").for_model("m.safetensors", family="sd35").network == "lora3x3"
+
+
+@pytest.mark.parametrize("variant", ["sd35-medium", "sd35-large"])
+def test_real_configs_give_the_native_layout_they_are_detected_from(variant: str, tmp_path: Path) -> None:
+    """The shipped Medium/Large configs, built at full size on the meta device (no memory),
+    written in SD3's native names, have the shapes of the real checkpoints' tensors and
+    are told apart by them."""
+    from diffusers import SD3Transformer2DModel
+
+    from charfw.training import single_file_sd3
+
+    folder = single_file_sd3.shipped_configs()[variant]
+    config = SD3Transformer2DModel.load_config(str(folder), subfolder="transformer")
+    with torch.device("meta"):
+        model = SD3Transformer2DModel.from_config(config)
+    native = single_file_sd3.transformer_to_native(model.state_dict(), config["num_layers"])
+    shapes = {single_file_sd3.MMDIT_PREFIX + k: list(v.shape) for k, v in native.items()}
+    width, depth = 64 * config["num_layers"], config["num_layers"]
+    p = single_file_sd3.MMDIT_PREFIX
+    assert shapes[p + "joint_blocks.0.x_block.attn.qkv.weight"] == [3 * width, width]
+    assert shapes[p + "joint_blocks.0.context_block.adaLN_modulation.1.weight"] == [6 * width, width]
+    assert shapes[p + f"joint_blocks.{depth - 1}.context_block.adaLN_modulation.1.weight"] == [2 * width, width]
+    assert shapes[p + "context_embedder.weight"] == [width, 4096] and shapes[p + "y_embedder.mlp.0.weight"][1] == 2048
+    assert shapes[p + "pos_embed"] == [1, (384 if variant == "sd35-medium" else 192) ** 2, width]
+    assert (p + "joint_blocks.12.x_block.attn2.qkv.weight" in shapes) == (variant == "sd35-medium")
+    assert single_file_sd3.detect_config(shapes, path=tmp_path / "x.safetensors") == folder
+    # SD3 Medium (no qk-norm, 192² positions) is not one charfw ships
+    shapes.pop(p + "joint_blocks.12.x_block.attn2.qkv.weight", None)
+    shapes[p + "pos_embed"] = [1, 1, width]
+    from charfw.errors import CharfwError
+
+    with pytest.raises(CharfwError, match="unknown SD3 layout"):
+        single_file_sd3.detect_config(shapes, path=tmp_path / "x.safetensors")
+
+
+def test_t5_without_a_tokenizer_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from charfw.errors import CharfwError
+    from charfw.training import single_file_sd3
+    from charfw.training.families import get_family
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    family = get_family("sd35")
+    with pytest.raises(CharfwError, match="t5 is on, but the T5 tokenizer") as info:
+        family._t5_tokenizer(single_file_sd3.shipped_configs()["sd35-medium"], tmp_path / "sd3.5_medium.safetensors")
+    assert "\n" not in str(info.value)

@@ -168,12 +168,15 @@ class SD35Family(ModelFamily):
 
         if (config_dir / "tokenizer_3" / "tokenizer.json").is_file():
             return T5TokenizerFast.from_pretrained(str(config_dir / "tokenizer_3"))
-        try:
-            return T5TokenizerFast.from_pretrained(T5_TOKENIZER, local_files_only=True)
-        except (OSError, ValueError):
+        # transformers 5 makes an empty tokenizer (special tokens only) when the files are
+        # missing, so their presence in the cache is checked first
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = [try_to_load_from_cache(T5_TOKENIZER, name) for name in ("tokenizer.json", "spiece.model")]
+        if not any(isinstance(found, str) for found in cached):
             raise CharfwError(f"t5 is on, but the T5 tokenizer ({T5_TOKENIZER}) is not in the Hugging Face cache",
-                              path=path, hint=f"download it once (huggingface-cli download {T5_TOKENIZER}), "
-                                              "or train without t5") from None
+                              path=path, hint=f"download it once (hf download {T5_TOKENIZER}), or train without t5")
+        return T5TokenizerFast.from_pretrained(T5_TOKENIZER, local_files_only=True)
 
     def _load_vae(self, source: ModelSource) -> Any:
         """A VAE given apart (``model.vae``): a file (a checkpoint's ``first_stage_model.*`` or
