@@ -76,7 +76,7 @@ class PartReport:
         out = {
             "label": part.label, "name": part.name, "kind": part.kind, "keyword": part.keyword,
             "class_tokens": part.class_tokens, "anchor": f"part-{part.name}",
-            "members": [m.label for m in part.members] if part.kind == "group" else [],
+            "members": self.section("members", self.members) if part.kind == "group" else [],
             "angles": self.section("angle sheet", self.angle_sheet),
             "lint": lint,
             "dataset": self.section("dataset", self.dataset),
@@ -147,6 +147,19 @@ class PartReport:
             "caption": ", ".join(item.tags),
             "own_tags": [t for t in item.tags if t not in common],
         }
+
+    def members(self) -> list[dict[str, Any]]:
+        """A group's members, each with its front image (or its first) and image count."""
+        out = []
+        for member in self.part.members:
+            member_dir = self.store.target_dir.parent / member.target / member.name
+            items = next((r.output.items for name in IMAGE_STAGES
+                          if (r := read_record(member_dir / name)) is not None and r.output.items), [])
+            front = next((i for i in items if i.code and i.code.endswith("00")), items[0] if items else None)
+            out.append({"label": member.label, "target": member.target, "name": member.name,
+                        "images": len(items), "keyword": member.keyword,
+                        "thumb": self.store.thumbnail(self.path(front.path), front.sha256) if front else None})
+        return out
 
     # --- lint --------------------------------------------------------------------------
 

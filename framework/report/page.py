@@ -21,7 +21,6 @@ from charfw.report.store import FOLDER, ReportStore
 if TYPE_CHECKING:
     from charfw.build.plan import Plan
     from charfw.build.run import StageReport
-    from charfw.build.template_library import TemplateLibrary
     from charfw.build.workspace import Workspace
 
 REPORT_NAME = "report.html"
@@ -34,13 +33,14 @@ def write_reports(plan: Plan, reports: list[StageReport] | None = None, *, secon
                   jobs: int = 1) -> list[Path]:
     """The report of every target of ``plan``, then the index; returns the report paths.
     ``reports`` (what a build just did) are kept for later ``charfw report`` runs."""
-    written = [write_report(plan, target, reports, seconds=seconds, jobs=jobs) for target in plan.targets]
-    write_index(plan.workspace)
+    env = _environment(plan.workspace)
+    written = [write_report(plan, target, reports, seconds=seconds, jobs=jobs, env=env) for target in plan.targets]
+    write_index(plan.workspace, env=env)
     return written
 
 
 def write_report(plan: Plan, target: str, reports: list[StageReport] | None = None, *,
-                 seconds: float | None = None, jobs: int = 1) -> Path:
+                 seconds: float | None = None, jobs: int = 1, env: Any = None) -> Path:
     ws = plan.workspace
     target_dir = ws.build_dir / target
     store = ReportStore(target_dir, jobs)
@@ -62,13 +62,14 @@ def write_report(plan: Plan, target: str, reports: list[StageReport] | None = No
         "lint_known": any(p["lint"] is not None for p in data),
     }
     path = target_dir / REPORT_NAME
-    atomic.write_text(path, _environment(ws.templates).get_template("report/report.html.j2").render(page=page))
+    env = env or _environment(ws)
+    atomic.write_text(path, env.get_template("report/report.html.j2").render(page=page))
     atomic.write_json(store.dir / ENTRY, _entry(page, target))
     store.finish()
     return path
 
 
-def write_index(ws: Workspace) -> Path:
+def write_index(ws: Workspace, *, env: Any = None) -> Path:
     """``build/index.html``: every character and group of the workspace, with its report."""
     names = {p.stem for p in ws.manifest_paths()}
     if ws.build_dir.is_dir():
@@ -88,7 +89,8 @@ def write_index(ws: Workspace) -> Path:
     page = {"entries": entries, "version": __version__, "workspace": ws.root.name,
             "written": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
     path = ws.build_dir / INDEX_NAME
-    atomic.write_text(path, _environment(ws.templates).get_template("report/index.html.j2").render(page=page))
+    env = env or _environment(ws)
+    atomic.write_text(path, env.get_template("report/index.html.j2").render(page=page))
     return path
 
 
@@ -121,6 +123,8 @@ def _entry(page: dict[str, Any], target: str) -> dict[str, Any]:
     parts = []
     for part in page["parts"]:
         sheet = part["angles"]
+        if cover is None and part["members"]:
+            cover = next((m["thumb"] for m in part["members"] if m["thumb"]), None)
         if cover is None and sheet:
             cover = next((img["thumb"] for row in sheet["rows"] for cell in row["cells"]
                           for img in cell["images"] if img["thumb"]), None)
@@ -136,8 +140,15 @@ def _entry(page: dict[str, Any], target: str) -> dict[str, Any]:
             "parts": parts, "built": page["build"]["finished"]}
 
 
-def _environment(templates: TemplateLibrary) -> Any:
-    env = templates.environment(autoescape=True)
+def _environment(ws: Workspace) -> Any:
+    """The templates' environment, HTML-escaped; compiled templates are kept in
+    ``build/.cache/jinja`` (compiling the page's template costs more than rendering it)."""
+    import jinja2
+
+    env = ws.templates.environment(autoescape=True)
+    folder = ws.cache_dir / "jinja"
+    folder.mkdir(parents=True, exist_ok=True)
+    env.bytecode_cache = jinja2.FileSystemBytecodeCache(str(folder))
     env.filters["seconds"] = _seconds
     return env
 

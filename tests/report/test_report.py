@@ -66,7 +66,8 @@ def test_build_writes_the_report_and_the_index(workspace: Path, run_cli) -> None
     assert 'data-name="krnksf_tyankps"' in index
 
 
-def test_a_rebuild_reuses_thumbnails_and_redoes_what_changed(workspace: Path, run_cli) -> None:
+def test_a_rebuild_reuses_thumbnails_and_redoes_what_changed(workspace: Path, run_cli,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     code, out, err = run_cli("build", "krnk", *UNTIL, cwd=workspace)
     assert code == 0, out + err
     folder = workspace / "build/krnk/.report/thumbs"
@@ -84,11 +85,29 @@ def test_a_rebuild_reuses_thumbnails_and_redoes_what_changed(workspace: Path, ru
     after = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
     assert len(after) == len(before) and len(set(after) - set(before)) == 1
     assert all(after[n] == t for n, t in before.items() if n in after)
-    # charfw report writes it again from build/, keeping what the last build did
+    # charfw report writes it again from build/, keeping what the last build did, and opens it
     (workspace / "build/krnk/report.html").unlink()
-    code, out, _ = run_cli("report", "krnk", cwd=workspace)
+    opened: list[str] = []
+    monkeypatch.setattr("webbrowser.open", lambda url: opened.append(url) or True)
+    code, out, _ = run_cli("report", "krnk", "--open", cwd=workspace)
     assert code == 0 and "wrote build/krnk/report.html" in out
     assert "ran" in (workspace / "build/krnk/report.html").read_text("utf-8")
+    assert opened == [(workspace / "build/krnk/report.html").resolve().as_uri()]
+
+
+def test_a_group_report_shows_its_members(workspace: Path, run_cli) -> None:
+    code, out, err = run_cli("build", "krnksf_tyankps", *UNTIL, cwd=workspace)
+    assert code == 0, out + err
+    assert "report: build/krnksf_tyankps/report.html" in out
+    html = (workspace / "build/krnksf_tyankps/report.html").read_text("utf-8")
+    members = html[html.index('class="thumbs members"'):]
+    members = members[:members.index("</div>")]
+    assert members.count("<figure>") == 2 and "krnk/krnksf" in members and "tyank/tyankps" in members
+    assert 'data-template=' not in html  # a group has no angle template
+    assert "<b>48</b><span>images</span>" in html  # both members' faces and bodies
+    index = (workspace / "build/index.html").read_text("utf-8")
+    card = index[index.index('data-name="krnksf_tyankps"'):]
+    assert 'src="krnksf_tyankps/.report/thumbs/' in card[:card.index("</h2>")]
 
 
 def _chromium() -> str:
