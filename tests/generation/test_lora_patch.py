@@ -403,7 +403,7 @@ ERRORS = {
     "dora": ("DoRA", None),
     "unknown": ("tensors charfw cannot apply", None),
     "preset": ("unknown block-weight preset 'FACES'", "did you mean 'FACE'"),
-    "length": ("25 values is not a block layout", None),
+    "length": ("24 values is not a block layout", None),
     "sdxl": ("20 block weights is a SDXL layout", None),
     "missing": ("no such file", None),
 }
@@ -413,7 +413,7 @@ ERRORS = {
 def test_errors_are_one_line_and_change_nothing(files: dict, models: Models, tmp_path: Path, problem: str) -> None:
     good = files["lora"][0]
     if problem in ("preset", "length", "sdxl"):
-        spec = LoraSpec(good, blocks={"preset": "FACES", "length": [1.0] * 25, "sdxl": [1.0] * 20}[problem])
+        spec = LoraSpec(good, blocks={"preset": "FACES", "length": [1.0] * 24, "sdxl": [1.0] * 20}[problem])
     elif problem == "missing":
         spec = LoraSpec(tmp_path / "missing.safetensors")
     else:

@@ -125,5 +125,5 @@ def test_default_weights_by_part_kind(kind: str, preset: str) -> None:
 
     assert weights_spec(BlockWeightOptions(), kind) == preset
     assert weights_spec(BlockWeightOptions(weights="OUTD"), kind) == "OUTD"
-    with pytest.raises(ValueError, match="25 values is not a block layout"):
-        BlockWeightOptions(weights=[1.0] * 25)
+    with pytest.raises(ValueError, match="24 values is not a block layout"):
+        BlockWeightOptions(weights=[1.0] * 24)
