@@ -445,8 +445,10 @@ def main() -> None:
 
     import diffusers
     import torch
+    import transformers
 
     diffusers.utils.logging.set_verbosity_error()  # the plain loop's .to() notices
+    transformers.utils.logging.disable_progress_bar()  # and its loading bars
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.flops_only:
