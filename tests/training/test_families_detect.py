@@ -30,7 +30,7 @@ def single(path: Path) -> ModelSource:
     ({k: v for k, v in sdxl_shapes().items() if k.startswith(UNET)}, "sdxl", None, "label_emb"),
     (sd35_shapes(38), "sd35", "SD 3.5 Large", "38 MMDiT joint_blocks, text encoders clip_g, clip_l, t5xxl"),
     (sd35_shapes(24, attn2=13), "sd35", "SD 3.5 Medium", "24 MMDiT joint_blocks"),
-    (sd35_shapes(24, qk_norm=False, encoders=False), "sd35", "SD3 Medium", "24 MMDiT joint_blocks in"),
+    (sd35_shapes(24, qk_norm=False, encoders=False), "sd3", "SD3 Medium", "24 MMDiT joint_blocks in"),
 ])
 def test_single_file_layouts(tmp_path: Path, shapes, family, variant, evidence) -> None:
     path = write_header(tmp_path / "model.safetensors", shapes)
@@ -54,9 +54,12 @@ def test_unknown_family_is_one_line_naming_the_file_and_the_families(tmp_path: P
     assert "sd1 (SD 1.x), sdxl (SDXL), sd35 (SD 3.5)" in text
 
 
-def test_sd2_is_recognised_but_not_trained(tmp_path: Path) -> None:
+def test_sd2_and_sd3_are_recognised_but_not_trained(tmp_path: Path) -> None:
     path = write_header(tmp_path / "v2.safetensors", sd2_shapes())
     with pytest.raises(CharfwError, match=r"this is an SD 2\.x model .*charfw trains sd1 \(SD 1\.x\), sdxl"):
+        detect_family(single(path)).require_trained(path=path)
+    path = write_header(tmp_path / "sd3_medium.safetensors", sd35_shapes(24, qk_norm=False))
+    with pytest.raises(CharfwError, match=r"this is an SD3 Medium model .*sd35 \(SD 3\.5\)"):
         detect_family(single(path)).require_trained(path=path)
 
 
@@ -79,6 +82,8 @@ def test_diffusers_folders(tmp_path: Path) -> None:
     xl_img2img = _pipeline_folder(tmp_path / "xl2", "StableDiffusionXLImg2ImgPipeline")
     large = _pipeline_folder(tmp_path / "sd35l", "StableDiffusion3Pipeline",
                              transformer={"num_layers": 38, "qk_norm": "rms_norm"})
+    sd3 = _pipeline_folder(tmp_path / "sd3m", "StableDiffusion3Pipeline", transformer={"num_layers": 24})
+    assert (found(sd3).name, found(sd3).variant) == ("sd3", "SD3 Medium")
     medium = _pipeline_folder(tmp_path / "sd35m", "StableDiffusion3Pipeline",
                               transformer={"num_layers": 24, "qk_norm": "rms_norm",
                                            "dual_attention_layers": list(range(13))})

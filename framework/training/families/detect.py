@@ -18,8 +18,9 @@ family (and so the trainer, the dataset rules and the block layouts) follows fro
   else the family the manifest (``model.family``) or the command line (``--family``) gives;
 * a built-in model: its name (``charfw:tiny-sd15``, ``charfw:tiny-sdxl``, ``charfw:tiny-sd35``).
 
-SD 3.5 Large and Medium (and SD3 Medium) are told apart by their number of joint blocks
-(38 or 24) and the second attention of 3.5 Medium's first 13 blocks (``attn2``). Anything
+SD 3.5 Large and Medium are told apart by their number of joint blocks (38 or 24) and the
+second attention of 3.5 Medium's first 13 blocks (``attn2``); SD3 Medium, without 3.5's
+q/k norms, is recognised and refused as SD 2.x is (charfw trains neither). Anything
 else (Flux, a LoRA given as a base model, random tensors) is a one-line
 :class:`~charfw.errors.CharfwError` naming the file and the families charfw trains.
 """
@@ -38,8 +39,9 @@ from ..model_sources import BUILTIN_PREFIX, ModelSource, _hub_problem
 
 #: the families charfw trains, with the names people call them
 TRAINED: dict[str, str] = {"sd1": "SD 1.x", "sdxl": "SDXL", "sd35": "SD 3.5"}
-#: every family detection can answer (SD 2.x is recognised, not trained)
-KNOWN: dict[str, str] = {**TRAINED, "sd2": "SD 2.x"}
+#: every family detection can answer (SD 2.x and SD3, the MMDiT before 3.5 without its
+#: q/k norms, are recognised, not trained)
+KNOWN: dict[str, str] = {**TRAINED, "sd2": "SD 2.x", "sd3": "SD3"}
 #: the built-in models' families
 BUILTIN_FAMILIES: dict[str, str] = {"tiny-sd15": "sd1", "tiny-sdxl": "sdxl", "tiny-sd35": "sd35"}
 
@@ -105,17 +107,9 @@ def family_from_shapes(shapes: Mapping[str, list[int]], *, path: Path | str | No
         depth = max(joint) + 1
         has_attn2 = any(".x_block.attn2." in k for k in shapes)
         qk_norm = any(".x_block.attn.ln_q." in k for k in shapes)
-        if depth >= 38:
-            variant = "SD 3.5 Large"
-        elif has_attn2:
-            variant = "SD 3.5 Medium"
-        elif qk_norm:
-            variant = f"SD 3.5 ({depth} joint blocks)"
-        else:
-            variant = "SD3 Medium" if depth == 24 else f"SD3 ({depth} joint blocks)"
         encoders = sorted({k.split(".")[1] for k in shapes if k.startswith("text_encoders.")})
         with_te = f", text encoders {', '.join(encoders)}" if encoders else ""
-        return DetectedFamily("sd35", f"{depth} MMDiT joint_blocks{with_te} in {name}", variant)
+        return _mmdit(depth, has_attn2, qk_norm, f"{depth} MMDiT joint_blocks{with_te} in {name}")
     if any(k.startswith("conditioner.embedders.") for k in shapes):
         return DetectedFamily("sdxl", f"conditioner.embedders.* in {name}")
     label_emb = shapes.get(UNET + "label_emb.0.0.weight")
@@ -187,17 +181,20 @@ def _unet_family(config: Mapping[str, Any], where: str) -> DetectedFamily:
     return DetectedFamily("sd1", f"a UNet with a {context}-wide text context in {where}")
 
 
+def _mmdit(depth: int, attn2: bool, qk_norm: bool, evidence: str) -> DetectedFamily:
+    """SD 3.5 Large (38 blocks) or Medium (second attention in its first blocks), or SD3:
+    without the q/k norms 3.5 added."""
+    if not qk_norm:
+        return DetectedFamily("sd3", evidence, "SD3 Medium" if depth == 24 else f"SD3 ({depth} joint blocks)")
+    if depth >= 38:
+        return DetectedFamily("sd35", evidence, "SD 3.5 Large")
+    return DetectedFamily("sd35", evidence, "SD 3.5 Medium" if attn2 else f"SD 3.5 ({depth} joint blocks)")
+
+
 def _transformer_family(config: Mapping[str, Any], where: str) -> DetectedFamily:
     depth = int(config.get("num_layers") or 0)
-    if depth >= 38:
-        variant = "SD 3.5 Large"
-    elif config.get("dual_attention_layers"):
-        variant = "SD 3.5 Medium"
-    elif config.get("qk_norm"):
-        variant = f"SD 3.5 ({depth} joint blocks)"
-    else:
-        variant = "SD3 Medium" if depth == 24 else f"SD3 ({depth} joint blocks)"
-    return DetectedFamily("sd35", f"SD3Transformer2DModel with {depth} blocks in {where}", variant)
+    return _mmdit(depth, bool(config.get("dual_attention_layers")), bool(config.get("qk_norm")),
+                  f"SD3Transformer2DModel with {depth} blocks in {where}")
 
 
 def family_from_model_index(index: Mapping[str, Any], read_config: Any, where: str,
@@ -219,7 +216,8 @@ def family_from_model_index(index: Mapping[str, Any], read_config: Any, where: s
     if family == "sd35":
         transformer = read_config("transformer")
         if transformer is not None:
-            return DetectedFamily("sd35", evidence, _transformer_family(transformer, where).variant)
+            found = _transformer_family(transformer, where)
+            return DetectedFamily(found.name, evidence, found.variant)
     return DetectedFamily(family, evidence)
 
 
