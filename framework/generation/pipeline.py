@@ -268,7 +268,8 @@ class Generator:
 
     def __init__(self, base: str, *, vae: str | None = None, cache_dir: Path, lora_dirs: Sequence[Path] = (),
                  device: str | None = None, dtype: str | None = None, family: str | None = None,
-                 templates: TemplateLibrary | None = None, named_loras: Mapping[str, Path] | None = None) -> None:
+                 templates: TemplateLibrary | None = None, named_loras: Mapping[str, Path] | None = None,
+                 t5_max_length: int | None = None) -> None:
         from ..training.families import get_family
         from ..training.model_sources import resolve_source
         from .lora_patch import LoraPatcher
@@ -284,7 +285,13 @@ class Generator:
         self.family_name = family
         vae_source = resolve_source(vae, cache_dir=Path(cache_dir), what="VAE") if vae else None
         self.device, self.dtype = _device_and_dtype(device, dtype)
-        self.model = get_family(family).load(source, vae_source, cache_dir=Path(cache_dir))
+        loader = get_family(family)
+        if t5_max_length is not None:  # SD 3.5's third text encoder, off unless asked for
+            enable = getattr(loader, "enable_t5", None)
+            if enable is None:
+                raise CharfwError(f"T5 is an SD 3.5 text encoder; this base model is {family}", hint="leave out --t5")
+            enable(t5_max_length)
+        self.model = loader.load(source, vae_source, cache_dir=Path(cache_dir))
         self.model_name, self.model_hash = self._identity(source)
         self.vae_name, self.vae_hash = self._identity(vae_source) if vae_source is not None else (None, None)
         model = self.model

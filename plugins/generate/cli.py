@@ -162,6 +162,10 @@ def register_commands(cli):
                   help="Images per pipeline call (same size, steps, CFG, sampler and LoRAs).")
     @click.option("--clip-skip", type=click.IntRange(1, 12), default=1, show_default=True,
                   help="A1111 numbering: 1 = last layer, 2 = penultimate.")
+    @click.option("--t5", "t5_max_length", type=click.IntRange(1, 512), is_flag=False, flag_value=256,
+                  default=None, metavar="[TOKENS]",
+                  help="SD 3.5: load T5-XXL and encode the prompt with it too (256 tokens unless given; "
+                       "off: zeros, as diffusers without T5).")
     @click.option("--grayscale", is_flag=True, help="Save single-channel (mode L) images.")
     @click.option("--grid", is_flag=True, help="Also write grid.png, one row per prompt line.")
     @click.option("--device", help="cuda, cuda:1, cpu (default: cuda when there is one).")
@@ -173,8 +177,9 @@ def register_commands(cli):
     def generate_command(ctx: click.Context, prompts: Path, base_model: str, vae: str | None, count: int, seed: int, output: Path,
                          loras: tuple[str, ...], lora_dirs: tuple[Path, ...], control_images: tuple[Path, ...],
                          controlnets: tuple[str, ...], sampler: str, steps: int, cfg: float,
-                         width: int, height: int, batch_size: int, clip_skip: int, grayscale: bool, grid: bool,
-                         device: str | None, dtype: str | None, cache_dir: Path | None) -> None:
+                         width: int, height: int, batch_size: int, clip_skip: int, t5_max_length: int | None,
+                         grayscale: bool, grid: bool, device: str | None, dtype: str | None,
+                         cache_dir: Path | None) -> None:
         """Generate COUNT images per line of a prompt file, with A1111 infotext in each PNG.
 
         A line is `positive|||negative`, optionally followed by kohya's options
@@ -213,7 +218,7 @@ def register_commands(cli):
         start, stop = world.share(len(planned))
         generator = Generator(base_model, vae=vae, cache_dir=cache_dir or default_cache_dir(),
                               lora_dirs=list(lora_dirs), device=device or world.device, dtype=dtype,
-                              named_loras=_build_loras(ctx))
+                              named_loras=_build_loras(ctx), t5_max_length=t5_max_length)
         output.mkdir(parents=True, exist_ok=True)
         records: dict[int, dict[str, Any]] = {}
         try:

@@ -107,7 +107,7 @@ def test_generate_command_with_lora_and_controlnet(tiny_sd35: Path, lora_file: P
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT} <lora:rnd:0.8>|||lowres\n", "utf-8")
     common = ["generate", prompts, "--base-model", tiny_sd35, "--lora-dir", lora_file.parent, "-W", "64", "-H", "64",
-              "--steps", "3", "--sampler", "Euler", "--cache-dir", tmp_path / "cache", "--seed", "5"]
+              "--steps", "3", "--sampler", "Euler", "--t5", "--cache-dir", tmp_path / "cache", "--seed", "5"]
     code, _, err = run_cli(*common, "-o", tmp_path / "plain")
     assert code == 0, err
     code, _, err = run_cli(*common, "-o", tmp_path / "again")
@@ -143,3 +143,18 @@ def test_hires_fix_runs_sd3_img2img(generator: Any) -> None:
     (made,) = generator.generate([ImageRequest(PROMPT, width=64, height=64, steps=2, sampler="Euler",
                                                hires=HiresFix(scale=1.5, denoise=0.5))])
     assert made.image.size == (96, 96) and made.params.denoising_strength == 0.5
+
+
+def test_t5_encodes_the_prompt_as_diffusers_with_256_tokens(tiny_sd35: Path, tmp_path: Path) -> None:
+    from charfw.generation.pipeline import Generator
+
+    with Generator(str(tiny_sd35), cache_dir=tmp_path, device="cpu", t5_max_length=256) as generator:
+        model = generator.model
+        assert len(model.text_encoders) == 3 and generator.pipe.text_encoder_3 is not None
+        embeds = model.family.encode_prompts(model, PROMPT, "", clip_skip=1, device="cpu")
+        with torch.no_grad():
+            expected, negative, _, _ = generator.pipe.encode_prompt(PROMPT, PROMPT, PROMPT, negative_prompt="",
+                                                                    do_classifier_free_guidance=True)
+    assert embeds["prompt_embeds"].shape == (1, 77 + 256, 128)
+    torch.testing.assert_close(embeds["prompt_embeds"], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(embeds["negative_prompt_embeds"], negative, atol=1e-6, rtol=0)

@@ -80,6 +80,11 @@ class SD35Family(ModelFamily):
         self.t5_max_length = 77
         self.settings: TrainSettings | None = None
 
+    def enable_t5(self, max_length: int) -> None:
+        """Load T5 and condition on ``max_length`` of its tokens (generation: diffusers'
+        pipelines use 256)."""
+        self.t5, self.t5_max_length = True, max_length
+
     def configure(self, settings: TrainSettings) -> None:
         """Take the run's SD 3.5 settings (T5 on or off, its length, the weighting scheme)."""
         from ..networks import network_type
