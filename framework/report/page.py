@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from charfw import __version__
 from charfw.build import atomic
+from charfw.errors import CharfwError
 from charfw.report.collect import PartReport
 from charfw.report.store import FOLDER, ReportStore
 
@@ -63,7 +64,7 @@ def write_report(plan: Plan, target: str, reports: list[StageReport] | None = No
     }
     path = target_dir / REPORT_NAME
     env = env or _environment(ws)
-    atomic.write_text(path, env.get_template("report/report.html.j2").render(page=page))
+    atomic.write_text(path, _render(env, "report/report.html.j2", page))
     atomic.write_json(store.dir / ENTRY, _entry(page, target))
     store.finish()
     return path
@@ -90,7 +91,7 @@ def write_index(ws: Workspace, *, env: Any = None) -> Path:
             "written": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
     path = ws.build_dir / INDEX_NAME
     env = env or _environment(ws)
-    atomic.write_text(path, env.get_template("report/index.html.j2").render(page=page))
+    atomic.write_text(path, _render(env, "report/index.html.j2", page))
     return path
 
 
@@ -138,6 +139,19 @@ def _entry(page: dict[str, Any], target: str) -> dict[str, Any]:
     return {"name": target, "kind": page["kind"], "description": page["description"],
             "report": f"{target}/{REPORT_NAME}", "cover": f"{target}/{cover}" if cover else None,
             "parts": parts, "built": page["build"]["finished"]}
+
+
+def _render(env: Any, name: str, page: dict[str, Any]) -> str:
+    """The page from template ``name``; a template error (a workspace's own template) is a
+    one-line error naming the file and line."""
+    import jinja2
+
+    try:
+        return env.get_template(name).render(page=page)
+    except jinja2.TemplateSyntaxError as exc:
+        raise CharfwError(f"template error: {exc.message}", path=exc.filename, line=exc.lineno) from None
+    except jinja2.TemplateError as exc:
+        raise CharfwError(f"template '{name}': {exc}", hint="compare it with charfw's own in templates/report/") from None
 
 
 def _environment(ws: Workspace) -> Any:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from charfw import __version__
+from charfw import __version__, console
 from charfw.build import atomic
 from charfw.build.hashing import fingerprint
 
@@ -113,8 +113,17 @@ class ReportStore:
 
 
 def _thumbnail(source: Path, dest: Path, size: int) -> None:
+    """A JPEG of at most ``size`` pixels a side; an unreadable image gets none (the page
+    then shows its alt text)."""
     from PIL import Image
 
+    try:
+        _write_thumbnail(Image, source, dest, size)
+    except OSError as exc:  # PIL's "cannot identify image file" is an OSError too
+        console.warn(f"no thumbnail for {source}: {exc}")
+
+
+def _write_thumbnail(Image: Any, source: Path, dest: Path, size: int) -> None:
     with Image.open(source) as im:
         im.draft("RGB", (size, size))  # JPEG sources decode at a fraction of their size
         if im.mode in ("RGBA", "LA", "P"):

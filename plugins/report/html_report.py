@@ -20,10 +20,18 @@ from charfw.errors import display_path
 
 @charfw.hookimpl
 def build_finished(summary):
+    """Write the report of the targets just built. A page that cannot be written (a broken
+    template of the workspace's own, a full disk) is a warning: the build's work is done."""
     from charfw.build.stages import jobs_default
+    from charfw.errors import CharfwError
     from charfw.report import write_reports
 
-    for path in write_reports(summary.plan, summary.reports, seconds=summary.seconds, jobs=jobs_default()):
+    try:
+        paths = write_reports(summary.plan, summary.reports, seconds=summary.seconds, jobs=jobs_default())
+    except (CharfwError, OSError) as exc:
+        console.warn(f"the build report was not written: {exc}; then: charfw report {' '.join(summary.plan.targets)}")
+        return
+    for path in paths:
         summary.notes.append(f"report: {display_path(path)}")
 
 

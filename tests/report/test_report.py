@@ -36,6 +36,8 @@ def edit_face(ws: Path) -> None:
 
 def test_build_writes_the_report_and_the_index(workspace: Path, run_cli) -> None:
     edit_face(workspace)
+    manifest = workspace / "characters/krnk.yaml"
+    manifest.write_text(manifest.read_text("utf-8").replace("colors: [black]", "colors: [black, white]"))
     code, out, err = run_cli("build", "krnk", *UNTIL, cwd=workspace)
     assert code == 0, out + err
     assert "report: build/krnk/report.html" in out  # the summary names the page
@@ -44,6 +46,10 @@ def test_build_writes_the_report_and_the_index(workspace: Path, run_cli) -> None
     # one cell per code of the symmetric face template, f12 marked missing
     assert list(face) == [f"f{v}{h}" for v in range(3) for h in range(5)]
     assert face["f12"] == "missing" and sum(s == "ok" for s in face.values()) == 14
+    # both backgrounds of an image, side by side, named
+    f01 = html[html.index('data-code="f01"'):]
+    f01 = f01[:f01.index("</td>")]
+    assert f01.count("<img ") == 2 and "<figcaption>black</figcaption>" in f01 and "<figcaption>white</figcaption>" in f01
     body = cells(html, "body")
     assert len(body) == 15 and {c for c, s in body.items() if s == "excluded"} == {"b12", "b13", "b14", "b22", "b23", "b24"}
     assert "<code>f00</code>: f00-smile2.png, f00.png" in html  # the duplicate
@@ -53,12 +59,12 @@ def test_build_writes_the_report_and_the_index(workspace: Path, run_cli) -> None
     assert "In every caption: krnk, white background" in html
     assert "from horizontal, from front" in html
     # the dataset: images × repeats, steps per epoch, the TOML
-    assert "<b>16</b><span>images</span>" in html and "<b>64</b><span>images × repeats per epoch</span>" in html
+    assert "<b>32</b><span>images</span>" in html and "<b>128</b><span>images × repeats per epoch</span>" in html
     assert "steps per epoch" in html and "[[datasets.subsets]]" in html
     assert "The train stage has not run for this part." in html
     # thumbnails beside the page, one per prepared image
     thumbs = re.findall(r'src="(\.report/thumbs/[^"]+)"', html)
-    assert len(thumbs) == 16 + 9 and all((workspace / "build/krnk" / t).is_file() for t in thumbs)
+    assert len(thumbs) == 2 * (16 + 9) and all((workspace / "build/krnk" / t).is_file() for t in thumbs)
     # the index links the report and lists the characters not built yet
     index = (workspace / "build/index.html").read_text("utf-8")
     assert 'href="krnk/report.html"' in index
@@ -108,6 +114,14 @@ def test_a_group_report_shows_its_members(workspace: Path, run_cli) -> None:
     index = (workspace / "build/index.html").read_text("utf-8")
     card = index[index.index('data-name="krnksf_tyankps"'):]
     assert 'src="krnksf_tyankps/.report/thumbs/' in card[:card.index("</h2>")]
+    # a broken template of the workspace's own: the build warns, charfw report is one line
+    own = workspace / "templates/report/report.html.j2"
+    own.parent.mkdir(parents=True)
+    own.write_text("<html>\n{% if page.name %}\n</html>\n")
+    code, out, err = run_cli("build", "krnksf_tyankps", *UNTIL, cwd=workspace)
+    assert code == 0 and "the build report was not written" in err and "report.html.j2:3" in err
+    code, out, err = run_cli("report", "krnksf_tyankps", cwd=workspace)
+    assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
 def _chromium() -> str:
