@@ -23,6 +23,14 @@ from charfw.plugins import load_plugins
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 
 
+def user_cache_dir() -> Path:
+    """Caches shared by all workspaces: ``$CHARFW_CACHE``, else ``$XDG_CACHE_HOME/charfw``,
+    else ``~/.cache/charfw``."""
+    root = os.environ.get("CHARFW_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "charfw")
+    return Path(root)
+
+
 class Workspace:
     def __init__(self, root: Path, *, plugins_dir: Path | None = None, build_dir: Path | None = None) -> None:
         self.root = root.resolve()

@@ -9,6 +9,7 @@ What the last build did to each stage (ran, up to date, off, blocked) is kept in
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,14 +156,22 @@ def _render(env: Any, name: str, page: dict[str, Any]) -> str:
 
 
 def _environment(ws: Workspace) -> Any:
-    """The templates' environment, HTML-escaped; compiled templates are kept in
-    ``build/.cache/jinja`` (compiling the page's template costs more than rendering it)."""
+    """The templates' environment, HTML-escaped. Compiled templates (keyed by their source)
+    are kept in the user's charfw cache, else in ``build/.cache/jinja``: compiling the
+    page's template costs more than rendering it."""
     import jinja2
 
+    from charfw.build.workspace import user_cache_dir
+
     env = ws.templates.environment(autoescape=True)
-    folder = ws.cache_dir / "jinja"
-    folder.mkdir(parents=True, exist_ok=True)
-    env.bytecode_cache = jinja2.FileSystemBytecodeCache(str(folder))
+    for folder in (user_cache_dir() / "jinja", ws.cache_dir / "jinja"):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK):
+            env.bytecode_cache = jinja2.FileSystemBytecodeCache(str(folder))
+            break
     env.filters["seconds"] = _seconds
     return env
 
