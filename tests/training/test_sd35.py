@@ -12,6 +12,7 @@ single-file checkpoint in SD3's own layout gives the diffusers folder's outputs 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -443,3 +444,32 @@ def test_t5_without_a_tokenizer_is_a_one_line_error(tmp_path: Path, monkeypatch:
     with pytest.raises(CharfwError, match="t5 is on, but the T5 tokenizer") as info:
         family._t5_tokenizer(single_file_sd3.shipped_configs()["sd35-medium"], tmp_path / "sd3.5_medium.safetensors")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode", "sigma_sqrt", "cosmap", "none"])
+def test_flow_matching_objective_per_weighting_scheme(scheme: str) -> None:
+    """x_t = (1 - σ) x₀ + σ ε on the shift-3 table, timesteps = 1000 σ, the target, the
+    loss weighting and the preconditioned loss, all from the run's generator."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from charfw.training import TrainSettings
+    from charfw.training.families.sd35 import FlowMatchingObjective
+
+    config = dict(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    settings = TrainSettings(network="lora", weighting_scheme=scheme)
+    objective = FlowMatchingObjective(config, settings, torch.device("cpu"))
+    latents = torch.randn((4, 16, 4, 4), generator=torch.Generator().manual_seed(0))
+    noised = objective.noise(latents, torch.Generator().manual_seed(1))
+    again = objective.noise(latents, torch.Generator().manual_seed(1))
+    assert torch.equal(noised.noisy, again.noisy) and torch.equal(noised.timesteps, again.timesteps)
+    sigmas = noised.extra["sigmas"]
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))  # drawn first
+    torch.testing.assert_close(noised.noisy, (1 - sigmas) * latents + sigmas * noise)
+    torch.testing.assert_close(noised.timesteps, sigmas.flatten() * 1000)
+    unshifted = sigmas / (3 - 2 * sigmas) * 1000  # σ = 3s / (1 + 2s): s on the 1/1000 grid
+    torch.testing.assert_close(unshifted, unshifted.round(), atol=2e-3, rtol=0)
+    expected = {"sigma_sqrt": sigmas**-2.0, "cosmap": 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))}
+    torch.testing.assert_close(noised.weights, expected.get(scheme, torch.ones_like(sigmas)))
+    assert torch.equal(noised.target, latents)  # precondition_outputs: the prediction becomes x₀
+    flow = noise - latents  # a perfect flow prediction has zero loss
+    assert float(objective.loss(flow, noised, torch.ones(4))) < 1e-10

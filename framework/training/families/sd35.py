@@ -36,7 +36,6 @@ and ComfyUI read. Convolution networks (``lora3x3``, LoHa) have nothing to attac
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +60,6 @@ TRANSFORMER_ALL = ("JointTransformerBlock",)
 #: diffusers' SD3 text-encoder targets (q/k/v/out_proj): the CLIP attention blocks
 CLIP_ATTENTION = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2")
 CLIP_ALL = (*CLIP_ATTENTION, "CLIPMLP")
-WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
 T5_TOKENIZER = "google/t5-v1_1-xxl"
 
 
@@ -346,30 +344,9 @@ def join_conditioning(states: list[torch.Tensor], pooled: list[torch.Tensor], t5
 # --- the objective -----------------------------------------------------------------------------
 
 
-def timestep_density(scheme: str, batch: int, *, logit_mean: float, logit_std: float, mode_scale: float,
-                     generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """u in [0, 1) per sample: diffusers' ``compute_density_for_timestep_sampling``, drawn
-    from ``generator``."""
-    if scheme == "logit_normal":
-        u = torch.normal(logit_mean, logit_std, size=(batch,), generator=generator, device=device)
-        return torch.sigmoid(u)
-    u = torch.rand(batch, generator=generator, device=device)
-    if scheme == "mode":
-        u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
-    return u
-
-
-def loss_weighting(scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
-    """diffusers' ``compute_loss_weighting_for_sd3``."""
-    if scheme == "sigma_sqrt":
-        return (sigmas**-2.0).float()
-    if scheme == "cosmap":
-        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
-    return torch.ones_like(sigmas)
-
-
 class FlowMatchingObjective(Objective):
-    """Rectified flow on the scheduler's shifted sigmas, diffusers' SD3 LoRA step.
+    """Rectified flow on the scheduler's shifted sigmas, diffusers' SD3 LoRA step (its own
+    ``compute_density_for_timestep_sampling`` and ``compute_loss_weighting_for_sd3``).
 
     Random numbers, in order from the run's generator: the noise, then the timestep density."""
 
@@ -385,16 +362,22 @@ class FlowMatchingObjective(Objective):
         self.sigmas = scheduler.sigmas[: len(self.timesteps)].to(device, torch.float32)
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator) -> NoisedBatch:
+        from diffusers.training_utils import (
+            compute_density_for_timestep_sampling,
+            compute_loss_weighting_for_sd3,
+        )
+
         s = self.settings
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
-        u = timestep_density(s.weighting_scheme, latents.shape[0], logit_mean=s.logit_mean, logit_std=s.logit_std,
-                             mode_scale=s.mode_scale, generator=generator, device=self.device)
+        u = compute_density_for_timestep_sampling(s.weighting_scheme, latents.shape[0], logit_mean=s.logit_mean,
+                                                  logit_std=s.logit_std, mode_scale=s.mode_scale,
+                                                  device=self.device, generator=generator)
         index = (u * self.num_train_timesteps).long().clamp(0, len(self.timesteps) - 1)
         sigmas = self.sigmas[index].reshape(-1, *[1] * (latents.ndim - 1))
         noisy = (1.0 - sigmas) * latents + sigmas * noise
         target = latents if s.precondition_outputs else noise - latents
-        return NoisedBatch(noisy, self.timesteps[index], target, loss_weighting(s.weighting_scheme, sigmas),
-                           {"sigmas": sigmas})
+        weights = compute_loss_weighting_for_sd3(s.weighting_scheme, sigmas)
+        return NoisedBatch(noisy, self.timesteps[index], target, weights, {"sigmas": sigmas})
 
     def loss(self, prediction: torch.Tensor, noised: NoisedBatch, sample_weights: torch.Tensor) -> torch.Tensor:
         prediction = prediction.float()
