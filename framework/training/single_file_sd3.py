@@ -233,6 +233,17 @@ def load_t5(state: Mapping[str, torch.Tensor], config_dir: Path, *, path: Path) 
     return model
 
 
+def _read_parts(path: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file whose names start with one of ``prefixes``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return {k: fh.get_tensor(k) for k in fh.keys() if k.startswith(prefixes)}  # noqa: SIM118 (not a dict)
+    except Exception as exc:  # a damaged file: safetensors raises its own error types
+        raise CharfwError(f"cannot read this checkpoint ({type(exc).__name__}: {str(exc)[:200]})", path=path) from None
+
+
 def load_checkpoint(path: Path, *, t5: bool) -> tuple[Path, dict[str, Any]]:
     """The parts of an SD3 single file: (the shipped config folder used, parts by diffusers
     component name: transformer, vae, text_encoder, text_encoder_2[, text_encoder_3])."""
@@ -242,7 +253,10 @@ def load_checkpoint(path: Path, *, t5: bool) -> tuple[Path, dict[str, Any]]:
     from .single_file import load_vae
 
     shapes = tensor_shapes(path) if path.suffix.lower() == ".safetensors" else None
-    state = read_state_dict(path)
+    # T5-XXL is most of a full checkpoint (about 9.5 GB in fp16): a safetensors file's tensors
+    # are read only for the parts that are loaded
+    wanted = (MMDIT_PREFIX, VAE_PREFIX, CLIP_L_PREFIX, CLIP_G_PREFIX, *((T5_PREFIX,) if t5 else ()))
+    state = _read_parts(path, wanted) if shapes is not None else read_state_dict(path)
     if shapes is None:
         shapes = {k: list(v.shape) for k, v in state.items()}
     config_dir = detect_config(shapes, path=path)
