@@ -473,3 +473,21 @@ def test_flow_matching_objective_per_weighting_scheme(scheme: str) -> None:
     assert torch.equal(noised.target, latents)  # precondition_outputs: the prediction becomes x₀
     flow = noise - latents  # a perfect flow prediction has zero loss
     assert float(objective.loss(flow, noised, torch.ones(4))) < 1e-10
+
+
+def test_t5_in_float16_keeps_its_output_projections_in_float32(tiny_sd35: Path, tmp_path: Path) -> None:
+    from charfw.training import TrainSettings
+    from charfw.training.families import get_family
+    from charfw.training.model_sources import resolve_source
+
+    family = get_family("sd35")
+    family.configure(TrainSettings(network="lora", t5=True))
+    model = family.load(resolve_source(str(tiny_sd35), cache_dir=tmp_path), None, cache_dir=tmp_path)
+    with torch.no_grad():
+        reference = family.encode_text(model, family.tokenize(model, [PROMPT], None), clip_skip=1)
+        model.text_encoders[2].half()
+        half = family.encode_text(model, family.tokenize(model, [PROMPT], None), clip_skip=1)
+    t5 = model.text_encoders[2]
+    assert t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
+    assert t5.encoder.block[0].layer[1].DenseReluDense.wi_0.weight.dtype == torch.float16
+    torch.testing.assert_close(half["encoder_hidden_states"], reference["encoder_hidden_states"], atol=2e-2, rtol=0)

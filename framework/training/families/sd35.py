@@ -238,7 +238,7 @@ class SD35Family(ModelFamily):
             pooled.append(out.text_embeds)
         t5 = None
         if "t5" in input_ids:
-            t5 = run[2](input_ids["t5"].to(model.text_encoders[2].device))[0]
+            t5 = run[2](input_ids["t5"].to(_fp16_safe_t5(model.text_encoders[2]).device))[0]
         return join_conditioning(states, pooled, t5, model.extra["t5_width"], self.t5_max_length)
 
     def text_layers_unused(self, clip_skip: int) -> bool:
@@ -320,13 +320,24 @@ class SD35Family(ModelFamily):
         if len(model.text_encoders) > 2:
             with torch.no_grad():
                 ids = self.tokenize(model, [plain_text(prompt), plain_text(negative)], None)["t5"].to(device)
-                t5 = list(model.text_encoders[2](ids)[0].unbind(0))
+                t5 = list(_fp16_safe_t5(model.text_encoders[2])(ids)[0].unbind(0))
                 t5 = [t[None] for t in t5 if t is not None]
         cond, uncond = (join_conditioning(states[i], pooled[i], t5[i], model.extra["t5_width"], self.t5_max_length)
                         for i in range(2))
         return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
                 "negative_prompt_embeds": uncond["encoder_hidden_states"],
                 "negative_pooled_prompt_embeds": uncond["pooled_projections"]}
+
+
+def _fp16_safe_t5(t5: Any) -> Any:
+    """T5 v1.1 overflows in float16 (its feed-forward output projections ``wo`` go past
+    65504): as transformers' ``_keep_in_fp32_modules``, those layers are kept in float32
+    when the rest was cast to float16 (T5's forward casts their input to match). Once per
+    model; bfloat16 and float32 models are left alone."""
+    for name, module in t5.named_modules():
+        if name.endswith("DenseReluDense.wo") and module.weight.dtype == torch.float16:
+            module.float()
+    return t5
 
 
 def join_conditioning(states: list[torch.Tensor], pooled: list[torch.Tensor], t5: torch.Tensor | None,
