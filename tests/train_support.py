@@ -40,7 +40,7 @@ def write_images(folder: Path, count: int, size: int = 64, *, keyword: str = "kr
 
 
 def write_dataset(root: Path, *, count: int = 4, size: int = 64, color_aug: bool = False, repeats: int = 2,
-                  batch_size: int = 2, reg: bool = False, general: str = "") -> Path:
+                  batch_size: int = 2, reg: bool = False, general: str = "", flip: bool = True) -> Path:
     """A kohya dataset TOML in ``root`` over ``count`` images (and a regularisation folder)."""
     images = root / f"{repeats}_krnk" / "krnk girl_flip_face"
     write_images(images, count, size)
@@ -69,9 +69,39 @@ batch_size = {batch_size}
   image_dir = "{images.as_posix()}"
   class_tokens = "krnk girl"
   num_repeats = {repeats}
-  flip_aug = true
+  flip_aug = {str(flip).lower()}
 {reg_block}''', "utf-8")
     return toml
+
+
+def comparable_steps(setattr: Callable[[Any, str, Any], None]) -> list[list[Any]]:
+    """Make runs comparable whatever process or batch a sample is in: every sample gets
+    the same noise and timestep (instead of draws from the process's generator), and the
+    gradients of the first optimizer step (as the processes averaged them) are kept in the
+    returned list. ``setattr``: ``monkeypatch.setattr``, or plain ``setattr`` in a child."""
+    import torch
+
+    from charfw.training import objectives
+
+    def noise(self: Any, latents: torch.Tensor, generator: torch.Generator) -> Any:
+        n = latents[0].numel()
+        pattern = torch.sin(torch.arange(n, dtype=torch.float32, device=latents.device) * 0.37).reshape(latents.shape[1:])
+        noise = pattern.expand_as(latents).contiguous()
+        timesteps = torch.full((latents.shape[0],), 500, dtype=torch.long, device=latents.device)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        return objectives.NoisedBatch(noisy, timesteps, noise)
+
+    first: list[list[Any]] = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not first:
+            first.append([p.grad.detach().clone() for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return real_step(self, *args, **kwargs)
+
+    setattr(objectives.DDPMObjective, "noise", noise)
+    setattr(torch.optim.AdamW, "step", step)
+    return first
 
 
 def make_job(base: Path | str, dataset: Path, out: Path, cache: Path, **settings: Any) -> Any:
