@@ -346,7 +346,10 @@ class LoraPatcher:
         cached = self._files.get(identity[0])
         if cached is not None and cached[0] == identity:
             return cached[1]
-        lora = read_lora(spec.path)
+        from ..training.families import get_family
+
+        # files of other tools in another naming (kohya's SD3 names) as modules on our layers
+        lora = get_family(self.family).adapt_lora(read_lora(spec.path), self.unet)
         _check_file(lora, self._layer_map(), spec.path)
         self._files[identity[0]] = (identity, lora)
         return lora

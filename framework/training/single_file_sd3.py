@@ -282,3 +282,60 @@ def load_checkpoint(path: Path, *, t5: bool) -> tuple[Path, dict[str, Any]]:
     if t5:
         parts["text_encoder_3"] = load_t5(state, config_dir, path=path)
     return config_dir, parts
+
+
+# --- LoRAs in SD3's native names ------------------------------------------------------------
+
+
+def native_lora_names(num_layers: int) -> dict[str, list[tuple[str, int, int]]]:
+    """kohya's / ComfyUI's SD3 LoRA module names (``lora_unet_joint_blocks_N_x_block_attn_qkv``)
+    → the diffusers layers they change, as charfw names them
+    (``lora_transformer_transformer_blocks_N_attn_to_q``), each with its part of the native
+    layer's rows as (part, of parts): a fused ``qkv`` is three layers' rows."""
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for i in range(num_layers):
+        native_prefix, ours = f"lora_unet_joint_blocks_{i}_", f"lora_transformer_transformer_blocks_{i}_"
+        for diffusers, native in _BLOCK.items():
+            out[native_prefix + native.replace(".", "_")] = [(ours + diffusers.replace(".", "_"), 0, 1)]
+        for native, parts in _QKV.items():
+            out[native_prefix + native.replace(".", "_")] = [
+                (ours + p.replace(".", "_"), n, 3) for n, p in enumerate(parts)]
+    return out
+
+
+def native_lora_to_diffusers(lora: Any, num_layers: int) -> Any:
+    """A :class:`~charfw.lora.file.LoraFile` whose transformer modules use SD3's native names
+    as one on the diffusers layers, exactly: a fused ``qkv`` module becomes three (a LoRA's
+    ``lora_up`` rows split, its ``lora_down`` and alpha shared: ``ΔW_q = up[:D]·down``; other
+    types as their dense ΔW rows), and the last block's context adaLN gets its two halves
+    swapped (SD3's shift-scale order, diffusers' scale-shift). Text-encoder modules
+    (``lora_te1_``/``lora_te2_``) already have charfw's names; other native modules (the
+    embedders, the final layer) keep theirs, so applying them is an error that names them."""
+    import torch
+
+    from ..lora.file import LoraModule
+
+    names = native_lora_names(num_layers)
+    last_context = f"lora_unet_joint_blocks_{num_layers - 1}_context_block_adaLN_modulation_1"
+    modules = []
+    for module in lora.modules.values():
+        targets = names.get(module.name)
+        if targets is None:
+            modules.append(module)
+            continue
+        rows = module.shape[0] // targets[0][2]
+        for name, part, _ in targets:
+            rows_of = slice(part * rows, (part + 1) * rows)
+            if module.kind == "lora" and "lora_mid.weight" not in module.tensors and len(module.shape) == 2:
+                up = module.tensors["lora_up.weight"][rows_of]
+                if module.name == last_context:
+                    up = torch.cat(up.chunk(2, dim=0)[::-1], dim=0)
+                arrays = {**module.tensors, "lora_up.weight": up}
+                modules.append(LoraModule(name, "lora", arrays, (rows, *module.shape[1:])))
+                continue
+            delta = module.delta().reshape(module.shape[0], -1)[rows_of]
+            if module.name == last_context:
+                delta = torch.cat(delta.chunk(2, dim=0)[::-1], dim=0)
+            modules.append(LoraModule(name, "full", {"diff": delta.reshape(rows, *module.shape[1:])},
+                                      (rows, *module.shape[1:])))
+    return lora.with_modules(modules)

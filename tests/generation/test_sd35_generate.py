@@ -158,3 +158,62 @@ def test_t5_encodes_the_prompt_as_diffusers_with_256_tokens(tiny_sd35: Path, tmp
     assert embeds["prompt_embeds"].shape == (1, 77 + 256, 128)
     torch.testing.assert_close(embeds["prompt_embeds"], expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(embeds["negative_prompt_embeds"], negative, atol=1e-6, rtol=0)
+
+
+#: diffusers → kohya's SD3 names (reference generation-sdxl-sd3.md §2.2), q/k/v fused
+_FUSED = {("attn.to_q", "attn.to_k", "attn.to_v"): "x_block_attn_qkv",
+          ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"): "context_block_attn_qkv",
+          ("attn2.to_q", "attn2.to_k", "attn2.to_v"): "x_block_attn2_qkv"}
+_RENAMED = {"attn.to_out.0": "x_block_attn_proj", "attn.to_add_out": "context_block_attn_proj",
+            "attn2.to_out.0": "x_block_attn2_proj", "ff.net.0.proj": "x_block_mlp_fc1", "ff.net.2": "x_block_mlp_fc2",
+            "ff_context.net.0.proj": "context_block_mlp_fc1", "ff_context.net.2": "context_block_mlp_fc2"}
+
+
+def test_kohya_sd3_files_apply_exactly_on_diffusers_layers(generator: Any, lora_file: Path, tmp_path: Path) -> None:
+    """A kohya/ComfyUI-format SD3 LoRA (``lora_unet_joint_blocks_N_…``, fused qkv as
+    sd-scripts writes it: downs stacked, ups block-diagonal, alpha = 3r) changes the
+    weights exactly as the same LoRA in diffusers' format; the last block's context adaLN
+    gets SD3's shift/scale halves swapped into diffusers' order."""
+    from safetensors.torch import load_file, save_file
+
+    from charfw.generation.lora_patch import LoraSpec
+
+    peft = load_file(str(lora_file))
+    kohya: dict[str, torch.Tensor] = {}
+    for i in range(24):
+        block = f"transformer.transformer_blocks.{i}."
+        for parts, native in _FUSED.items():
+            keys = [f"{block}{p}" for p in parts]
+            if f"{keys[0]}.lora_A.weight" not in peft:
+                continue
+            downs = [peft[f"{k}.lora_A.weight"] for k in keys]
+            ups = [peft[f"{k}.lora_B.weight"] for k in keys]
+            kohya[f"lora_unet_joint_blocks_{i}_{native}.lora_down.weight"] = torch.cat(downs)
+            kohya[f"lora_unet_joint_blocks_{i}_{native}.lora_up.weight"] = torch.block_diag(*ups)
+            kohya[f"lora_unet_joint_blocks_{i}_{native}.alpha"] = torch.tensor(float(3 * downs[0].shape[0]))
+        for part, native in _RENAMED.items():
+            if f"{block}{part}.lora_A.weight" in peft:
+                kohya[f"lora_unet_joint_blocks_{i}_{native}.lora_down.weight"] = peft[f"{block}{part}.lora_A.weight"]
+                kohya[f"lora_unet_joint_blocks_{i}_{native}.lora_up.weight"] = peft[f"{block}{part}.lora_B.weight"]
+    ada_down = torch.randn((2, 32), generator=torch.Generator().manual_seed(9)) * 0.1
+    ada_up = torch.randn((64, 2), generator=torch.Generator().manual_seed(10)) * 0.1  # (shift, scale) rows
+    kohya["lora_unet_joint_blocks_23_context_block_adaLN_modulation_1.lora_down.weight"] = ada_down
+    kohya["lora_unet_joint_blocks_23_context_block_adaLN_modulation_1.lora_up.weight"] = ada_up
+    kohya_file = tmp_path / "kohya.safetensors"
+    save_file(kohya, str(kohya_file))
+    transformer = generator.model.unet
+    ada = transformer.transformer_blocks[23].norm1_context.linear
+    ada_before = ada.weight.detach().clone()
+    vector = [1.0, *(float(i % 3) / 2 for i in range(24))]
+    with torch.no_grad():
+        generator.patcher.apply([LoraSpec(lora_file, 0.6, vector, 0.0)])
+        expected = {k: v.clone() for k, v in transformer.state_dict().items()}
+        generator.patcher.apply([LoraSpec(kohya_file, 0.6, vector, 0.0)])
+        got = {k: v.clone() for k, v in transformer.state_dict().items()}
+        ada_after = ada.weight.detach().clone()
+    generator.patcher.restore()
+    for key, value in expected.items():
+        if not key.startswith("transformer_blocks.23.norm1_context"):
+            torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-6, msg=key)
+    swapped = torch.cat([ada_up[32:], ada_up[:32]]) @ ada_down  # diffusers' (scale, shift)
+    torch.testing.assert_close(ada_after, ada_before + 0.6 * vector[24] * swapped, atol=1e-6, rtol=1e-6)

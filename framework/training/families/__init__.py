@@ -27,6 +27,7 @@ from ...errors import CharfwError
 if TYPE_CHECKING:
     import torch
 
+    from ...lora.file import LoraFile
     from ..dataset import Batch
     from ..model_sources import ModelSource
     from ..networks.targets import NetworkRoot
@@ -212,6 +213,11 @@ class ModelFamily(ABC):
     def metadata(self, model: LoadedModel) -> dict[str, str]:
         """The family's keys of a LoRA file's header (``ss_v2``, ``ss_base_model_version``,
         ``modelspec.*``)."""
+
+    def adapt_lora(self, lora: LoraFile, unet: Any) -> LoraFile:
+        """A LoRA file made by another tool, as modules on the layers :meth:`roots_for` names
+        (SD 3.5: kohya's native MMDiT names); unchanged by default."""
+        return lora
 
     def save_single_file(self, model: LoadedModel, dest: Path, *, dtype: torch.dtype | None = None) -> Path:
         """Write the loaded parts as one checkpoint in the layout real files of the family

@@ -32,6 +32,8 @@ attention (``q/k/v/out_proj``, diffusers' ``--train_text_encoder`` targets); the
 diffusers' peft format (``transformer.transformer_blocks.0.attn.to_q.lora_A.weight``,
 ``text_encoder.…``, ``text_encoder_2.…``), what ``StableDiffusion3Pipeline.load_lora_weights``
 and ComfyUI read. Convolution networks (``lora3x3``, LoHa) have nothing to attach to.
+Generation applies those files, OneTrainer's (the same names charfw uses inside) and
+kohya's / ComfyUI's native-named ones (:meth:`SD35Family.adapt_lora`).
 """
 
 from __future__ import annotations
@@ -216,6 +218,15 @@ class SD35Family(ModelFamily):
         for i, (prefix, part) in enumerate((("lora_te1", "text_encoder"), ("lora_te2", "text_encoder_2"))):
             roots.append(NetworkRoot(prefix, text_encoders[i], "text_encoder", CLIP_ATTENTION, clip, file_root=part))
         return roots
+
+    def adapt_lora(self, lora: Any, unet: Any) -> Any:
+        """kohya's and ComfyUI's SD3 LoRAs (``lora_unet_joint_blocks_…``, fused ``qkv``) on
+        diffusers' layers, exactly (:func:`~charfw.training.single_file_sd3.native_lora_to_diffusers`)."""
+        if not any(name.startswith("lora_unet_joint_blocks_") for name in lora.modules):
+            return lora
+        from ..single_file_sd3 import native_lora_to_diffusers
+
+        return native_lora_to_diffusers(lora, int(unet.config.num_layers))
 
     # --- conditioning --------------------------------------------------------------------
 
