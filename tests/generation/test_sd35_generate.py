@@ -88,12 +88,11 @@ def test_lora_patching_is_exact_with_block_weights_and_restores(generator: Any, 
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_generate_command_with_lora_and_controlnet(tiny_sd35: Path, lora_file: Path, tmp_path: Path,
-                                                         run_cli) -> None:
+@pytest.fixture(scope="module")
+def controlnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ``SD3ControlNetModel`` folder for the tiny model (2 joint blocks)."""
     from diffusers import SD3ControlNetModel
-    from PIL import Image
 
-    from charfw.generation.infotext import read_png_infotext
     from charfw.training.tiny_sd35 import transformer_config
 
     config = {k: v for k, v in transformer_config().items() if k not in ("dual_attention_layers", "qk_norm")}
@@ -102,7 +101,16 @@ def test_generate_command_with_lora_and_controlnet(tiny_sd35: Path, lora_file: P
     with torch.no_grad():  # its output and control-input projections start at zero: make them act
         for module in (*net.controlnet_blocks, net.pos_embed_input.proj):
             module.weight.normal_(0, 0.2)
-    net.save_pretrained(tmp_path / "cn")
+    folder = tmp_path_factory.mktemp("controlnet") / "cn"
+    net.save_pretrained(folder)
+    return folder
+
+
+def test_generate_command_with_lora_and_controlnet(tiny_sd35: Path, lora_file: Path, controlnet: Path,
+                                                   tmp_path: Path, run_cli) -> None:
+    from PIL import Image
+
+    from charfw.generation.infotext import read_png_infotext
     Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "pose.png")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{PROMPT} <lora:rnd:0.8>|||lowres\n", "utf-8")
@@ -118,7 +126,7 @@ def test_generate_command_with_lora_and_controlnet(tiny_sd35: Path, lora_file: P
     info = read_png_infotext(plain) or ""
     assert "Sampler: Euler" in info and "Lora hashes" in info
     code, _, err = run_cli(*common, "-o", tmp_path / "control", "--control", tmp_path / "pose.png",
-                           "--controlnet", f"{tmp_path / 'cn'}:0.8")
+                           "--controlnet", f"{controlnet}:0.8")
     assert code == 0, err
     (controlled,) = (tmp_path / "control").glob("*.png")
     assert Image.open(controlled).tobytes() != Image.open(plain).tobytes()
@@ -137,12 +145,21 @@ def test_flow_models_refuse_noise_prediction_samplers(generator: Any) -> None:
     assert image.image.size == (64, 64) and image.params.sampler == "Euler a"
 
 
-def test_hires_fix_runs_sd3_img2img(generator: Any) -> None:
-    from charfw.generation.pipeline import HiresFix, ImageRequest
+def test_hires_fix_runs_sd3_img2img(generator: Any, controlnet: Path) -> None:
+    from PIL import Image
+
+    from charfw.errors import CharfwError
+    from charfw.generation.pipeline import ControlRequest, HiresFix, ImageRequest
 
     (made,) = generator.generate([ImageRequest(PROMPT, width=64, height=64, steps=2, sampler="Euler",
                                                hires=HiresFix(scale=1.5, denoise=0.5))])
     assert made.image.size == (96, 96) and made.params.denoising_strength == 0.5
+    # diffusers has no SD3 ControlNet img2img pipeline: said in one line
+    control = ControlRequest(Image.new("RGB", (64, 64)), str(controlnet))
+    with pytest.raises(CharfwError, match="no ControlNet image-to-image pipeline") as info:
+        list(generator.generate([ImageRequest(PROMPT, width=64, height=64, steps=2, sampler="Euler",
+                                              controls=(control,), hires=HiresFix(scale=1.5))]))
+    assert "\n" not in str(info.value)
 
 
 def test_t5_encodes_the_prompt_as_diffusers_with_256_tokens(tiny_sd35: Path, tmp_path: Path) -> None:
