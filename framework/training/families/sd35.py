@@ -331,8 +331,7 @@ class SD35Family(ModelFamily):
         if len(model.text_encoders) > 2:
             with torch.no_grad():
                 ids = self.tokenize(model, [plain_text(prompt), plain_text(negative)], None)["t5"].to(device)
-                t5 = list(_fp16_safe_t5(model.text_encoders[2])(ids)[0].unbind(0))
-                t5 = [t[None] for t in t5 if t is not None]
+                t5 = list(_fp16_safe_t5(model.text_encoders[2])(ids)[0].split(1))
         cond, uncond = (join_conditioning(states[i], pooled[i], t5[i], model.extra["t5_width"], self.t5_max_length)
                         for i in range(2))
         return {"prompt_embeds": cond["encoder_hidden_states"], "pooled_prompt_embeds": cond["pooled_projections"],
