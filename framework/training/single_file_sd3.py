@@ -200,14 +200,16 @@ def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 
 
 def load_clip(state: Mapping[str, torch.Tensor], prefix: str, config_dir: Path, subfolder: str, *, path: Path) -> Any:
-    """A ``CLIPTextModelWithProjection`` from its prefix (CLIP-L without a projection gets
-    the identity, as diffusers reads SD3 files)."""
+    """A ``CLIPTextModelWithProjection`` from its prefix. SD3 conditions on CLIP-L's pooled
+    output unprojected (its reference code and ComfyUI; diffusers reads SD3 files with an
+    identity projection), so CLIP-L (``text_encoder``) gets the identity even from a
+    stand-alone ``clip_l.safetensors`` that carries OpenAI's projection."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(str(config_dir / subfolder)))
     weights = _strip(state, prefix)
-    if "text_projection.weight" not in weights:
+    if subfolder == "text_encoder" or "text_projection.weight" not in weights:
         weights["text_projection.weight"] = torch.eye(model.config.hidden_size)
     missing = sorted(set(model.state_dict()) - set(weights))
     if missing:
@@ -217,10 +219,10 @@ def load_clip(state: Mapping[str, torch.Tensor], prefix: str, config_dir: Path, 
     return model
 
 
-def load_t5(state: Mapping[str, torch.Tensor], config_dir: Path, *, path: Path) -> Any:
+def load_t5(state: Mapping[str, torch.Tensor], config_dir: Path, *, prefix: str = T5_PREFIX, path: Path) -> Any:
     from transformers import T5Config, T5EncoderModel
 
-    weights = _strip(state, T5_PREFIX)
+    weights = _strip(state, prefix)
     if "shared.weight" not in weights:
         raise CharfwError("this checkpoint holds no T5 text encoder (text_encoders.t5xxl.*)", path=path,
                           hint="train without t5, or use a checkpoint or diffusers folder that has it")
@@ -271,17 +273,43 @@ def load_checkpoint(path: Path, *, t5: bool) -> tuple[Path, dict[str, Any]]:
     with torch.no_grad():  # the converter's q/k/v are views into the fused qkv: give each its own,
         for param in transformer.parameters():  # aligned memory, so the kernels (and results) are the folder's
             param.data = param.data.clone()
-    if not any(k.startswith(VAE_PREFIX) for k in state):
-        raise CharfwError("this checkpoint holds no VAE (first_stage_model.*)", path=path)
-    parts: dict[str, Any] = {
-        "transformer": transformer,
-        "vae": load_vae(path, config_dir, state={k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}),
-        "text_encoder": load_clip(state, CLIP_L_PREFIX, config_dir, "text_encoder", path=path),
-        "text_encoder_2": load_clip(state, CLIP_G_PREFIX, config_dir, "text_encoder_2", path=path),
-    }
+    parts: dict[str, Any] = {"transformer": transformer}
+    if any(k.startswith(VAE_PREFIX) for k in state):  # else the manifest's model.vae must give one
+        parts["vae"] = load_vae(path, config_dir, state={k: v for k, v in state.items() if k.startswith(VAE_PREFIX)})
+    encoders = [("text_encoder", "CLIP-L", CLIP_L_PREFIX, "clip_l"), ("text_encoder_2", "CLIP-G", CLIP_G_PREFIX, "clip_g")]
     if t5:
-        parts["text_encoder_3"] = load_t5(state, config_dir, path=path)
+        encoders.append(("text_encoder_3", "T5-XXL", T5_PREFIX, "t5xxl"))
+    for part, label, prefix, stem in encoders:
+        weights, found_prefix, where = _encoder_weights(state, prefix, stem, label, path)
+        if part == "text_encoder_3":
+            parts[part] = load_t5(weights, config_dir, prefix=found_prefix, path=where)
+        else:
+            parts[part] = load_clip(weights, found_prefix, config_dir, part, path=where)
     return config_dir, parts
+
+
+def _encoder_weights(state: Mapping[str, torch.Tensor], prefix: str, stem: str, label: str,
+                     path: Path) -> tuple[Mapping[str, torch.Tensor], str, Path]:
+    """A text encoder's weights: in the checkpoint under ``prefix``, or, as Stability ships
+    SD 3.5 (the checkpoint without them), a ``<stem>*.safetensors`` file beside it, in a
+    ``text_encoders/`` folder beside it, or in ComfyUI's ``models/clip`` or
+    ``models/text_encoders`` next to its ``models/checkpoints``: (weights, their prefix, file)."""
+    if any(k.startswith(prefix) for k in state):
+        return state, prefix, path
+    folders = [path.parent, path.parent / "text_encoders", path.parent.parent / "clip",
+               path.parent.parent / "text_encoders"]
+    for folder in folders:
+        for candidate in sorted(folder.glob(f"{stem}*.safetensors")) if folder.is_dir() else []:
+            weights = _read_parts(candidate, ("",))
+            for found_prefix in (prefix, "transformer.", ""):
+                if found_prefix and any(k.startswith(found_prefix) for k in weights):
+                    return weights, found_prefix, candidate
+            return weights, "", candidate
+    looked = ", ".join(str(f) for f in folders[:2]) + ", ../clip, ../text_encoders"
+    raise CharfwError(f"this checkpoint has no {label} text encoder ({prefix}*), and no {stem}*.safetensors "
+                      f"was found beside it ({looked})", path=path,
+                      hint=f"put Stability's text_encoders/{stem}*.safetensors beside the checkpoint, "
+                           "or use the model's diffusers folder")
 
 
 # --- LoRAs in SD3's native names ------------------------------------------------------------

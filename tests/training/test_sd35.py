@@ -277,7 +277,20 @@ def test_tiny_configs_are_what_the_builder_writes(tiny_sd35: Path) -> None:
         assert ours == built, rel
 
 
-def test_single_file_checkpoint_loads_like_the_folder(tiny_sd35: Path, tmp_path: Path, run_cli) -> None:
+@pytest.fixture(scope="module")
+def checkpoint(tiny_sd35: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model exported by ``charfw export-model`` as an SD3 single file (fp32)."""
+    from charfw.cli import main
+
+    root = tmp_path_factory.mktemp("sd35-ckpt")
+    dest = root / "tiny-sd35.safetensors"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export-model", str(tiny_sd35), str(dest), "--precision", "fp32", "--cache-dir", str(root)])
+    assert not exit_info.value.code
+    return dest
+
+
+def test_single_file_checkpoint_loads_like_the_folder(tiny_sd35: Path, checkpoint: Path, tmp_path: Path) -> None:
     """``charfw export-model`` writes SD3's own layout; loading it goes through the code a
     user's checkpoint takes and gives the folder's outputs bit for bit (T5 included)."""
     from safetensors import safe_open
@@ -286,10 +299,7 @@ def test_single_file_checkpoint_loads_like_the_folder(tiny_sd35: Path, tmp_path:
     from charfw.training.families import get_family
     from charfw.training.model_sources import resolve_source
 
-    dest = tmp_path / "tiny-sd35.safetensors"
-    code, _, err = run_cli("export-model", str(tiny_sd35), str(dest), "--precision", "fp32",
-                           "--cache-dir", str(tmp_path))
-    assert code == 0, err
+    dest = checkpoint
     with safe_open(str(dest), "pt") as fh:
         keys = set(fh.keys())
     assert {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
@@ -491,3 +501,36 @@ def test_t5_in_float16_keeps_its_output_projections_in_float32(tiny_sd35: Path, 
     assert t5.encoder.block[0].layer[1].DenseReluDense.wo.weight.dtype == torch.float32
     assert t5.encoder.block[0].layer[1].DenseReluDense.wi_0.weight.dtype == torch.float16
     torch.testing.assert_close(half["encoder_hidden_states"], reference["encoder_hidden_states"], atol=2e-2, rtol=0)
+
+
+def test_checkpoint_without_text_encoders_finds_stabilitys_files_beside_it(tiny_sd35: Path, checkpoint: Path,
+                                                                           tmp_path: Path) -> None:
+    """Stability ships SD 3.5 as the MMDiT + VAE file and text_encoders/clip_l, clip_g and
+    t5xxl files (transformers' key names): charfw finds them beside the checkpoint (or in
+    ComfyUI's models/clip), and says where it looked when they are not there."""
+    from safetensors.torch import load_file, save_file
+
+    from charfw.errors import CharfwError
+    from charfw.training import TrainSettings
+    from charfw.training.families import get_family
+    from charfw.training.model_sources import resolve_source
+
+    state = load_file(str(checkpoint))
+    checkpoints = tmp_path / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    bare = checkpoints / "sd3.5_tiny.safetensors"
+    save_file({k: v for k, v in state.items() if not k.startswith("text_encoders.")}, str(bare))
+    family = get_family("sd35")
+    family.configure(TrainSettings(network="lora", t5=True))
+    with pytest.raises(CharfwError, match="no CLIP-L text encoder") as info:
+        family.load(resolve_source(str(bare), cache_dir=tmp_path), None, cache_dir=tmp_path)
+    assert "\n" not in str(info.value) and "clip_l" in str(info.value)
+    (tmp_path / "models" / "clip").mkdir()
+    folder = family.load(resolve_source(str(tiny_sd35), cache_dir=tmp_path), None, cache_dir=tmp_path)
+    for name, encoder in zip(("clip_l", "clip_g", "t5xxl_fp16"), folder.text_encoders, strict=True):
+        save_file({k: v.clone() for k, v in encoder.state_dict().items() if k != "encoder.embed_tokens.weight"},
+                  str(tmp_path / "models" / "clip" / f"{name}.safetensors"))  # T5's embedding is tied to shared
+    split = family.load(resolve_source(str(bare), cache_dir=tmp_path), None, cache_dir=tmp_path)
+    for a, b in zip(folder.text_encoders, split.text_encoders, strict=True):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)

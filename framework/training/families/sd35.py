@@ -110,6 +110,9 @@ class SD35Family(ModelFamily):
             parts = self._load_diffusers(where_to_load(source), source)
         if vae is not None:
             parts["vae"] = self._load_vae(vae)
+        if "vae" not in parts:
+            raise CharfwError("this checkpoint holds no VAE (first_stage_model.*)", path=source.path,
+                              hint="give the SD 3.5 VAE as model.vae (charfw train --vae)")
         encoders = [parts["text_encoder"], parts["text_encoder_2"]]
         tokenizers = [parts["tokenizer"], parts["tokenizer_2"]]
         if self.t5:
