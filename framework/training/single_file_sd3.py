@@ -12,6 +12,11 @@ One ``.safetensors`` holds everything under these prefixes:
 ``text_encoders.t5xxl.transformer.``   T5-XXL (``shared.weight``, ``encoder.*``), optional
 =====================================  ==============================================
 
+Stability ships SD 3.5's file without the text encoders (``text_encoders/clip_l.safetensors``,
+``clip_g.safetensors``, ``t5xxl_fp16.safetensors`` beside it, in transformers' key names);
+such files are found beside the checkpoint, in its ``text_encoders/`` folder or in
+ComfyUI's ``models/clip`` / ``models/text_encoders``.
+
 Reading: the transformer and the VAE go through diffusers' own converters
 (``from_single_file`` with the configs charfw ships in ``model_configs/``: no download);
 the text encoders are prefix strips. The config is chosen from the tensors
