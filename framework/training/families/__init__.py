@@ -214,6 +214,22 @@ class ModelFamily(ABC):
         """The family's keys of a LoRA file's header (``ss_v2``, ``ss_base_model_version``,
         ``modelspec.*``)."""
 
+    def _load_parts(self, source: ModelSource, vae: ModelSource | None, *, cache_dir: Path) -> dict[str, Any]:
+        """Every part of ``source`` by diffusers component name: a single file through the
+        family's ``_load_single_file(path, cache_dir)``, else ``_load_diffusers(where, source)``;
+        a VAE given apart replaces the model's own (``_load_vae``)."""
+        from .sd1 import _quiet_loaders, where_to_load
+
+        _quiet_loaders()
+        if source.kind == "single_file":
+            assert source.path is not None
+            parts = self._load_single_file(source.path, cache_dir)  # type: ignore[attr-defined]
+        else:
+            parts = self._load_diffusers(where_to_load(source), source)  # type: ignore[attr-defined]
+        if vae is not None:
+            parts["vae"] = self._load_vae(vae)  # type: ignore[attr-defined]
+        return parts
+
     def adapt_lora(self, lora: LoraFile, unet: Any) -> LoraFile:
         """A LoRA file made by another tool, as modules on the layers :meth:`roots_for` names
         (SD 3.5: kohya's native MMDiT names); unchanged by default."""

@@ -57,14 +57,7 @@ class SD1Family(ModelFamily):
     # --- loading -------------------------------------------------------------------------
 
     def load(self, source: ModelSource, vae: ModelSource | None, *, cache_dir: Path) -> LoadedModel:
-        _quiet_loaders()
-        if source.kind == "single_file":
-            assert source.path is not None
-            parts = self._load_single_file(source.path, cache_dir)
-        else:
-            parts = self._load_diffusers(where_to_load(source), source)
-        if vae is not None:
-            parts["vae"] = self._load_vae(vae)
+        parts = self._load_parts(source, vae, cache_dir=cache_dir)
         self._check_sd1(parts["unet"], source)
         return LoadedModel(self, parts["unet"], [parts["text_encoder"]], [parts["tokenizer"]], parts["vae"],
                            parts["scheduler_config"], source, vae)

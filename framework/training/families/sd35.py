@@ -47,7 +47,7 @@ from ...errors import CharfwError
 from ..model_sources import ModelSource
 from ..networks.targets import NetworkRoot
 from . import LoadedModel, ModelFamily, NoisedBatch, Objective, TextConditioning
-from .sd1 import _quiet_loaders, load_vae, where_to_load
+from .sd1 import load_vae
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -102,14 +102,7 @@ class SD35Family(ModelFamily):
     # --- loading -------------------------------------------------------------------------
 
     def load(self, source: ModelSource, vae: ModelSource | None, *, cache_dir: Path) -> LoadedModel:
-        _quiet_loaders()
-        if source.kind == "single_file":
-            assert source.path is not None
-            parts = self._load_single_file(source.path, cache_dir)
-        else:
-            parts = self._load_diffusers(where_to_load(source), source)
-        if vae is not None:
-            parts["vae"] = self._load_vae(vae)
+        parts = self._load_parts(source, vae, cache_dir=cache_dir)
         if "vae" not in parts:
             raise CharfwError("this checkpoint holds no VAE (first_stage_model.*)", path=source.path,
                               hint="give the SD 3.5 VAE as model.vae (charfw train --vae)")
