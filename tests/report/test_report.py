@@ -137,7 +137,10 @@ def test_the_report_of_a_trained_build_in_a_browser(workspace: Path, run_cli) ->
     chromium = _chromium()
     edit_face(workspace)
     manifest = workspace / "characters/krnk.yaml"
-    manifest.write_text(manifest.read_text("utf-8") + "  train: {plugin: lora, max_train_steps: 4, resolution: 64}\n")
+    # samples during training: one prompt at steps 2 and 4
+    (workspace / "prompts.txt").write_text("krnk, smile --w 64 --h 64 --s 4 --d 1\n")
+    manifest.write_text(manifest.read_text("utf-8") + "  train: {plugin: lora, max_train_steps: 4, resolution: 64, "
+                        "sample_prompts: prompts.txt, sample_every_n_steps: 2}\n")
     import torch
 
     threads = torch.get_num_threads()
@@ -163,6 +166,7 @@ def test_the_report_of_a_trained_build_in_a_browser(workspace: Path, run_cli) ->
                 codes: [...t.querySelectorAll('td.cell')].map(c => c.dataset.code),
                 missing: [...t.querySelectorAll('td.cell.missing')].map(c => c.dataset.code)}))""")
             charts = page.evaluate("[...document.querySelectorAll('img.chart')].map(i => [i.getAttribute('src'), i.naturalWidth])")
+            samples = page.evaluate("[...document.querySelectorAll('.training-card figcaption')].map(f => f.textContent)")
             page.screenshot(path=str(workspace / "build/krnk/report.png"), full_page=True)
             page.goto((workspace / "build/index.html").as_uri(), wait_until="load")
             index_images = page.evaluate("[...document.images].map(i => i.naturalWidth)")
@@ -184,6 +188,7 @@ def test_the_report_of_a_trained_build_in_a_browser(workspace: Path, run_cli) ->
     assert all(word in lora for word in ("merge vector", "IN01", "OUT11", "block-merged", "compressed",
                                          "median rank", "kept"))
     assert index_images and all(w > 0 for w in index_images)
+    assert [s.split(" · ")[0] for s in samples] == ["step 2", "step 4"] * 2  # face, then body
     with Image.open(workspace / "build/krnk/report.png") as shot:
         assert shot.width == 1280 and shot.height > 3000
     # a no-op rebuild draws no chart again
