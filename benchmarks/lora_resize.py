@@ -16,7 +16,11 @@ Timed, each in a fresh process, best and median of ``--repeat`` runs:
 * the dense path kohya's ``resize_lora.py`` takes (ΔW formed, full SVD), on a sample of
   modules by default (every kind and the largest; extrapolated by parameter count), on
   the whole file with ``--full-dense``; its ranks and results are compared with charfw's;
-* the block merge (``FACE``) next to a plain copy of the file.
+* the block merge (``FACE``) next to a plain copy of the file;
+* the commands end to end, each a fresh ``charfw`` process (interpreter start, imports,
+  plugin loading included) next to the copy: ``lora blocks`` (target: within 2× the copy),
+  ``lora resize`` (target: under 2.5 s) and ``lora info`` (target: under 1 s). Set
+  ``OMP_NUM_THREADS`` as a user would; the commands use one BLAS/torch thread per worker.
 
 The machine is shared: repeat, and read the best figure as the machine's and the median
 as typical.
@@ -255,6 +259,19 @@ def main() -> None:
               f"peak {max(b['peak_mb'] for b in blocks):.0f} MB, output {blocks[0]['size'] / 1e6:.0f} MB")
     copies = [run_child("copy", str(src), str(work / "copy.safetensors")) for _ in range(args.repeat)]
     print(f"  plain file copy ({src.stat().st_size / 1e6:.0f} MB): {fmt([c['job'] for c in copies])}")
+
+    copy_best = min(c["job"] for c in copies)
+    print("\ncommands end to end (a fresh `charfw` process each, start-up included), next to the copy:")
+    for label, cli_args, target in (
+            ("lora blocks FILE -w FACE", ["lora", "blocks", str(src), "-w", "FACE", "-o", str(work / "b.safetensors")],
+             f"target within 2x the copy: {2 * copy_best:.2f} s"),
+            ("lora blocks FILE -w ALL26 --strength 0.5", ["lora", "blocks", str(src), "-w", "ALL26", "--strength", "0.5",
+                                                           "-o", str(work / "b.safetensors")], "scales every module"),
+            ("lora resize FILE --sv-ratio 16", ["lora", "resize", str(src), "--sv-ratio", "16",
+                                                "-o", str(work / "cli.safetensors")], "target under 2.5 s"),
+            ("lora info FILE", ["lora", "info", str(src)], "target under 1 s")):
+        walls = [timed_cli(*cli_args)[0] for _ in range(args.repeat)]
+        print(f"  charfw {label:42} {fmt(walls)}  ({target})")
 
     # the dense route, kohya's
 

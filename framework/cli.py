@@ -65,6 +65,14 @@ class CharfwGroup(click.Group):
         return super().list_commands(ctx)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if self._commands_of is None and cmd_name not in self.commands:
+            # one built-in plugin's command: import that plugin alone (when no other is installed)
+            from .plugins import builtin_command, plugins_folder
+
+            root, plugins_dir = _workspace_args(ctx)
+            command = builtin_command(cmd_name, plugins_folder(root.resolve(), plugins_dir))
+            if command is not None:
+                return command
         self._load_plugin_commands(ctx)
         return super().get_command(ctx, cmd_name)
 
@@ -87,16 +95,23 @@ def _early_options(args: list[str]) -> dict[str, str]:
     return found
 
 
+def _workspace_args(ctx: click.Context) -> tuple[Path, Path | None]:
+    """The workspace folder and ``--plugins-dir`` the command line gives (or the defaults)."""
+    root = ctx.find_root()
+    params = {**root.meta.get("charfw.early", {}), **{k: v for k, v in root.params.items() if v is not None}}
+    folder = params.get("workspace") or os.environ.get("CHARFW_WORKSPACE") or "."
+    plugins_dir = params.get("plugins_dir")
+    return Path(folder), Path(plugins_dir) if plugins_dir else None
+
+
 def workspace_from(ctx: click.Context):  # -> Workspace
     from charfw.build.workspace import Workspace
 
     root = ctx.find_root()
     obj = root.obj if isinstance(root.obj, dict) else {}
     if "workspace" not in obj:
-        params = {**root.meta.get("charfw.early", {}), **{k: v for k, v in root.params.items() if v is not None}}
-        folder = params.get("workspace") or os.environ.get("CHARFW_WORKSPACE") or "."
-        plugins_dir = params.get("plugins_dir")
-        obj["workspace"] = Workspace(Path(folder), plugins_dir=Path(plugins_dir) if plugins_dir else None)
+        folder, plugins_dir = _workspace_args(ctx)
+        obj["workspace"] = Workspace(folder, plugins_dir=plugins_dir)
         root.obj = obj
     return obj["workspace"]
 

@@ -15,7 +15,10 @@ with a misspelled name, and every ``register_*`` hook is called once to fill the
 :class:`Registry`, which rejects a name registered twice and names both plugins.
 Commands are added the same way (:meth:`PluginSystem.add_commands`, when the command line
 first looks one up): a command name that is already taken, by charfw or by another
-plugin, is an error that names both.
+plugin, is an error that names both. Running one built-in plugin's command
+(``charfw lora info``) imports only the module that adds it (:func:`builtin_command`,
+:data:`BUILTIN_COMMANDS`) when no other plugin is installed; ``charfw --help`` and
+``charfw plugins`` load every plugin.
 """
 
 from __future__ import annotations
@@ -31,16 +34,68 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import __version__, hookspecs
-from .components import KINDS, Component
 from .errors import CharfwError, PluginError, display_path
+
+if TYPE_CHECKING:
+    from .components import Component
 
 ENTRY_POINT_GROUP = "charfw"
 BUILTIN_PACKAGE = "charfw.default_plugins"
+
+#: the commands the built-in plugins add → the module (under ``charfw.default_plugins``)
+#: that adds each; tests/test_plugins.py checks it against what loading every plugin adds
+BUILTIN_COMMANDS: dict[str, str] = {
+    "adopt": "draft.adopt", "caption": "taggers.blip", "collect": "commands.collect", "cutout": "background.rembg_remover",
+    "dedup": "filters.dedup", "export-model": "train.cli", "generate": "generate.cli", "lint": "commands.lint",
+    "lora": "lora.commands", "report": "report.html_report", "tags": "commands.caption_tools",
+    "templates": "commands.templates", "train": "train.cli", "wd14": "taggers.wd14",
+}
+
+
+def plugins_folder(root: Path, plugins_dir: Path | None = None) -> Path:
+    """A workspace's one-off plugin files: ``--plugins-dir``, ``$CHARFW_PLUGINS_DIR`` or
+    ``<workspace>/plugins``."""
+    env = os.environ.get("CHARFW_PLUGINS_DIR")
+    return (plugins_dir or (Path(env) if env else root / "plugins")).resolve()
+
+
+def other_plugins(plugins_dir: Path | None) -> bool:
+    """Whether a plugin other than the built-ins would load: a plugin file in
+    ``plugins_dir`` or an entry point (as ``CHARFW_PLUGINS`` allows)."""
+    allowed = _allowed()
+    if plugins_dir is not None and plugins_dir.is_dir():
+        for path in plugins_dir.glob("*.py"):
+            if not path.name.startswith("_") and (allowed is None or path.stem in allowed):
+                return True
+    return any(allowed is None or ep.name in allowed for ep in metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def builtin_command(name: str, plugins_dir: Path | None) -> Any | None:
+    """A built-in plugin's command ``name``, importing only the module that adds it (the
+    other plugins' imports are most of a command's start-up). None when ``name`` is no
+    built-in's command, or when another plugin is installed: then every plugin loads, so
+    that a name registered twice stays an error naming both."""
+    module_name = BUILTIN_COMMANDS.get(name)
+    if module_name is None or other_plugins(plugins_dir):
+        return None
+    import click
+
+    info = PluginInfo(f"charfw.{module_name}", "built-in", __version__)
+    module = importlib.import_module(f"{BUILTIN_PACKAGE}.{module_name}")
+    scratch = click.Group()
+    try:
+        module.register_commands(cli=scratch)
+    except CharfwError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"plugin {info.name} ({info.source}) failed in register_commands: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    return scratch.commands.get(name)
 
 
 @dataclass
@@ -68,9 +123,13 @@ class Registry:
     """Components by kind and name, with the plugin that registered each."""
 
     def __init__(self) -> None:
+        from .components import KINDS  # pydantic: not needed to run one built-in command
+
         self._by_kind: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
 
     def add(self, kind: str, component: Any, plugin: PluginInfo) -> None:
+        from .components import KINDS
+
         base, hook, noun = KINDS[kind]
         if not isinstance(component, base):
             raise PluginError(
@@ -103,6 +162,8 @@ class Registry:
         return reg.component
 
     def unknown_message(self, kind: str, name: str) -> str:
+        from .components import KINDS
+
         noun = KINDS[kind][2]
         known = self.names(kind)
         close = difflib.get_close_matches(name, known, n=1)
@@ -159,6 +220,8 @@ class PluginSystem:
             module = self.pm.get_plugin(name)
             info.hooks = sorted(h.name for h in self.pm.get_hookcallers(module) or [])
         self.registry = Registry()
+        from .components import KINDS
+
         for kind, (_base, hook, _noun) in KINDS.items():
             self._collect(kind, hook)
 

@@ -185,6 +185,33 @@ def test_a_command_name_registered_twice_is_one_line_naming_both(workspace: Path
     assert rows["a"]["commands"] == ["hello"] and rows["charfw.commands.caption_tools"]["commands"] == ["tags"]
 
 
+def test_one_builtin_command_loads_only_its_plugin_and_the_table_is_what_loading_all_adds(
+        workspace: Path) -> None:
+    """`charfw lora info` imports the lora commands module, not every plugin (their imports
+    were most of its start-up); the table it looks in is what loading every plugin adds,
+    and a workspace plugin that takes the same name still makes it an error naming both."""
+    import click
+
+    from charfw.plugins import BUILTIN_COMMANDS
+
+    group = click.Group()
+    system = PluginSystem(None)
+    system.add_commands(group)
+    added = {name: info.name.removeprefix("charfw.") for info in system.infos.values()
+             if info.source == "built-in" for name in info.commands}
+    assert added == BUILTIN_COMMANDS
+    code = ("import sys; from charfw.cli import main\n"
+            "try:\n    main(['lora', 'presets'])\nexcept SystemExit as exc:\n    assert not exc.code\n"
+            "print(sorted(m for m in sys.modules if m.startswith('charfw.default_plugins.')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=workspace, capture_output=True, text=True,
+                            env={**os.environ, "CHARFW_PLUGINS": ""})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "['charfw.default_plugins.lora', 'charfw.default_plugins.lora.commands']"
+    plugin_file(workspace, "a", COMMAND_PLUGIN.replace("NAME", "lora").replace("PLUGIN", "a"))
+    result = cli(workspace, "lora", "presets", env={"CHARFW_PLUGINS": "a"})
+    assert result.returncode == 3 and "command 'lora' is registered twice: by charfw.lora.commands (built-in)" in result.stderr
+
+
 def test_a_misspelled_hook_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHARFW_PLUGINS", "typo")
     plugin_file(tmp_path, "typo", """

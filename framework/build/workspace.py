@@ -18,7 +18,7 @@ from pathlib import Path
 from charfw.build.manifest import LoadedManifest, load_manifest
 from charfw.build.template_library import TemplateLibrary
 from charfw.errors import CharfwError, ManifestError, display_path
-from charfw.plugins import load_plugins
+from charfw.plugins import load_plugins, plugins_folder
 
 MANIFEST_SUFFIXES = (".yaml", ".yml")
 
@@ -36,8 +36,7 @@ class Workspace:
         self.root = root.resolve()
         self.characters_dir = self.root / "characters"
         self.build_dir = (build_dir or self.root / "build").resolve()
-        env_plugins = os.environ.get("CHARFW_PLUGINS_DIR")
-        self.plugins_dir = (plugins_dir or (Path(env_plugins) if env_plugins else self.root / "plugins")).resolve()
+        self.plugins_dir = plugins_folder(self.root, plugins_dir)
         self.templates = TemplateLibrary(self.root / "templates")
         self._manifests: dict[Path, LoadedManifest] = {}
 

@@ -45,8 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from charfw.build.template_library import TemplateLibrary, read_yaml_file
-
 from ..errors import CharfwError
 from .names import TE_PREFIXES
 
@@ -227,6 +225,8 @@ def read_presets_file(path: Path) -> dict[str, Preset]:
             if name:
                 out[name] = _preset_entry(name, vec, source)
         return out
+    from charfw.build.template_library import read_yaml_file  # pydantic: only when presets are read
+
     data = read_yaml_file(path)
     if data is None:
         return {}
@@ -242,6 +242,8 @@ def load_presets(templates: TemplateLibrary | None = None, extra: Iterable[Path]
     """charfw's presets, then the workspace's ``templates/block-weights/presets.yaml``, then
     ``extra`` files; a later preset replaces an earlier one of the same name."""
     if templates is None:
+        from charfw.build.template_library import TemplateLibrary
+
         templates = TemplateLibrary(None)
     presets: dict[str, Preset] = {}
     for folder in reversed(templates.dirs):

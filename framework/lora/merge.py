@@ -143,7 +143,7 @@ def merge_loras(sources: Sequence[MergeSource], rule: RankRule, *, precision: st
         return NewFactors(name, shape, up, down, 1.0), ModuleResize(name, None, k, 0.0, s_sum, s_fro, ratio)
 
     results = [r for r in parallel_map(work, names, threads, progress) if r is not None]
-    modules, alpha = store_modules([r[0] for r in results], dtype)
+    modules, alpha = store_modules([r[0] for r in results], dtype, threads)
     labels = [f"{s.label or (s.lora.path.name if s.lora.path else '?')} x{s.ratio:g}"
               + (f" ({s.weights.name if s.weights.name != 'custom' else s.weights.text()})" if s.weights else "")
               for s in sources]

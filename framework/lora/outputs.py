@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..build.items import safe_file_stem
 from .rank_rule import plain_number
 
 if TYPE_CHECKING:
@@ -25,6 +24,8 @@ if TYPE_CHECKING:
 
 def output_stem(stem: str) -> str:
     """An input's stem as its outputs' stem: ASCII letters, digits, ``.``, ``_``, ``-``."""
+    from ..build.items import safe_file_stem  # pydantic: not needed by `charfw lora info`
+
     return safe_file_stem(stem, charset="ascii", fallback="lora")
 
 

@@ -241,14 +241,15 @@ class NewFactors:
     extra: Mapping[str, torch.Tensor] | None = None
 
 
-def store_modules(factors: Sequence[NewFactors], dtype: torch.dtype) -> tuple[list[LoraModule], float]:
+def store_modules(factors: Sequence[NewFactors], dtype: torch.dtype,
+                  threads: int | None = None) -> tuple[list[LoraModule], float]:
     """Store new factors as kohya LoRA modules with one alpha for the whole file (see the
     module docstring): the most common of kohya's per-module alphas (``scale × rank`` as
     stored in ``dtype``; a tie goes to the larger). Returns the modules and that alpha."""
     counts = Counter(_stored(f.scale * f.down.shape[0], dtype) for f in factors)
     alpha = max(counts, key=lambda a: (counts[a], a)) if counts else 1.0
-    modules = [lora_module(f.name, f.shape, f.up, f.down, f.scale, dtype=dtype, alpha=alpha, extra=f.extra)
-               for f in factors]
+    modules = parallel_map(lambda f: lora_module(f.name, f.shape, f.up, f.down, f.scale, dtype=dtype, alpha=alpha,
+                                                 extra=f.extra), list(factors), threads)
     return modules, alpha
 
 
@@ -410,7 +411,7 @@ def resize_lora(lora: LoraFile, rule: RankRule, *, precision: str | torch.dtype 
 
     results = parallel_map(work, order, threads, progress)
     by_index = dict(zip(order, results, strict=True))
-    new_modules, alpha = store_modules([by_index[i][0] for i in range(len(modules))], dtype)
+    new_modules, alpha = store_modules([by_index[i][0] for i in range(len(modules))], dtype, threads)
     rows = [replace(by_index[i][1], alpha=alpha) for i in range(len(modules))]
     report = ResizeReport(rule, rows, dora=lora.dora, unknown=len(lora.unknown))
     report.seconds = time.perf_counter() - started
