@@ -234,3 +234,52 @@ def test_a_group_drafts_with_its_members_body_loras_and_adopts_into_its_own_pict
     for path, before in trained.items():
         if "krnksf_tyankps" not in str(path):
             assert path.read_bytes() == before, path
+
+
+def _family_controlnet(family: str, base: Path, folder: Path) -> Path:
+    """A tiny ControlNet for the family's tiny model: an SDXL ControlNet from its UNet, an
+    ``SD3ControlNetModel`` of two joint blocks; their zero layers made to act."""
+    import torch
+
+    if family == "sdxl":
+        from diffusers import UNet2DConditionModel
+
+        return make_tiny_controlnet(UNet2DConditionModel.from_pretrained(base, subfolder="unet"), folder, 4)
+    from diffusers import SD3ControlNetModel
+
+    from charfw.training.tiny_sd35 import transformer_config
+
+    config = {k: v for k, v in transformer_config().items() if k not in ("dual_attention_layers", "qk_norm")}
+    torch.manual_seed(0)
+    net = SD3ControlNetModel(**{**config, "num_layers": 2})
+    with torch.no_grad():
+        for module in (*net.controlnet_blocks, net.pos_embed_input.proj):
+            module.weight.normal_(0, 0.2)
+    net.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("family", ["sdxl", "sd35"])
+def test_the_draft_stage_drafts_on_sdxl_and_sd35(family: str, workspace: Path, run_cli,
+                                                  request: pytest.FixtureRequest) -> None:
+    from charfw.generation.infotext import parse_infotext
+    from charfw.generation.pipeline import parse_control_infotext
+
+    base = request.getfixturevalue(f"tiny_{family}")
+    _family_controlnet(family, base, workspace / "models/cn")
+    manifest = workspace / "characters/krnk.yaml"
+    text = manifest.read_text("utf-8").replace("base: charfw:tiny-sd15", f"base: {base}")
+    draft = ("  draft: {plugin: controlnet, controlnet: models/cn, codes: [f00, f12], candidates: 1, size: 64, "
+             "steps: 2, cfg_scale: 5, sampler: Euler}\n")
+    manifest.write_text(text + draft, "utf-8")
+    code, out, err = run_cli("build", "krnk/face", "--until", "draft", cwd=workspace)
+    assert code == 0, out + err
+    assert f"model family {family}" in out + err
+    folder = workspace / "build/krnk/face/draft"
+    assert sorted(p.name for p in folder.glob("*.png")) == ["contact-sheet.png", "f00-0.png", "f12-0.png"]
+    with Image.open(folder / "f12-0.png") as image:
+        assert image.size == (64, 64)
+        params = parse_infotext(image.text["parameters"])
+    assert "(from above:1.3)" in params.prompt and params.steps == 2
+    assert parse_control_infotext(params.extra["ControlNet 0"])["Model"] == "cn"
