@@ -8,6 +8,8 @@ with ``num_images_per_prompt=4`` and a generator per image.
     python benchmarks/generate_throughput.py                  # tiny SD 1.5, CPU, 64 px, 8 steps
     python benchmarks/generate_throughput.py --real-sd15      # GPU: SD 1.5 architecture, random weights,
                                                               # 512 px, 20 steps, fp16, batch 1/4/8
+    python benchmarks/generate_throughput.py --real-sd15 --device cpu --size 128 --steps 1 --repeats 1
+                                                              # the same on a CPU, as a smoke run
 """
 
 from __future__ import annotations
@@ -128,6 +130,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real-sd15", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", help="override the mode's device (e.g. cpu: a smoke run of --real-sd15)")
+    parser.add_argument("--size", type=int, help="override the image size")
+    parser.add_argument("--steps", type=int, help="override the number of steps")
     args = parser.parse_args()
     import torch
 
@@ -140,6 +145,9 @@ def main() -> None:
         else:
             torch.set_num_threads(max(1, torch.get_num_threads()))
             base, size, steps, device, dtype_name, batches = "charfw:tiny-sd15", 64, 8, "cpu", "fp32", (1, 4, 8)
+        if args.device and args.device != device:
+            device, dtype_name = args.device, "fp16" if args.device.startswith("cuda") else "fp32"
+        size, steps = args.size or size, args.steps or steps
         dtype = torch.float16 if dtype_name == "fp16" else torch.float32
         from charfw.training.families import get_family
         from charfw.training.model_sources import resolve_source
