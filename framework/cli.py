@@ -104,6 +104,18 @@ def _workspace_args(ctx: click.Context) -> tuple[Path, Path | None]:
     return Path(folder), Path(plugins_dir) if plugins_dir else None
 
 
+def templates_from(ctx: click.Context):  # -> TemplateLibrary
+    """The workspace's template library, without opening the workspace (its manifests'
+    models) when nothing else did: what a command that only reads templates needs."""
+    from charfw.build.template_library import WORKSPACE_FOLDER, TemplateLibrary
+
+    obj = ctx.find_root().obj
+    if isinstance(obj, dict) and "workspace" in obj:
+        return obj["workspace"].templates
+    folder, _ = _workspace_args(ctx)
+    return TemplateLibrary(folder.resolve() / WORKSPACE_FOLDER)
+
+
 def workspace_from(ctx: click.Context):  # -> Workspace
     from charfw.build.workspace import Workspace
 

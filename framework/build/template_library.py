@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import ValidationError
 
-from charfw.build.angles import AngleSet
-from charfw.build.toml_format import toml_value
 from charfw.errors import CharfwError
+
+if TYPE_CHECKING:
+    from charfw.build.angles import AngleSet
+
+#: a workspace's own templates, beside its characters/ folder
+WORKSPACE_FOLDER = "templates"
 
 
 def builtin_dir() -> Path:
@@ -62,6 +65,10 @@ class TemplateLibrary:
 
     @functools.cached_property
     def angle_sets(self) -> dict[str, AngleSet]:
+        from pydantic import ValidationError  # pydantic only when angle sets are read
+
+        from charfw.build.angles import AngleSet
+
         sets: dict[str, AngleSet] = {}
         for name, path in self.files("angles", ".yaml").items():
             data = read_yaml_file(path)
@@ -88,6 +95,8 @@ class TemplateLibrary:
 
     @functools.cached_property
     def jinja(self) -> Any:
+        from charfw.build.toml_format import toml_value
+
         env = self.environment()
         env.filters["toml"] = toml_value
         return env

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from charfw.build.manifest import LoadedManifest, load_manifest
-from charfw.build.template_library import TemplateLibrary
+from charfw.build.template_library import WORKSPACE_FOLDER, TemplateLibrary
 from charfw.errors import CharfwError, ManifestError, display_path
 from charfw.plugins import load_plugins, plugins_folder
 
@@ -37,7 +37,7 @@ class Workspace:
         self.characters_dir = self.root / "characters"
         self.build_dir = (build_dir or self.root / "build").resolve()
         self.plugins_dir = plugins_folder(self.root, plugins_dir)
-        self.templates = TemplateLibrary(self.root / "templates")
+        self.templates = TemplateLibrary(self.root / WORKSPACE_FOLDER)
         self._manifests: dict[Path, LoadedManifest] = {}
 
     @property

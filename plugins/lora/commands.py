@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import click
 
 import charfw
 from charfw import CharfwError, console
-from charfw.cli import workspace_from
+from charfw.cli import templates_from
 from charfw.errors import display_path
 from charfw.lora.block_weights import (
     BLOCKS26,
@@ -62,7 +61,7 @@ def _rule(sv_ratio: float | None, sv_fro: float | None, sv_cumulative: float | N
 
 
 def _presets(ctx: click.Context, extra: tuple[Path, ...]) -> Any:
-    return load_presets(workspace_from(ctx).templates, extra)
+    return load_presets(templates_from(ctx), extra)
 
 
 def _weights_for(weights: str, lora: Any, presets: Any, path: Path) -> Any:
@@ -95,7 +94,6 @@ def _counts(counter: Any, fmt: Any = str) -> str:
 def info_data(path: Path, allow_pickle: bool) -> dict[str, Any]:
     """Everything ``charfw lora info`` shows, as JSON-able data."""
     from collections import Counter
-    from concurrent.futures import ThreadPoolExecutor
 
     from charfw.lora.delta import delta_norm, numpy_threads
     from charfw.lora.file import read_lora
@@ -107,10 +105,10 @@ def info_data(path: Path, allow_pickle: bool) -> dict[str, Any]:
     )
 
     lora = read_lora(path, allow_pickle=allow_pickle)
-    # ‖ΔW‖ in numpy for LoRA/LoCon (torch only for the other types), modules side by side:
-    # numpy's casts and BLAS calls release the GIL
-    with numpy_threads(1), ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
-        norms = dict(zip(lora.modules, pool.map(delta_norm, lora.modules.values()), strict=True))
+    # ‖ΔW‖ in numpy for LoRA/LoCon (torch only for the other types); one BLAS thread (its
+    # idle threads spin, and more threads gained nothing here)
+    with numpy_threads(1):
+        norms = {name: delta_norm(m) for name, m in lora.modules.items()}
     blocks: dict[str, dict[str, Any]] = {}
     for m in lora.modules.values():
         block = block_of(m.name) or "(none)"
