@@ -511,13 +511,3 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-
-def file_and_data_sha256(path: str | os.PathLike[str]) -> tuple[str, str]:
-    """(:func:`file_sha256`, :func:`data_sha256`) of a file, computed side by side on two
-    threads (hashlib and file reads release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:
-        whole = pool.submit(file_sha256, path)
-        data = pool.submit(data_sha256, path)
-        return whole.result(), data.result()

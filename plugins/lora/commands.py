@@ -94,21 +94,22 @@ def _counts(counter: Any, fmt: Any = str) -> str:
 def info_data(path: Path, allow_pickle: bool) -> dict[str, Any]:
     """Everything ``charfw lora info`` shows, as JSON-able data."""
     from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
 
     from charfw.lora.delta import delta_norm, numpy_threads
     from charfw.lora.file import read_lora
-    from charfw.lora.safetensors_io import (
-        dtype_name,
-        file_and_data_sha256,
-        file_sha256,
-        precision_name,
-    )
+    from charfw.lora.safetensors_io import data_sha256, dtype_name, file_sha256, precision_name
 
     lora = read_lora(path, allow_pickle=allow_pickle)
-    # ‖ΔW‖ in numpy for LoRA/LoCon (torch only for the other types); one BLAS thread (its
-    # idle threads spin, and more threads gained nothing here)
-    with numpy_threads(1):
+    stored = lora.metadata.get("sshs_model_hash")
+    # the file's hashes on two threads (hashlib lets go of the GIL) while this one computes
+    # ‖ΔW‖: numpy for LoRA/LoCon (torch only for the other types), one BLAS thread (its idle
+    # threads spin, and more gained nothing here)
+    with ThreadPoolExecutor(2) as pool, numpy_threads(1):
+        whole = pool.submit(file_sha256, path)
+        data = pool.submit(data_sha256, path) if stored else None
         norms = {name: delta_norm(m) for name, m in lora.modules.items()}
+        sha256, data_sha = whole.result(), data.result() if data else None
     blocks: dict[str, dict[str, Any]] = {}
     for m in lora.modules.values():
         block = block_of(m.name) or "(none)"
@@ -125,15 +126,11 @@ def info_data(path: Path, allow_pickle: bool) -> dict[str, Any]:
               "delta_norm": math.sqrt(blocks[b]["norm_sq"]), "share": blocks[b]["norm_sq"] / total}
              for b in order if b in blocks]
     dtypes = Counter(precision_name(dtype_name(t)) for _, t in lora.items())
-    stored = lora.metadata.get("sshs_model_hash")
     hash_state = None
     if stored:
-        sha256, data_sha = file_and_data_sha256(path)
         hash_state = "matches the data" if stored == data_sha else "STALE (does not match the data)"
-    else:
-        sha256 = file_sha256(path)
-        if lora.metadata or path.suffix.lower() == ".safetensors":
-            hash_state = "missing"
+    elif lora.metadata or path.suffix.lower() == ".safetensors":
+        hash_state = "missing"
     unet = sum(1 for n in lora.modules if n.startswith(("lora_unet_", "lora_transformer_")))
     return {
         "file": str(path), "bytes": path.stat().st_size, "sha256": sha256,
