@@ -99,7 +99,10 @@ def test_missing_model_is_never_downloaded_silently(rembg_home: Path, monkeypatc
     text = str(err.value)
     assert "\n" not in text and f"put u2net.onnx at {rembg_home / 'u2net.onnx'}" in text
     # allowed to download, but there is no network: one line, after saying what it tried
-    monkeypatch.delenv("HF_HUB_OFFLINE")
+    from charfw.prep.model_files import OFFLINE_FLAGS
+
+    for flag in OFFLINE_FLAGS:
+        monkeypatch.delenv(flag, raising=False)
     with pytest.raises(CharfwError) as err:
         Segmenter("u2net", providers=CPU, download=True)
     assert "downloading u2net.onnx" in capsys.readouterr().err
