@@ -22,8 +22,9 @@ Full        ``diff`` (the whole ΔW), ``diff_b`` (the bias change)
 any         ``dora_scale`` (DoRA's magnitude vector): kept and reported, never recomputed
 ==========  =======================================================================================
 
-:func:`read_lora` reads a file (safetensors memory-mapped through :mod:`.safetensors_io`, or a
-pickle checkpoint when allowed), checks every module's shapes and groups the tensors into
+:func:`read_lora` reads a file (safetensors memory-mapped into numpy arrays through
+:mod:`.safetensors_io`, or a pickle checkpoint when allowed), refuses NaN/Inf and files with
+no LoRA module, checks every module's shapes and groups the tensors into
 :class:`LoraModule` objects; keys of types charfw does not know are kept aside and written
 back unchanged. A module's ΔW and scale come from :mod:`.delta`; :meth:`LoraFile.save`
 writes through :mod:`.safetensors_io`, with kohya's hashes.
