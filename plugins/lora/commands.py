@@ -311,7 +311,8 @@ def register_commands(cli):
         Each source is FILE, FILE:RATIO or FILE:RATIO:WEIGHTS (a preset or 26/17/20/12
         numbers applied to that file). Unlike kohya's merge_lora.py (which sums factors:
         cross terms, ratio×|ratio|) and svd_merge_lora.py (which clamps at the 0.99
-        quantile), nothing is approximated but the final rank. Alpha = rank."""
+        quantile), nothing is approximated but the final rank. One alpha for the file (the most
+        common rank), each module's scale in its lora_up, so every loader reads the same ΔW."""
         from charfw.lora.file import read_lora
         from charfw.lora.merge import MergeSource, merge_loras
         from charfw.lora.safetensors_io import parse_precision
