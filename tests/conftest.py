@@ -24,6 +24,8 @@ def isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    # the HTML report costs about 2 s per fresh build; its own tests (tests/report) turn it on
+    monkeypatch.setenv("CHARFW_REPORT", "0")
     from charfw import plugins
 
     plugins.reset()

@@ -197,3 +197,14 @@ def test_the_report_of_a_trained_build_in_a_browser(workspace: Path, run_cli) ->
     code, out, _ = run_cli("build", "krnk", cwd=workspace)
     assert "Nothing to do" in out
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_charfw_report_0_builds_without_the_page_and_charfw_report_writes_it(workspace: Path, run_cli,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHARFW_REPORT", "0")
+    code, out, err = run_cli("build", "krnk", "--until", "tag", cwd=workspace)
+    assert code == 0, out + err
+    assert not (workspace / "build/krnk/report.html").exists() and "report:" not in out + err
+    code, out, err = run_cli("report", "krnk", cwd=workspace)
+    assert code == 0, out + err
+    assert (workspace / "build/krnk/report.html").is_file()
