@@ -31,7 +31,7 @@ def test_template_files_are_package_data() -> None:
 
 def test_readme_set_up_commands_are_what_ci_runs() -> None:
     readme = (REPO / "README.md").read_text()
-    commands = re.findall(r"```bash\n(python3 -m venv [^\n]+)\n```", readme)
+    commands = re.findall(r"```bash\n([^\n]*python3 -m venv [^\n]+)\n```", readme)
     assert len(commands) == 2
     build, tests = commands
     assert build.endswith("charfw build krnk") and tests.endswith("pytest")
