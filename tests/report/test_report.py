@@ -19,6 +19,13 @@ UNTIL = ("--until", "dataset")
 CELL = re.compile(r'<td class="cell (\w+)" data-code="(\w+)">')
 
 
+
+@pytest.fixture(autouse=True)
+def report_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests build with the report on (the suite's environment turns it off)."""
+    monkeypatch.setenv("CHARFW_REPORT", "1")
+
+
 def cells(html: str, template: str) -> dict[str, str]:
     """code → state of the angle sheet of one template (the part's table)."""
     start = html.index(f'data-template="{template}"')
