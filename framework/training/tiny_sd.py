@@ -84,6 +84,19 @@ def tiny_text_config(tokenizer: Any, width: int, act: str) -> Any:
                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
+def scratch_tokenizers(dest: Path, *pad_tokens: str | None) -> tuple[Path, list[Any]]:
+    """The tiny byte-level CLIP tokenizer, once per pad token (None: its end token; SDXL's
+    second encoder pads with "!"), read from a scratch folder beside ``dest`` that the
+    caller removes once the model is saved."""
+    from transformers import CLIPTokenizer
+
+    folder = dest.parent / f".{dest.name}-tokenizer"
+    _write_tokenizer(folder)
+    return folder, [CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                                  model_max_length=CONTEXT_LENGTH, **({"pad_token": pad} if pad else {}))
+                    for pad in pad_tokens]
+
+
 def build_tiny_sd15(dest: str | Path, *, seed: int = 0) -> Path:
     """Write a tiny SD 1.5 diffusers folder (model_index.json, unet, vae, text_encoder,
     tokenizer, scheduler) to ``dest`` and return it. Same seed, same weights."""
@@ -93,13 +106,10 @@ def build_tiny_sd15(dest: str | Path, *, seed: int = 0) -> Path:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     dest = Path(dest)
-    tmp_tok = dest.parent / f".{dest.name}-tokenizer"
-    _write_tokenizer(tmp_tok)
-    tokenizer = CLIPTokenizer(str(tmp_tok / "vocab.json"), str(tmp_tok / "merges.txt"),
-                              model_max_length=CONTEXT_LENGTH)
+    tmp_tok, (tokenizer,) = scratch_tokenizers(dest, None)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(tiny_text_config(tokenizer, TEXT_WIDTH, "quick_gelu"))
     unet = UNet2DConditionModel(

@@ -30,7 +30,7 @@ import string
 from pathlib import Path
 
 from charfw.build import atomic
-from charfw.training.tiny_sd import CONTEXT_LENGTH, VAE_CHANNELS, _write_tokenizer
+from charfw.training.tiny_sd import CONTEXT_LENGTH, VAE_CHANNELS, scratch_tokenizers
 
 #: SD 3.5 Medium: 24 joint blocks, attn2 in 0-12, rms qk_norm
 NUM_LAYERS = 24
@@ -92,7 +92,6 @@ def build_tiny_sd35(dest: str | Path, *, seed: int = 0) -> Path:
     from transformers import (
         CLIPTextConfig,
         CLIPTextModelWithProjection,
-        CLIPTokenizer,
         T5Config,
         T5EncoderModel,
     )
@@ -101,9 +100,7 @@ def build_tiny_sd35(dest: str | Path, *, seed: int = 0) -> Path:
 
     _quiet_loaders()  # no "Writing model shards" bars while the model is built
     dest = Path(dest)
-    tmp_tok = dest.parent / f".{dest.name}-tokenizer"
-    _write_tokenizer(tmp_tok)
-    tokenizer = CLIPTokenizer(str(tmp_tok / "vocab.json"), str(tmp_tok / "merges.txt"), model_max_length=CONTEXT_LENGTH)
+    tmp_tok, (tokenizer,) = scratch_tokenizers(dest, None)
     tokenizer_3 = t5_tokenizer()
     torch.manual_seed(seed)
 

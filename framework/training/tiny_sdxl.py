@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 
 from charfw.build import atomic
-from charfw.training.tiny_sd import CONTEXT_LENGTH, _write_tokenizer, tiny_text_config, tiny_vae
+from charfw.training.tiny_sd import scratch_tokenizers, tiny_text_config, tiny_vae
 
 #: SDXL uses (320, 640, 1280)
 UNET_CHANNELS = (32, 64, 64)
@@ -47,16 +47,10 @@ def build_tiny_sdxl(dest: str | Path, *, seed: int = 0) -> Path:
     from transformers import (
         CLIPTextModel,
         CLIPTextModelWithProjection,
-        CLIPTokenizer,
     )
 
     dest = Path(dest)
-    tmp_tok = dest.parent / f".{dest.name}-tokenizer"
-    _write_tokenizer(tmp_tok)
-    tokenizer = CLIPTokenizer(str(tmp_tok / "vocab.json"), str(tmp_tok / "merges.txt"),
-                              model_max_length=CONTEXT_LENGTH)
-    tokenizer_2 = CLIPTokenizer(str(tmp_tok / "vocab.json"), str(tmp_tok / "merges.txt"),
-                                model_max_length=CONTEXT_LENGTH, pad_token="!")
+    tmp_tok, (tokenizer, tokenizer_2) = scratch_tokenizers(dest, None, "!")
     torch.manual_seed(seed)
 
     text_encoder = CLIPTextModel(tiny_text_config(tokenizer, TEXT_WIDTHS[0], "quick_gelu"))
