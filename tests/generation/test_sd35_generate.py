@@ -137,12 +137,16 @@ def test_generate_command_with_lora_and_controlnet(tiny_sd35: Path, lora_file: P
 
 def test_flow_models_refuse_noise_prediction_samplers(generator: Any) -> None:
     from charfw.errors import CharfwError
+    from charfw.generation.infotext import format_infotext
     from charfw.generation.pipeline import ImageRequest
 
     with pytest.raises(CharfwError, match="flow-matching"):
         list(generator.generate([ImageRequest(PROMPT, width=64, height=64, steps=2, sampler="DPM++ 2M Karras")]))
-    (image,) = generator.generate([ImageRequest(PROMPT, width=64, height=64, steps=2, sampler="Euler a")])
+    (image,) = generator.generate([ImageRequest(PROMPT, width=64, height=64, steps=2, sampler="Euler a",
+                                                clip_skip=2)])
     assert image.image.size == (64, 64) and image.params.sampler == "Euler a"
+    # SD 3.5 always conditions on the penultimate CLIP states: the infotext claims no clip skip
+    assert image.params.clip_skip == 1 and "Clip skip" not in format_infotext(image.params)
 
 
 def test_hires_fix_runs_sd3_img2img(generator: Any, controlnet: Path) -> None:

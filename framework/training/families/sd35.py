@@ -70,6 +70,8 @@ class SD35Family(ModelFamily):
     base_model_version = "sd3"
     lora_architecture = "stable-diffusion-3-5-medium/lora"
     default_resolution = 1024
+    #: the CLIP encoders' penultimate states, always (as diffusers' SD3 pipeline and trainer)
+    uses_clip_skip = False
     #: diffusers' ControlNet class for this family's pipelines
     controlnet_class = "SD3ControlNetModel"
 
