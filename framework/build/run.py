@@ -229,6 +229,12 @@ class BuildRun:
         )
         if up_to_date and not opts.force:
             assert record is not None
+            if opts.strict and record.output.problems:
+                # files an earlier build skipped stop a strict build as they would have then
+                first, more = record.output.problems[0], len(record.output.problems) - 1
+                raise CharfwError(f"{first}" + (f" (and {more} more skipped by an earlier build)" if more else
+                                                " (skipped by an earlier build)"),
+                                  hint="fix or remove it, or build without --strict")
             self.outputs[ps.key] = record.output
             self.fingerprints[ps.key] = record.output_fingerprint
             return StageReport(ps, "up to date", output=record.output)

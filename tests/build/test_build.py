@@ -272,6 +272,23 @@ def test_strict_stops_before_anything_is_written(workspace: Path, run_cli) -> No
     assert not (workspace / "build/krnk").exists()
 
 
+def test_strict_stops_on_files_an_earlier_build_skipped(workspace: Path, run_cli) -> None:
+    """The stage that skipped them is up to date, so it does not run again: its record's
+    problems stop the strict build all the same, before anything after it runs."""
+    (workspace / "characters/krnk/face/f10-empty.png").write_bytes(b"")
+    code, out, err = run_cli("build", "krnk", *UNTIL, cwd=workspace)
+    assert code == 0 and "f10-empty.png" in out + err
+    records = sorted((workspace / "build/krnk").glob("*/*/record.json"))
+    before = {p: p.read_bytes() for p in records}
+    code, _out, err = run_cli("build", "krnk", "--strict", cwd=workspace)
+    assert code == 3
+    assert err.strip().splitlines()[-1] == ("error: characters/krnk/face/f10-empty.png: empty file (0 bytes) "
+                                            "(skipped by an earlier build); fix or remove it, or build without "
+                                            "--strict")
+    assert {p: p.read_bytes() for p in records} == before
+    assert not (workspace / "build/krnk/face/train").exists()
+
+
 def test_missing_angles_are_reported(workspace: Path, run_cli) -> None:
     (workspace / "characters/krnk/face/f04.png").unlink()
     (workspace / "characters/krnk/face/f24.png").unlink()
