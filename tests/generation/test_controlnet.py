@@ -187,3 +187,22 @@ def test_a_single_file_controlnet_for_another_base_model_is_one_line(generator, 
     save_file({"lora_unet_x.lora_down.weight": state["conv_in.weight"].contiguous()}, str(lora))
     with pytest.raises(CharfwError, match="not a ControlNet"):
         load_controlnet(str(lora), cache_dir=tmp_path, unet_config=generator.model.unet.config)
+
+
+def test_a_single_file_sdxl_controlnet_is_configured_from_the_sdxl_unet(tiny_sdxl: Path, tmp_path: Path) -> None:
+    """The SDXL UNet's config (text_time embedding, 2048-wide text) makes an SDXL ControlNet's
+    config, offline, for a diffusers state dict saved as one file (as SDXL ControlNets ship)."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from safetensors.torch import save_file
+
+    from charfw.generation.pipeline import load_controlnet
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
+    folder = ControlNetModel.from_pretrained(make_tiny_controlnet(unet, tmp_path / "cn-xl", 7))
+    path = tmp_path / "controlnet-xl.safetensors"
+    save_file({k: v.contiguous() for k, v in folder.state_dict().items()}, str(path))
+    net = load_controlnet(str(path), cache_dir=tmp_path, unet_config=unet.config)
+    assert net.config.addition_embed_type == "text_time"
+    mine, theirs = net.state_dict(), folder.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)
