@@ -14,7 +14,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +144,15 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_others(folder: Path, keep: Iterable[Path], pattern: str = "*") -> None:
+    """Delete the files in ``folder`` matching ``pattern`` that are not in ``keep``: what an
+    earlier run of a stage wrote and the current one did not (it would pass for current)."""
+    kept = {Path(p).resolve() for p in keep}
+    for entry in folder.glob(pattern):
+        if entry.is_file() and entry.resolve() not in kept:
+            entry.unlink()
 
 
 def remove_stale_temps(folder: Path) -> int:

@@ -13,6 +13,7 @@ members' image stages).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -462,7 +463,9 @@ class Planner:
             model, note = first.model, self.notes.get(self.parts_of[first.target][0].label, [None])[0]
         if note:
             self.notes[f"{g.name}/group"] = [note]
-        own: dict[str, Any] = {}
+        part = PartInfo(target=g.name, name="group", kind="group", keyword=g.name, class_tokens=g.name,
+                        repeats=1, symmetric=all(m.symmetric for m in members), model=model,
+                        members=tuple(members))
         if g.images is not None:
             # the group's own pictures: the members' body codes (no code is required), each
             # caption naming every member in its outfit after the group's name and tags
@@ -472,11 +475,9 @@ class Planner:
                                                 f"({', '.join(templates)}); group pictures need one"))
                 return
             tags = [*g.tags, *(t for m in members for t in (m.keyword, *m.tags))]
-            own = {"images_dir": images_dir(self.ws, lm, g.images, ("images",)), "template": templates[0],
-                   "tags": tuple(dict.fromkeys(tags)), "repeats": g.repeats or first.repeats}
-        part = PartInfo(target=g.name, name="group", kind="group", keyword=g.name, class_tokens=g.name,
-                        repeats=own.pop("repeats", 1), symmetric=all(m.symmetric for m in members), model=model,
-                        members=tuple(members), **own)
+            part = dataclasses.replace(part, images_dir=images_dir(self.ws, lm, g.images, ("images",)),
+                                       template=templates[0], tags=tuple(dict.fromkeys(tags)),
+                                       repeats=g.repeats or first.repeats)
         stages = self.part(lm, part, None)
         if g.model is None:  # the first member's model
             for ps in stages:

@@ -125,10 +125,7 @@ class ItemMemo:
 
 def _clean_stage_dir(ctx: StageContext, memo: ItemMemo, outputs: Iterable[ImageItem]) -> None:
     """Remove files of earlier runs that the current output no longer uses."""
-    keep = {ctx.path(item.path).resolve() for item in outputs}
-    for entry in ctx.stage_dir.iterdir():
-        if entry.is_file() and entry.suffix == ".png" and entry.resolve() not in keep:
-            entry.unlink()
+    atomic.remove_others(ctx.stage_dir, [ctx.path(item.path) for item in outputs], "*.png")
     if memo.dir.is_dir():
         for entry in memo.dir.iterdir():
             if entry.stem not in memo.used:

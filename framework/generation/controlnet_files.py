@@ -48,7 +48,6 @@ def conditioning_layout(shapes: Mapping[str, list[int]], *, path: Path) -> dict[
         # blocks come in pairs: a same-width conv, then a strided one to the next width
         outs = [first[0], *(v[0] for i, v in blocks if i % 2 == 1)]
         conv_in = s.get("conv_in.weight")
-        to_k = next((v for k, v in s.items() if k.endswith("attn2.to_k.weight")), None)
     else:
         hint = sorted((int(m[1]), v) for k, v in s.items() if (m := _LDM_HINT.match(k)))
         if not hint:
@@ -59,7 +58,8 @@ def conditioning_layout(shapes: Mapping[str, list[int]], *, path: Path) -> dict[
         first = convs[0]
         outs = [v[0] for v in convs[0::2]]
         conv_in = s.get("input_blocks.0.0.weight")
-        to_k = next((v for k, v in s.items() if k.endswith("attn2.to_k.weight")), None)
+    # the cross-attention's key projection: the text width (same leaf name in both layouts)
+    to_k = next((v for k, v in s.items() if k.endswith("attn2.to_k.weight")), None)
     return {"conditioning_channels": first[1], "conditioning_embedding_out_channels": outs,
             "conv_in": conv_in, "to_k": to_k}
 

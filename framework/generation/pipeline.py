@@ -200,9 +200,6 @@ def parse_control_infotext(value: str) -> dict[str, str]:
     return fields
 
 
-_WEIGHT_FILES = (".safetensors", ".pth", ".ckpt", ".bin")
-
-
 def load_controlnet(name: str, *, cache_dir: Path, unet_config: Mapping[str, Any] | None = None,
                     model_class: str = "ControlNetModel") -> Any:
     """A ``diffusers.ControlNetModel`` from a diffusers folder, a single file (configured
@@ -214,10 +211,10 @@ def load_controlnet(name: str, *, cache_dir: Path, unet_config: Mapping[str, Any
 
     ControlNetModel = getattr(diffusers, model_class)
 
+    from charfw.build.manifest import looks_local
+
     path = Path(name).expanduser()
-    looks_like_path = path.exists() or name.lower().endswith(_WEIGHT_FILES) or name.startswith((".", "/", "~")) \
-        or name.count("/") > 1 or "\\" in name
-    if looks_like_path and not path.exists():
+    if not path.exists() and looks_local(name):
         raise CharfwError("ControlNet model not found", path=path,
                           hint="give a diffusers ControlNet folder, a .safetensors file or a Hugging Face id")
     try:

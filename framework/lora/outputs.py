@@ -55,9 +55,9 @@ def rank_rule_suffix(rule: RankRule) -> str:
 def remove_other_outputs(folder: Path, keep: Path) -> None:
     """Delete the ``*.safetensors`` in ``folder`` but ``keep``: outputs of earlier runs with
     other settings would be mistaken for the current one."""
-    for entry in folder.glob("*.safetensors"):
-        if entry.resolve() != keep.resolve():
-            entry.unlink()
+    from ..build.atomic import remove_others
+
+    remove_others(folder, [keep], "*.safetensors")
 
 
 def human_size(n: float) -> str:

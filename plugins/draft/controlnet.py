@@ -58,6 +58,8 @@ from charfw import CharfwError, StageContext, StageOutput
 from charfw.build import atomic
 from charfw.build.angles import parse_code
 from charfw.build.hashing import sha256_file
+from charfw.build.images import save_png as write_png
+from charfw.build.manifest import looks_local
 from charfw.components import Drafter
 from charfw.default_plugins.taggers.angle_rules import load_rules, rule_tags, rules_path
 from charfw.generation.options import GenerationOptions, check_part_codes, code_angle
@@ -243,8 +245,7 @@ class ControlNetDrafter(Drafter):
         codes = draft_codes(ctx, options)
         load_rules(rules_path(ctx, options.rules))
         path = Path(options.controlnet).expanduser()
-        if (options.controlnet.lower().endswith((".safetensors", ".pth", ".ckpt", ".bin"))
-                or options.controlnet.startswith((".", "/", "~"))) and not path.exists():
+        if looks_local(options.controlnet) and not path.exists():
             raise CharfwError(f"{ctx.part.label} draft: ControlNet model not found", path=path)
         if options.control != "openpose":
             self._controls(ctx, options, codes[:1])  # a missing file fails before any work
@@ -294,9 +295,10 @@ class ControlNetDrafter(Drafter):
         hires = (HiresFix(options.hires.scale, options.hires.denoise, options.hires.steps)
                  if options.hires is not None else None)
         width, height = options.width_height
+        prompts = {code: draft_prompt(ctx, options, code, rules) for code in codes}
         names, requests = [], []
         for code in codes:
-            prompt = draft_prompt(ctx, options, code, rules)
+            prompt = prompts[code]
             control = ControlRequest(controls[code], options.controlnet, options.weight, options.guidance_start,
                                      options.guidance_end)
             for k in range(options.candidates):
@@ -319,17 +321,13 @@ class ControlNetDrafter(Drafter):
         sheet = contact_sheet([(code, [(f"{code}-{k}", images[f"{code}-{k}"]) for k in range(options.candidates)])
                                for code in codes])
         sheet_path = ctx.stage_dir / "contact-sheet.png"
-        with atomic.atomic_path(sheet_path) as tmp:
-            sheet.save(tmp, format="PNG")
-        keep = {p.name for p in written.values()} | {sheet_path.name}
-        for entry in ctx.stage_dir.glob("*.png"):
-            if entry.name not in keep:
-                entry.unlink()
+        write_png(sheet, sheet_path)
+        atomic.remove_others(ctx.stage_dir, [*written.values(), sheet_path], "*.png")
         first = " ".join(f"{code}-0" for code in codes[:3]) + (" …" if len(codes) > 3 else "")
         return StageOutput(
             files={"contact_sheet": ctx.record_path(sheet_path)},
             data={"candidates": {name: ctx.record_path(p) for name, p in written.items()},
-                  "prompts": {code: draft_prompt(ctx, options, code, rules) for code in codes}},
+                  "prompts": prompts},
             summary=[f"{len(written)} candidates for {len(codes)} codes in {ctx.record_path(ctx.stage_dir)}/ "
                      f"(contact sheet: {sheet_path.name}); adopt with charfw adopt {ctx.part.target} "
                      f"{ctx.part.name} {first}"],

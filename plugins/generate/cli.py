@@ -116,7 +116,7 @@ def write_grid(images: list[list[Any]], dest: Path) -> Path:
     """One row per prompt line; cells as large as the largest image, top-left aligned."""
     from PIL import Image
 
-    from charfw.build import atomic
+    from charfw.build.images import save_png as write_png
 
     cells = [im for row in images for im in row]
     w = max(im.width for im in cells)
@@ -126,8 +126,7 @@ def write_grid(images: list[list[Any]], dest: Path) -> Path:
     for y, row in enumerate(images):
         for x, im in enumerate(row):
             grid.paste(im.convert(mode), (x * w, y * h))
-    with atomic.atomic_path(dest) as tmp:
-        grid.save(tmp, format="PNG")
+    write_png(grid, dest)
     return dest
 
 

@@ -33,6 +33,7 @@ from charfw import CharfwError, Sampler, StageContext, StageOutput
 from charfw.build import atomic
 from charfw.build.angles import VERTICAL_NAMES, parse_code
 from charfw.build.hashing import sha256_file
+from charfw.build.images import save_png as write_png
 from charfw.build.stages import merge_tags
 from charfw.default_plugins.taggers.angle_rules import load_rules, rule_tags, rules_path
 from charfw.generation.options import GenerationOptions, check_part_codes, code_angle
@@ -334,12 +335,8 @@ class AngleGrid(Sampler):
         grid, layout = draw_grid(template_codes, images,
                                  [(weight_text(s.weight), made[unique[(s.prompt, s.weight)]].image) for s in row])
         grid_path = ctx.stage_dir / "grid.png"
-        with atomic.atomic_path(grid_path) as tmp:
-            grid.save(tmp, format="PNG")
-        keep = {p.name for p in written.values()} | {grid_path.name}
-        for entry in ctx.stage_dir.glob("*.png"):
-            if entry.name not in keep:
-                entry.unlink()
+        write_png(grid, grid_path)
+        atomic.remove_others(ctx.stage_dir, [*written.values(), grid_path], "*.png")
         return StageOutput(
             files={"grid": ctx.record_path(grid_path)},
             data={"images": {name: ctx.record_path(p) for name, p in written.items()},
